@@ -1,0 +1,204 @@
+"""Batched image augmentations with an independent random draw per sample.
+
+All ops take float images (B, 3, H, W) in [0, 1] on any device, plus a ``torch.Generator`` on the
+same device, and return a new batch. They follow torchvision's definitions (same parameter
+ranges and formulas), so a recipe from a paper carries over, but draw parameters per sample in
+one batched call instead of once per PIL image.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator, device=device)
+
+
+def _coin(n: int, p: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=device) < p
+
+
+def sample_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+    device: torch.device,
+    attempts: int = 10,
+) -> torch.Tensor:
+    """torchvision's RandomResizedCrop box sampler, vectorised: (n, 4) boxes (x0, y0, w, h) in pixels.
+
+    Each sample makes ``attempts`` draws of area fraction ~ U(scale) and log aspect ~ U(log ratio)
+    and keeps its first box that fits; a sample with none falls back to the central crop with the
+    aspect ratio clamped to ``ratio``, as torchvision does.
+    """
+    area = height * width
+    target_area = area * _uniform(n * attempts, *scale, generator, device).view(n, attempts)
+    log_ratio = _uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), generator, device).view(n, attempts)
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(target_area * aspect))
+    h = torch.round(torch.sqrt(target_area / aspect))
+    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.argmax(fits.int(), dim=1, keepdim=True)  # first fitting attempt (0 if none)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    any_fit = fits.any(dim=1)
+
+    # Fallback: central crop of the whole image, aspect clamped into the ratio range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    w = torch.where(any_fit, w, torch.full_like(w, fw))
+    h = torch.where(any_fit, h, torch.full_like(h, fh))
+    # torchvision: top = randint(0, H - h + 1), left = randint(0, W - w + 1)
+    x0 = torch.floor(torch.rand(n, generator=generator, device=device) * (width - w + 1))
+    y0 = torch.floor(torch.rand(n, generator=generator, device=device) * (height - h + 1))
+    x0 = torch.where(any_fit, x0, torch.full_like(x0, (width - fw) // 2))
+    y0 = torch.where(any_fit, y0, torch.full_like(y0, (height - fh) // 2))
+    return torch.stack([x0, y0, w, h], dim=1)
+
+
+def crop_resize_flip(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor) -> torch.Tensor:
+    """Crop each box, resize it to ``size`` x ``size`` (bilinear) and mirror the samples where ``flip``.
+
+    One ``grid_sample`` call does all three: the affine grid maps the output square onto the box,
+    with its x axis negated for flipped samples.
+    """
+    n, _, height, width = images.shape
+    x0, y0, w, h = boxes.unbind(1)
+    theta = torch.zeros(n, 2, 3, device=images.device, dtype=images.dtype)
+    sign = 1.0 - 2.0 * flip.to(images.dtype)
+    theta[:, 0, 0] = (w / width) * sign
+    theta[:, 0, 2] = (2 * x0 + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * y0 + h) / height - 1
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def rgb_to_grayscale(images: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma, as torchvision: (B, 1, H, W)."""
+    r, g, b = images.unbind(1)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor.view(-1, 1, 1, 1) * a + (1 - factor.view(-1, 1, 1, 1)) * b).clamp_(0, 1)
+
+
+def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """RGB -> HSV, h += shift (mod 1), HSV -> RGB; the formulas of torchvision's tensor backend."""
+    r, g, b = images.unbind(1)
+    maxc, _ = images.max(dim=1)
+    minc, _ = images.min(dim=1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_divisor = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    h = torch.remainder(h + shift.view(-1, 1, 1), 1.0)
+    v = maxc
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = (v * (1.0 - s)).clamp_(0, 1)
+    q = (v * (1.0 - s * f)).clamp_(0, 1)
+    t = (v * (1.0 - s * (1.0 - f))).clamp_(0, 1)
+    mask = i.unsqueeze(1) == torch.arange(6, device=images.device).view(1, -1, 1, 1)
+    a1 = torch.stack((v, q, p, p, t, v), dim=1)
+    a2 = torch.stack((t, v, v, q, p, p), dim=1)
+    a3 = torch.stack((p, p, t, v, v, q), dim=1)
+    a4 = torch.stack((a1, a2, a3), dim=1)  # (B, 3, 6, H, W)
+    return (a4 * mask.unsqueeze(1).to(images.dtype)).sum(dim=2)
+
+
+def color_jitter(
+    images: torch.Tensor,
+    p: float,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """torchvision ColorJitter applied with probability ``p``, factors drawn per sample.
+
+    Order is fixed (brightness, contrast, saturation, hue); torchvision draws a random order per
+    call. Samples not selected get identity factors, so one pass serves the whole batch.
+    """
+    n, device = images.shape[0], images.device
+    apply = _coin(n, p, generator, device)
+    one = torch.ones(n, device=device)
+
+    def factor(strength: float) -> torch.Tensor:
+        return torch.where(apply, _uniform(n, max(0.0, 1 - strength), 1 + strength, generator, device), one)
+
+    out = images
+    if brightness > 0:
+        out = (out * factor(brightness).view(-1, 1, 1, 1)).clamp_(0, 1)
+    if contrast > 0:
+        mean = rgb_to_grayscale(out).mean(dim=(1, 2, 3), keepdim=True)
+        out = _blend(out, mean, factor(contrast))
+    if saturation > 0:
+        out = _blend(out, rgb_to_grayscale(out), factor(saturation))
+    if hue > 0:
+        shift = torch.where(apply, _uniform(n, -hue, hue, generator, device), torch.zeros(n, device=device))
+        out = _shift_hue(out, shift)
+    return out
+
+
+def random_grayscale(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    select = _coin(images.shape[0], p, generator, images.device).view(-1, 1, 1, 1)
+    return torch.where(select, rgb_to_grayscale(images).expand_as(images), images)
+
+
+def gaussian_blur(
+    images: torch.Tensor, p: float, sigma: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
+    """Separable Gaussian blur with sigma ~ U(sigma) per sample, applied with probability ``p``.
+
+    Kernel size is ~10% of the side (23 at 224 px, as in BYOL/MoCo v2), odd, at least 3.
+    """
+    n, c, height, width = images.shape
+    device = images.device
+    select = _coin(n, p, generator, device)
+    sigmas = _uniform(n, *sigma, generator, device)
+    chosen = select.nonzero().squeeze(1)
+    if chosen.numel() == 0:
+        return images
+    k = max(3, 2 * int(round(0.05 * height)) + 1)
+    coords = torch.arange(k, device=device, dtype=images.dtype) - (k - 1) / 2
+    kernel = torch.exp(-(coords.view(1, -1) ** 2) / (2 * sigmas[chosen].view(-1, 1) ** 2))
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (m*c, k)
+    x = images[chosen].reshape(1, -1, height, width)
+    pad = k // 2
+    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kernel.view(-1, 1, 1, k), groups=x.shape[1])
+    x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), kernel.view(-1, 1, k, 1), groups=x.shape[1])
+    out = images.clone()
+    out[chosen] = x.view(-1, c, height, width)
+    return out
+
+
+def random_solarize(images: torch.Tensor, p: float, generator: torch.Generator, threshold: float = 0.5) -> torch.Tensor:
+    select = _coin(images.shape[0], p, generator, images.device).view(-1, 1, 1, 1)
+    return torch.where(select & (images >= threshold), 1.0 - images, images)
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images - m) / s

@@ -1,0 +1,70 @@
+"""Throughput of one training step: ``pipeline`` (uint8 data on the device -> augment -> step) or
+``compute_only`` (the same step on fixed, already augmented views)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kinship.config import build_config
+from kinship.data import Batch, BatchPlan, ImageSet, TensorLoader
+from kinship.methods import StepInfo
+from kinship.runtime import environment, resolve_device, tune_cpu_allocator
+from kinship.train.optim import build_optimizer
+from kinship.train.trainer import build_method
+
+
+def bench(method: str, device: str, backbone: str, batch: int, steps: int, compute_only: bool,
+          compile: bool = False, precision: str = "auto", warmup: int = 3, width: int = 32) -> dict:
+    tune_cpu_allocator()
+    dev = resolve_device(device)
+    config = build_config({"method": {"name": method}, "model": {"backbone": backbone, "width": width},
+                           "train": {"batch_size": batch, "compile": compile}})
+    g = torch.Generator().manual_seed(0)
+    n = batch * 4
+    data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                    torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)]).to(dev)
+    model = build_method(config, data).to(dev).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, config.optim, batch)
+    step_fn = torch.compile(model) if compile else model
+    autocast = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    loader = TensorLoader(data, BatchPlan(n, batch, seed=0))
+    generator = torch.Generator(device=dev).manual_seed(0)
+    batches = iter(())
+    fixed: tuple | None = None
+
+    def one_step(i: int) -> None:
+        nonlocal batches, fixed
+        info = StepInfo(0, i, warmup + steps, generator, i)
+        if compute_only and fixed is not None:
+            b, views = fixed
+        else:
+            b = next(batches, None)
+            if b is None:
+                batches = loader.epoch(i)
+                b = next(batches)
+            views = model.views(b, info)
+            if compute_only:
+                fixed = (b, views)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = step_fn(views, b, info)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.after_step(info)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(warmup):
+        one_step(i)
+    sync()
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        one_step(i)
+    sync()
+    seconds = time.perf_counter() - start
+    return {"method": method, "backbone": backbone, "device": dev.type, "batch": batch,
+            "mode": "compute_only" if compute_only else "pipeline", "img_per_s": round(batch * steps / seconds, 1),
+            "steps": steps, "compile": compile, "autocast_bf16": autocast, "env": environment()}

@@ -1,0 +1,35 @@
+"""Exponential moving average (momentum) encoders and BYOL's cosine momentum schedule."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
+    """BYOL: tau_k = final - (final - base) * (cos(pi k / K) + 1) / 2; tau_0 = base, tau_K = final."""
+    if total_steps <= 0:
+        return base
+    progress = min(step, total_steps) / total_steps
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def make_target(online: nn.Module) -> nn.Module:
+    """A frozen copy of ``online`` to be updated only by :func:`ema_update`."""
+    target = copy.deepcopy(online)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """xi <- m xi + (1 - m) theta for parameters; buffers (BN statistics) are copied."""
+    t_params = [p for p in target.parameters()]
+    o_params = [p.detach() for p in online.parameters()]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, o_params, alpha=1 - momentum)
+    for t, o in zip(target.buffers(), online.buffers()):
+        t.copy_(o)

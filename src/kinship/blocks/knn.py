@@ -1,0 +1,63 @@
+"""Chunked nearest-neighbour search and the weighted k-NN classifier (Wu et al. 2018, MoCo CIFAR demo).
+
+Features are compared by cosine similarity. Queries go through in chunks so that the (chunk, N)
+similarity matrix, not (Q, N), bounds memory on CPU and GPU alike.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def topk_neighbors(
+    queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine top-k: (Q, d) queries and (N, d) bank, both l2-normalised -> similarities and indices (Q, k)."""
+    k = min(k, bank.shape[0])
+    sims, idx = [], []
+    for start in range(0, queries.shape[0], chunk):
+        s = queries[start : start + chunk].float() @ bank.float().T
+        top = s.topk(k, dim=1)
+        sims.append(top.values)
+        idx.append(top.indices)
+    return torch.cat(sims), torch.cat(idx)
+
+
+@torch.no_grad()
+def weighted_knn_scores(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class scores (Q, C): sum over the k nearest bank items of exp(sim / T), per class."""
+    queries, bank = F.normalize(queries.float(), dim=1), F.normalize(bank.float(), dim=1)
+    sims, idx = topk_neighbors(queries, bank, k, chunk)
+    weights = (sims / temperature).exp()
+    scores = torch.zeros(queries.shape[0], num_classes, device=queries.device)
+    scores.scatter_add_(1, bank_labels[idx], weights)
+    return scores
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
+    """Percent of rows whose label is among the ``k`` highest scores, for each k."""
+    order = scores.argsort(dim=1, descending=True)
+    hits = order == labels.view(-1, 1)
+    return {k: 100.0 * hits[:, : min(k, scores.shape[1])].any(dim=1).float().mean().item() for k in ks}
+
+
+def knn_accuracy(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 200,
+    temperature: float = 0.1,
+) -> dict[int, float]:
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    scores = weighted_knn_scores(test_feats, train_feats, train_labels, num_classes, k, temperature)
+    return topk_accuracy(scores, test_labels)

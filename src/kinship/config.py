@@ -1,0 +1,279 @@
+"""Typed run configuration: YAML files and ``--set key=value`` overrides onto dataclasses.
+
+Every section is a dataclass, so an unknown or ill-typed key is an error that names the key and the
+nearest valid one. The ``method`` section is method-specific: its dataclass is looked up in the
+method registry from ``method.name`` (see :mod:`kinship.methods`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10-npz"  # cifar10-npz | cifar10 | cifar100 | stl10 | imagefolder | synthetic
+    path: str = "../shared/data/cifar10-jpeg.npz"  # npz file, torchvision root, or ImageFolder root
+    test_path: str = ""  # ImageFolder only: the evaluation split's root
+    download: bool = False  # torchvision datasets: download when missing (only when asked)
+    image_size: int = 32  # ImageFolder / STL-10: stored side length after resize
+    train_limit: int = 0  # >0: a seeded random subset of the train split (quick runs)
+    test_limit: int = 0  # >0: a seeded random subset of the test split
+    labeled_per_class: int = 0  # >0: labeled subset with N images per class
+    labeled_fraction: float = 0.0  # >0: labeled subset with this fraction of each class
+    decode_threads: int = 0  # 0: all cores
+    streaming: bool = False  # ImageFolder too big for memory: decode per batch in DataLoader workers
+    workers: int = 4  # streaming only
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # resnet18 | resnet50 | convnet
+    cifar_stem: bool = True  # 3x3 stride-1 conv1, no max-pool (ResNets)
+    width: int = 32  # convnet base width
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | lars | adamw
+    lr: float = 0.05  # at batch `lr_batch`; scaled linearly with the global batch
+    lr_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    final_lr_ratio: float = 0.0  # cosine ends at lr * final_lr_ratio
+    lars_eta: float = 0.001
+    exclude_bias_bn: bool = False  # no weight decay (and no LARS adaptation) on biases and norms
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 256  # global batch, split over processes
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16
+    channels_last: bool = True
+    compile: bool = False
+    sync_bn: bool = True  # under DDP on GPU
+    checkpoint_every: int = 1  # epochs
+    time_limit_min: float = 0.0  # >0: stop training (checkpointed) after this many minutes
+    log_every: int = 20  # steps between metrics lines
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 200  # weighted k-NN of the MoCo CIFAR demo (baselines.md, "k 200, T 0.1")
+    knn_temperature: float = 0.1
+    knn_every: int = 10  # epochs; the last epoch is always evaluated
+    knn_train_limit: int = 0  # >0: size of the k-NN feature bank (a seeded subset of train)
+    baselines: bool = True  # also k-NN on raw pixels and on the randomly initialised network
+    batch_size: int = 512
+
+
+@dataclass
+class AugmentConfig:
+    """One augmentation recipe; methods choose how many views of which recipe they need."""
+
+    crop_size: int = 32
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+    std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's own config dataclass (registered in :mod:`kinship.methods`)."""
+
+    name: str = ""
+
+
+@dataclass
+class RunConfig:
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _nearest(key: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(sorted(options))})"
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a type hint, converting only where no information is lost."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is Any:
+        return value
+    else:
+        raise ConfigError(f"{where}: unsupported type {hint}")
+    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _build(cls: type, values: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'{_nearest(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _method_class(name: str) -> type:
+    from kinship.methods import METHODS  # the registry imports methods, which import this module
+
+    if name not in METHODS:
+        raise ConfigError(f"unknown method '{name}'{_nearest(name, list(METHODS))}")
+    return METHODS[name].Config
+
+
+def build_config(values: dict) -> RunConfig:
+    """Turn a nested dict (from YAML) into a validated :class:`RunConfig`."""
+    values = dict(values)
+    method_values = dict(values.pop("method", None) or {})
+    if "name" not in method_values:
+        raise ConfigError("config key 'method.name' is required")
+    config = _build(RunConfig, values, "")
+    config.method = _build(_method_class(method_values["name"]), method_values, "method")
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Value checks that types alone cannot express."""
+    checks = [
+        (config.train.epochs >= 1, "train.epochs must be >= 1"),
+        (config.train.batch_size >= 2, "train.batch_size must be >= 2"),
+        (config.optim.lr > 0, "optim.lr must be > 0"),
+        (config.optim.name in ("sgd", "lars", "adamw"), f"optim.name must be sgd, lars or adamw, got '{config.optim.name}'"),
+        (config.train.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got '{config.train.precision}'"),
+        (config.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got '{config.train.device}'"),
+        (config.eval.knn_k >= 1, "eval.knn_k must be >= 1"),
+        (config.eval.knn_temperature > 0, "eval.knn_temperature must be > 0"),
+        (not (config.data.labeled_per_class and config.data.labeled_fraction), "set only one of data.labeled_per_class and data.labeled_fraction"),
+        (0.0 <= config.data.labeled_fraction <= 1.0, "data.labeled_fraction must be in [0, 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def to_dict(config: Any) -> dict:
+    out = dataclasses.asdict(config)
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(out)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    values = dict(values)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: '{part}' is not a section")
+        node[path[-1]] = value
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    return build_config(apply_overrides(values, list(overrides)))
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,200 @@
+"""Datasets as decoded uint8 tensors: images (N, 3, H, W) and labels (N,), decoded once, kept on device.
+
+Sources: the packed JPEG npz of ``shared/data``, torchvision CIFAR-10/100 and STL-10 (downloaded
+only when ``download`` is set), any ImageFolder, and a small synthetic set for tests. Label -1
+marks an unlabeled image (STL-10's unlabeled split).
+"""
+from __future__ import annotations
+
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kinship.config import DataConfig
+
+
+class DataError(RuntimeError):
+    """Missing, unreadable or inconsistent data; the message names the file or index."""
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 (N, 3, H, W)
+    labels: torch.Tensor  # int64 (N,), -1 = unlabeled
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise DataError(f"images must be uint8 (N, 3, H, W), got {tuple(self.images.shape)} {self.images.dtype}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise DataError(f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device) -> "ImageSet":
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+
+    def subset(self, indices: torch.Tensor) -> "ImageSet":
+        indices = indices.to(self.images.device)
+        return ImageSet(self.images[indices], self.labels[indices], self.classes)
+
+
+def _threads(requested: int) -> int:
+    return requested if requested > 0 else (os.cpu_count() or 1)
+
+
+def decode_jpeg_buffers(buffers: np.ndarray, offsets: np.ndarray, threads: int, where: str) -> torch.Tensor:
+    """Decode concatenated JPEG files (``buffers[offsets[i]:offsets[i+1]]``) into uint8 (N, 3, H, W)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    n = len(offsets) - 1
+    chunk = max(1, min(2048, -(-n // max(1, threads))))
+
+    def decode_chunk(start: int) -> list[torch.Tensor]:
+        stop = min(n, start + chunk)
+        datas = [torch.from_numpy(buffers[offsets[i] : offsets[i + 1]]) for i in range(start, stop)]
+        try:
+            return decode_jpeg(datas, mode=ImageReadMode.RGB)
+        except RuntimeError:
+            for i, data in enumerate(datas):  # find the culprit to name it
+                try:
+                    decode_jpeg(data, mode=ImageReadMode.RGB)
+                except RuntimeError as exc:
+                    raise DataError(f"cannot decode image {start + i} of {where}: {exc}") from None
+            raise
+
+    with ThreadPoolExecutor(threads) as pool:
+        parts = [img for part in pool.map(decode_chunk, range(0, n, chunk)) for img in part]
+    shapes = {tuple(p.shape) for p in parts}
+    if len(shapes) != 1:
+        raise DataError(f"images of {where} differ in size: {sorted(shapes)[:3]}")
+    return torch.stack(parts)
+
+
+def load_npz(path: Path, split: str, threads: int) -> ImageSet:
+    if not path.is_file():
+        raise DataError(f"dataset file not found: {path} (see shared/data/README.md for the format)")
+    try:
+        data = np.load(path, allow_pickle=False)
+        buffers, offsets, labels = data[f"{split}_jpeg"], data[f"{split}_offsets"], data[f"{split}_labels"]
+        classes = [str(c) for c in data["classes"]]
+    except (KeyError, ValueError, OSError) as exc:
+        raise DataError(f"{path} is not a kinship JPEG npz with a '{split}' split: {exc}") from None
+    images = decode_jpeg_buffers(buffers, offsets, threads, f"the {split} split in {path}")
+    return ImageSet(images, torch.from_numpy(labels.astype(np.int64)), classes)
+
+
+def load_torchvision(name: str, root: Path, split: str, download: bool, image_size: int) -> ImageSet:
+    import torchvision.datasets as tvd
+
+    train = split == "train"
+    try:
+        if name in ("cifar10", "cifar100"):
+            ds = (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(str(root), train=train, download=download)
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            return ImageSet(images, torch.as_tensor(ds.targets, dtype=torch.int64), list(ds.classes))
+        if name == "stl10":
+            ds = tvd.STL10(str(root), split="train+unlabeled" if train else "test", download=download)
+            images = torch.from_numpy(ds.data)
+            if image_size != images.shape[-1]:
+                images = _resize_uint8(images, image_size)
+            return ImageSet(images, torch.as_tensor(ds.labels, dtype=torch.int64), list(ds.classes))
+    except RuntimeError as exc:
+        hint = "" if download else " (set data.download: true to download it)"
+        raise DataError(f"{name} not found under {root}: {exc}{hint}") from None
+    raise DataError(f"unknown torchvision dataset '{name}'")
+
+
+def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    x = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def read_image_file(path: Path, size: int) -> torch.Tensor:
+    """One image file -> uint8 (3, size, size): shorter side resized to ``size``, then center crop."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            w, h = img.size
+            scale = size / min(w, h)
+            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+            w, h = img.size
+            left, top = (w - size) // 2, (h - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+            return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+
+def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """ImageFolder layout: ``root/<class>/<image>``; classes sorted by name."""
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders (expected root/<class>/<image>)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(path)
+                labels.append(label)
+    if not files:
+        raise DataError(f"no images under {root}")
+    return files, labels, classes
+
+
+def load_image_folder(root: Path, size: int, threads: int) -> ImageSet:
+    files, labels, classes = list_image_folder(root)
+    with ThreadPoolExecutor(threads) as pool:
+        images = list(pool.map(lambda p: read_image_file(p, size), files))
+    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes)
+
+
+def synthetic(n: int, classes: int = 4, size: int = 16, seed: int = 0) -> ImageSet:
+    """Tiny learnable images for tests: each class a colour and a stripe orientation, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    colors = torch.rand(classes, 3, 1, 1, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    angle = torch.arange(classes).float() * torch.pi / classes
+    stripes = torch.stack([torch.sin((xx * torch.cos(a) + yy * torch.sin(a)) * 1.2) for a in angle])
+    base = 0.5 * colors[labels] + 0.3 * stripes[labels].unsqueeze(1) + 0.25
+    images = base + 0.1 * torch.randn(n, 3, size, size, generator=g)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageSet(images, labels.long(), [f"class{i}" for i in range(classes)])
+
+
+def load_split(config: DataConfig, split: str) -> ImageSet:
+    """Decode one split ("train" or "test") of the configured dataset into memory (CPU)."""
+    threads = _threads(config.decode_threads)
+    path = Path(config.path).expanduser()
+    if config.name == "cifar10-npz":
+        images = load_npz(path, split, threads)
+    elif config.name in ("cifar10", "cifar100", "stl10"):
+        images = load_torchvision(config.name, path, split, config.download, config.image_size)
+    elif config.name == "imagefolder":
+        root = Path(config.test_path).expanduser() if split == "test" else path
+        images = load_image_folder(root, config.image_size, threads)
+    elif config.name == "synthetic":
+        n = (config.train_limit or 512) if split == "train" else (config.test_limit or 256)
+        images = synthetic(n, size=config.image_size, seed=0 if split == "train" else 1)
+    else:
+        raise DataError(
+            f"unknown data.name '{config.name}' (choose cifar10-npz, cifar10, cifar100, stl10, imagefolder, synthetic)"
+        )
+    limit = config.train_limit if split == "train" else config.test_limit
+    if 0 < limit < len(images):
+        g = torch.Generator().manual_seed(1234 if split == "train" else 4321)
+        images = images.subset(torch.randperm(len(images), generator=g)[:limit].sort().values)
+    return images

@@ -1,0 +1,34 @@
+"""Seeded labeled subsets for semi-supervised methods: N images per class, or a fraction of each class."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def labeled_subset(labels: torch.Tensor, per_class: int = 0, fraction: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of a class-stratified labeled subset (exactly ``per_class`` or ``round(fraction * n_c)``)."""
+    if (per_class > 0) == (fraction > 0):
+        raise ValueError("give exactly one of per_class > 0 and fraction > 0")
+    labels = labels.cpu()
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in torch.unique(labels[labels >= 0]).tolist():
+        members = (labels == c).nonzero().squeeze(1)
+        take = per_class if per_class > 0 else round(fraction * len(members))
+        if take > len(members):
+            raise ValueError(f"class {c} has {len(members)} images, fewer than the {take} labels asked for")
+        chosen.append(members[torch.randperm(len(members), generator=g)[:take]])
+    return torch.cat(chosen).sort().values
+
+
+def hide_unlabeled(labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Labels with -1 everywhere except at ``keep``."""
+    out = torch.full_like(labels, -1)
+    out[keep] = labels[keep]
+    return out
+
+
+def save_indices(indices: torch.Tensor, path: Path) -> None:
+    path.write_text(json.dumps({"count": len(indices), "indices": indices.tolist()}))

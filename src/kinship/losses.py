@@ -1,0 +1,26 @@
+"""Losses as pure functions on tensors (shapes documented), each with the paper's formula."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BYOL regression loss, mean over the batch of 2 - 2 cos(p, z) = ||p_hat - z_hat||^2.
+
+    prediction, target: (B, D); the target is detached by the caller. Values in [0, 4].
+    """
+    return (2 - 2 * F.cosine_similarity(prediction, target.detach(), dim=-1)).mean()
+
+
+def info_nce_with_queue(
+    query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """MoCo's InfoNCE: logits [q.k+, q.Queue] / T, cross-entropy with the positive at index 0.
+
+    query, key: (B, D) l2-normalised; negatives: (K, D) l2-normalised. Returns the batch mean.
+    """
+    positive = (query * key).sum(dim=1, keepdim=True)
+    negative = query @ negatives.T
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    return F.cross_entropy(logits.float(), torch.zeros(query.shape[0], dtype=torch.long, device=query.device))

@@ -1,0 +1,73 @@
+"""BYOL (Grill et al., 2020): predict the EMA target's projection of the other view.
+
+online: backbone -> projector -> predictor;  target: EMA(backbone -> projector), no gradient.
+    loss = l(t -> t') + l(t' -> t),   l = 2 - 2 cos(pred(online(t)), target(t'))
+    tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, applied after the optimizer step.
+``symmetric: false`` keeps one direction only (BYOL-asym of the CMSF/MSF tables).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kinship.augment.views import make_views
+from kinship.blocks.ema import cosine_momentum, ema_update, make_target
+from kinship.config import AugmentConfig, MethodConfig
+from kinship.data.loader import Batch
+from kinship.losses import byol_loss
+from kinship.methods.base import DataInfo, Method, StepInfo
+from kinship.models.heads import mlp
+
+
+@dataclass
+class BYOLConfig(MethodConfig):
+    name: str = "byol"
+    projector_hidden: int = 4096
+    projector_dim: int = 256
+    predictor_hidden: int = 4096
+    momentum_base: float = 0.99  # 0.996 for 1000 ImageNet epochs
+    momentum_final: float = 1.0
+    symmetric: bool = True
+    # CIFAR recipe (solo-learn asymmetric.yaml): no blur, solarize 0 / 0.2. ImageNet: blur 1.0 / 0.1.
+    view1: AugmentConfig = field(default_factory=lambda: AugmentConfig(blur_p=0.0, solarize_p=0.0))
+    view2: AugmentConfig = field(default_factory=lambda: AugmentConfig(blur_p=0.0, solarize_p=0.2))
+
+
+class BYOL(Method):
+    Config = BYOLConfig
+
+    def __init__(self, config: BYOLConfig, backbone: nn.Module, data: DataInfo) -> None:
+        super().__init__(config, backbone, data)
+        self.projector = mlp(backbone.feature_dim, config.projector_hidden, config.projector_dim)
+        self.predictor = mlp(config.projector_dim, config.predictor_hidden, config.projector_dim)
+        self.target = make_target(nn.Sequential(backbone, self.projector))
+
+    @property
+    def eval_recipe(self) -> AugmentConfig:
+        return self.config.view1
+
+    def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
+        return make_views(batch.images, [self.config.view1, self.config.view2], step.generator)
+
+    def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
+        v1, v2 = views
+        views = torch.cat([v1, v2]) if self.config.symmetric else v1
+        predictions = self.predictor(self.projector(self.backbone(views)))
+        with torch.no_grad():
+            targets = self.target(torch.cat([v2, v1]) if self.config.symmetric else v2)
+        if self.config.symmetric:
+            p1, p2 = predictions.chunk(2)
+            z2, z1 = targets.chunk(2)
+            loss = byol_loss(p1, z2) + byol_loss(p2, z1)
+        else:
+            loss = byol_loss(predictions, targets)
+        return loss, {"momentum": self.momentum(step)}
+
+    def momentum(self, step: StepInfo) -> float:
+        return cosine_momentum(step.step, step.total_steps, self.config.momentum_base, self.config.momentum_final)
+
+    def after_step(self, step: StepInfo) -> None:
+        online = nn.Sequential(self.backbone, self.projector)
+        ema_update(self.target, online, self.momentum(step))

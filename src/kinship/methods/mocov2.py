@@ -1,0 +1,95 @@
+"""MoCo v2 (Chen et al., 2020; He et al., 2020): InfoNCE against a queue of momentum-encoded keys.
+
+    q = normalize(head_q(f_q(x1)));  k = normalize(head_k(f_k(x2)))   (key encoder = EMA, no grad)
+    logits = [q.k, q.Queue] / T, cross-entropy with target 0
+    enqueue the keys of all processes AFTER the logits, so a batch never holds its own keys
+    as negatives (MSF/CMSF enqueue before their search: the opposite order).
+Under DDP the key batch is shuffled across processes (shuffle-BN) so that BN statistics cannot
+leak which key matches which query; on one process that shuffle is a no-op (baselines.md §7).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kinship.augment.views import make_views
+from kinship.blocks.ema import ema_update, make_target
+from kinship.blocks.queue import FifoQueue
+from kinship.config import AugmentConfig, MethodConfig
+from kinship.data.loader import Batch
+from kinship.losses import info_nce_with_queue
+from kinship.methods.base import DataInfo, Method, StepInfo
+from kinship.models.heads import mlp
+from kinship.runtime import all_gather_cat, rank, world_size
+
+
+@dataclass
+class MoCoV2Config(MethodConfig):
+    name: str = "mocov2"
+    # MoCo CIFAR demo: K 4096, m 0.99, T 0.1, dim 128; ImageNet: 65536, 0.999, 0.2.
+    queue_size: int = 4096
+    momentum: float = 0.99
+    temperature: float = 0.1
+    dim: int = 128
+    head_hidden: int = 0  # 0: the backbone's feature dimension (MoCo v2's 2048 -> 2048 -> 128)
+    symmetric: bool = False
+    shuffle_bn: bool = True
+    # "aug+" with the CIFAR demo's crop scale and no blur; ImageNet: crop (0.2, 1), blur p 0.5.
+    augment: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(crop_scale=(0.08, 1.0), saturation=0.4, hue=0.1, blur_p=0.0)
+    )
+
+
+def shuffled_forward(encoder: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Encode ``x`` after a random permutation of the global batch across processes, then undo it."""
+    if world_size() == 1:
+        return encoder(x)
+    everything = all_gather_cat(x)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(everything.shape[0], generator=g).to(x.device)
+    local = x.shape[0]
+    mine = perm[rank() * local : (rank() + 1) * local]
+    keys = encoder(everything[mine])
+    gathered = all_gather_cat(keys)  # rows in permuted order
+    restore = torch.empty_like(perm)
+    restore[perm] = torch.arange(perm.numel(), device=x.device)
+    return gathered[restore][rank() * local : (rank() + 1) * local]
+
+
+class MoCoV2(Method):
+    Config = MoCoV2Config
+
+    def __init__(self, config: MoCoV2Config, backbone: nn.Module, data: DataInfo) -> None:
+        super().__init__(config, backbone, data)
+        hidden = config.head_hidden or backbone.feature_dim
+        self.head = mlp(backbone.feature_dim, hidden, config.dim, batch_norm=False)
+        self.key_encoder = make_target(nn.Sequential(backbone, self.head))
+        self.queue = FifoQueue(config.queue_size, config.dim)
+
+    @property
+    def eval_recipe(self) -> AugmentConfig:
+        return self.config.augment
+
+    def encode_keys(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        with torch.no_grad():
+            keys = shuffled_forward(self.key_encoder, x, seed) if self.config.shuffle_bn else self.key_encoder(x)
+        return F.normalize(keys.float(), dim=1)
+
+    def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
+        return make_views(batch.images, [self.config.augment, self.config.augment], step.generator)
+
+    def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
+        x1, x2 = views
+        # Momentum update of the key encoder first, as in moco/builder.py.
+        ema_update(self.key_encoder, nn.Sequential(self.backbone, self.head), self.config.momentum)
+        queries = F.normalize(self.head(self.backbone(torch.cat([x1, x2]) if self.config.symmetric else x1)), dim=1)
+        keys = self.encode_keys(x2, step.shared_seed)
+        negatives = self.queue.rows.clone()
+        if self.config.symmetric:
+            keys = torch.cat([keys, self.encode_keys(x1, step.shared_seed + 1)])
+        loss = info_nce_with_queue(queries.float(), keys, negatives, self.config.temperature)
+        self.queue.push(keys[: x1.shape[0]] if not self.config.symmetric else keys)
+        return loss * (2 if self.config.symmetric else 1), {}

@@ -1,0 +1,73 @@
+"""Backbones: torchvision ResNets (optionally with the CIFAR stem) and a small CNN for CPU presets.
+
+Every backbone maps images (B, 3, H, W) to features (B, D) and exposes ``feature_dim``.
+"""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet without its classifier.
+
+    The CIFAR stem replaces conv1 by a 3x3 stride-1 convolution and drops the max-pool; the
+    state_dict keys stay torchvision's, so an exported backbone loads into
+    ``torchvision.models.resnet18()`` after the same two-line change (see ``kinship export``).
+    """
+
+    def __init__(self, name: str, cifar_stem: bool) -> None:
+        super().__init__()
+        net = getattr(torchvision.models, name)(weights=None)
+        if cifar_stem:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        self.feature_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    )
+
+
+class ConvNet(nn.Module):
+    """A small VGG-style CNN for CPU presets: stride-2 stem, three stages of two convs + max-pool.
+
+    At 32 px with width 32 the feature is 4 * width = 128-d and one forward costs ~25 MFLOPs, so
+    a 2-core CPU trains it on CIFAR-10 in minutes.
+    """
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _conv_bn(3, w, stride=2),
+            _conv_bn(w, w),
+            _conv_bn(w, 2 * w),
+            nn.MaxPool2d(2),
+            _conv_bn(2 * w, 2 * w),
+            _conv_bn(2 * w, 4 * w),
+            nn.MaxPool2d(2),
+            _conv_bn(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.feature_dim = 4 * w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def build_backbone(name: str, cifar_stem: bool = True, width: int = 32) -> nn.Module:
+    if name in ("resnet18", "resnet34", "resnet50"):
+        return ResNetBackbone(name, cifar_stem)
+    if name == "convnet":
+        return ConvNet(width)
+    raise ValueError(f"unknown backbone '{name}' (choose resnet18, resnet34, resnet50 or convnet)")
