@@ -70,6 +70,7 @@ class TrainConfig:
     sync_bn: bool = True  # under DDP on GPU
     checkpoint_every: int = 1  # epochs
     time_limit_min: float = 0.0  # >0: stop training (checkpointed) after this many minutes
+    stop_after_epochs: int = 0  # >0: stop (checkpointed) after this epoch; --resume continues the schedule
     log_every: int = 20  # steps between metrics lines
     progress: bool = True
 

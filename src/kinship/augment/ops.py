@@ -138,26 +138,30 @@ def color_jitter(
     """torchvision ColorJitter applied with probability ``p``, factors drawn per sample.
 
     Order is fixed (brightness, contrast, saturation, hue); torchvision draws a random order per
-    call. Samples not selected get identity factors, so one pass serves the whole batch.
+    call. Only the selected samples are computed; the others are returned untouched.
     """
     n, device = images.shape[0], images.device
     apply = _coin(n, p, generator, device)
-    one = torch.ones(n, device=device)
+    chosen = apply.nonzero().squeeze(1)
+    m = chosen.numel()
+    if m == 0:
+        return images
 
     def factor(strength: float) -> torch.Tensor:
-        return torch.where(apply, _uniform(n, max(0.0, 1 - strength), 1 + strength, generator, device), one)
+        return _uniform(m, max(0.0, 1 - strength), 1 + strength, generator, device)
 
-    out = images
+    x = images[chosen]
     if brightness > 0:
-        out = (out * factor(brightness).view(-1, 1, 1, 1)).clamp_(0, 1)
+        x = (x * factor(brightness).view(-1, 1, 1, 1)).clamp_(0, 1)
     if contrast > 0:
-        mean = rgb_to_grayscale(out).mean(dim=(1, 2, 3), keepdim=True)
-        out = _blend(out, mean, factor(contrast))
+        mean = rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+        x = _blend(x, mean, factor(contrast))
     if saturation > 0:
-        out = _blend(out, rgb_to_grayscale(out), factor(saturation))
+        x = _blend(x, rgb_to_grayscale(x), factor(saturation))
     if hue > 0:
-        shift = torch.where(apply, _uniform(n, -hue, hue, generator, device), torch.zeros(n, device=device))
-        out = _shift_hue(out, shift)
+        x = _shift_hue(x, _uniform(m, -hue, hue, generator, device))
+    out = images.clone()
+    out[chosen] = x
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,9 @@ def _threads(requested: int) -> int:
 
 def decode_jpeg_buffers(buffers: np.ndarray, offsets: np.ndarray, threads: int, where: str) -> torch.Tensor:
     """Decode concatenated JPEG files (``buffers[offsets[i]:offsets[i+1]]``) into uint8 (N, 3, H, W)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
 
     n = len(offsets) - 1
     chunk = max(1, min(2048, -(-n // max(1, threads))))
@@ -61,7 +64,9 @@ def decode_jpeg_buffers(buffers: np.ndarray, offsets: np.ndarray, threads: int, 
         stop = min(n, start + chunk)
         datas = [torch.from_numpy(buffers[offsets[i] : offsets[i + 1]]) for i in range(start, stop)]
         try:
-            return decode_jpeg(datas, mode=ImageReadMode.RGB)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(datas, mode=ImageReadMode.RGB)
         except RuntimeError:
             for i, data in enumerate(datas):  # find the culprit to name it
                 try:

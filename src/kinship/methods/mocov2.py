@@ -76,7 +76,7 @@ class MoCoV2(Method):
     def encode_keys(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         with torch.no_grad():
             keys = shuffled_forward(self.key_encoder, x, seed) if self.config.shuffle_bn else self.key_encoder(x)
-        return F.normalize(keys.float(), dim=1)
+        return F.normalize(keys.to(self.queue.rows.dtype), dim=1)  # fp32 logits under autocast
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         return make_views(batch.images, [self.config.augment, self.config.augment], step.generator)
@@ -90,6 +90,6 @@ class MoCoV2(Method):
         negatives = self.queue.rows.clone()
         if self.config.symmetric:
             keys = torch.cat([keys, self.encode_keys(x1, step.shared_seed + 1)])
-        loss = info_nce_with_queue(queries.float(), keys, negatives, self.config.temperature)
+        loss = info_nce_with_queue(queries.to(keys.dtype), keys, negatives, self.config.temperature)
         self.queue.push(keys[: x1.shape[0]] if not self.config.symmetric else keys)
         return loss * (2 if self.config.symmetric else 1), {}

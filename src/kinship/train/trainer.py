@@ -221,6 +221,7 @@ class Trainer:
                 method.on_epoch_end(pos.epoch)
                 pos.epoch += 1
                 pos.step_in_epoch = 0
+                stopped_early = pos.epoch == config.train.stop_after_epochs < config.train.epochs
             last = pos.epoch == config.train.epochs or stopped_early
             if last or pos.epoch % max(1, config.eval.knn_every) == 0:
                 self.monitor(method, data, pos)

@@ -1,0 +1,92 @@
+"""Config validation, data loading errors, labeled subsets and the batch plan."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kinship.config import ConfigError, build_config, load_config
+from kinship.data import BatchPlan, DataError, labeled_subset
+from kinship.data.store import load_npz, read_image_file
+
+
+def test_unknown_key_names_it_and_the_nearest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.epoch'.*did you mean 'epochs'"):
+        build_config({"method": {"name": "byol"}, "train": {"epoch": 3}})
+    with pytest.raises(ConfigError, match=r"method.queue_sise.*queue_size"):
+        build_config({"method": {"name": "mocov2", "queue_sise": 3}})
+    with pytest.raises(ConfigError, match=r"unknown method 'moco'.*mocov2"):
+        build_config({"method": {"name": "moco"}})
+
+
+def test_ill_typed_values_are_errors():
+    with pytest.raises(ConfigError, match=r"train.epochs: expected int, got 'ten'"):
+        build_config({"method": {"name": "byol"}, "train": {"epochs": "ten"}})
+    with pytest.raises(ConfigError, match=r"crop_scale: expected 2 values"):
+        build_config({"method": {"name": "byol", "view1": {"crop_scale": [0.1]}}})
+    with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+        build_config({"method": {"name": "byol"}, "optim": {"lr": -1}})
+
+
+def test_overrides_and_int_to_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: {name: byol}\noptim: {lr: 1}\n")
+    config = load_config(path, ["train.epochs=3", "method.view2.solarize_p=0.5"])
+    assert config.train.epochs == 3 and config.optim.lr == 1.0 and config.method.view2.solarize_p == 0.5
+
+
+def _jpeg(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _write_npz(path, blobs):
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+    arrays = {"classes": np.array(["a", "b"])}
+    for split in ("train", "test"):
+        arrays[f"{split}_jpeg"] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        arrays[f"{split}_offsets"] = offsets
+        arrays[f"{split}_labels"] = np.arange(len(blobs)) % 2
+    np.savez(path, **arrays)
+
+
+def test_npz_loads_and_corrupt_image_is_named(tmp_path):
+    good = [_jpeg((255, 0, 0)), _jpeg((0, 0, 255)), _jpeg((0, 255, 0))]
+    _write_npz(tmp_path / "ok.npz", good)
+    data = load_npz(tmp_path / "ok.npz", "train", threads=2)
+    assert data.images.shape == (3, 3, 8, 8) and data.images.dtype == torch.uint8
+    assert data.images[0, 0].float().mean() > 200 and data.images[1, 2].float().mean() > 200
+    _write_npz(tmp_path / "bad.npz", [good[0], b"\xff\xd8 not a jpeg at all", good[2]])
+    with pytest.raises(DataError, match=r"cannot decode image 1 of the train split in .*bad.npz"):
+        load_npz(tmp_path / "bad.npz", "train", threads=2)
+    with pytest.raises(DataError, match="dataset file not found"):
+        load_npz(tmp_path / "missing.npz", "train", threads=1)
+
+
+def test_corrupt_file_in_image_folder_is_named(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(DataError, match="broken.jpg"):
+        read_image_file(bad, 8)
+
+
+def test_labeled_subset_is_stratified_and_seeded():
+    labels = torch.arange(1000) % 10
+    a = labeled_subset(labels, per_class=7, seed=3)
+    assert len(a) == 70 and torch.bincount(labels[a]).tolist() == [7] * 10
+    assert torch.equal(a, labeled_subset(labels, per_class=7, seed=3))
+    assert not torch.equal(a, labeled_subset(labels, per_class=7, seed=4))
+    b = labeled_subset(labels, fraction=0.1, seed=0)
+    assert torch.bincount(labels[b]).tolist() == [10] * 10
+
+
+def test_batch_plan_ranks_partition_the_global_batch():
+    single = BatchPlan(100, 16, seed=5)
+    ranks = [BatchPlan(100, 16, seed=5, rank=r, world=2) for r in range(2)]
+    for step in range(single.steps_per_epoch):
+        assert torch.equal(torch.cat([p.indices(1, step) for p in ranks]), single.indices(1, step))
+    seen = torch.cat([single.indices(0, s) for s in range(single.steps_per_epoch)])
+    assert len(torch.unique(seen)) == 96  # drop_last, no repeats
+    assert not torch.equal(single.indices(0, 0), single.indices(1, 0))

@@ -1,0 +1,95 @@
+"""Two gloo processes on CPU must reproduce one process fed the concatenated batch."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from kinship.config import build_config
+from kinship.data import Batch
+from kinship.methods import DataInfo, StepInfo
+from kinship.methods.mocov2 import MoCoV2
+
+BATCH, DIM = 8, 12
+
+
+class FlatLinear(nn.Module):
+    """BN-free backbone: without batch statistics, per-process and global batches must agree exactly."""
+
+    feature_dim = 16
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 4 * 4, self.feature_dim)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def make_moco(shuffle_bn: bool) -> MoCoV2:
+    torch.manual_seed(0)
+    config = build_config({"method": {"name": "mocov2", "queue_size": 32, "dim": DIM, "shuffle_bn": shuffle_bn}})
+    return MoCoV2(config.method, FlatLinear(), DataInfo(64, 10, 4)).double()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(BATCH, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+def run_steps(model: nn.Module, method: MoCoV2, views, steps: int = 2):
+    grads = []
+    for s in range(steps):
+        method.zero_grad()
+        batch = Batch(torch.arange(views[0].shape[0]), torch.empty(0), torch.empty(0))
+        loss, _ = model([v + s for v in views], batch, StepInfo(0, s, steps, torch.Generator(), 100 + s))
+        loss.backward()
+        grads.append([p.grad.clone() for p in method.backbone.parameters()])
+    return grads
+
+
+def _worker(rank: int, port: int, out: dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    method = make_moco(shuffle_bn=True)
+    ddp = nn.parallel.DistributedDataParallel(method, broadcast_buffers=False)
+    half = BATCH // 2
+    views = [v[rank * half : (rank + 1) * half] for v in inputs()]
+    grads = run_steps(ddp, method, views)
+    out[rank] = {"queue": method.queue.rows.clone(), "ptr": method.queue.ptr.item(), "grads": grads}
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_result():
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
+    return dict(out)
+
+
+def test_moco_queue_equals_single_process_on_concatenated_keys(two_process_result):
+    single = make_moco(shuffle_bn=False)
+    run_steps(single, single, inputs())
+    for rank in (0, 1):
+        assert two_process_result[rank]["ptr"] == single.queue.ptr.item() == 2 * BATCH
+        assert torch.allclose(two_process_result[rank]["queue"], single.queue.rows, atol=1e-12)
+
+
+def test_ddp_gradients_equal_single_process(two_process_result):
+    single = make_moco(shuffle_bn=False)
+    expected = run_steps(single, single, inputs())
+    for rank in (0, 1):
+        for step_grads, step_expected in zip(two_process_result[rank]["grads"], expected):
+            for g, e in zip(step_grads, step_expected):
+                assert torch.allclose(g, e, atol=1e-10)

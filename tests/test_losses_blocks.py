@@ -1,0 +1,92 @@
+"""Losses, EMA, queue, k-NN and schedules against formulas and hand computations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kinship.blocks.ema import cosine_momentum, ema_update, make_target
+from kinship.blocks.knn import knn_accuracy, weighted_knn_scores
+from kinship.blocks.queue import FifoQueue
+from kinship.losses import byol_loss, info_nce_with_queue
+from kinship.train.optim import learning_rate
+
+
+def test_byol_loss_known_values():
+    p = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    z = torch.tensor([[1.0, 0.0], [2.0, 0.0], [-1.0, 0.0]])
+    # cosines 1, 0, -1 -> per-sample losses 0, 2, 4
+    assert byol_loss(p, z).item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_byol_loss_is_squared_distance_of_unit_vectors():
+    g = torch.Generator().manual_seed(0)
+    p, z = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    expected = (F.normalize(p, dim=1) - F.normalize(z, dim=1)).pow(2).sum(1).mean()
+    assert byol_loss(p, z).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert 0.0 <= byol_loss(p, z).item() <= 4.0
+
+
+def test_infonce_closed_form():
+    d, K, T = 4, 7, 0.2
+    q = F.normalize(torch.tensor([[1.0, 1.0, 0.0, 0.0]]), dim=1)
+    k = F.normalize(torch.tensor([[1.0, 0.0, 0.0, 0.0]]), dim=1)
+    negatives = F.normalize(torch.tensor([[0.0, 0.0, 1.0, 0.0]]), dim=1).repeat(K, 1)
+    s_p, s_n = (q * k).sum().item(), 0.0
+    expected = math.log(1 + K * math.exp((s_n - s_p) / T))
+    assert info_nce_with_queue(q, k, negatives, T).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_cosine_momentum_schedule():
+    assert cosine_momentum(0, 100, 0.99) == 0.99
+    assert cosine_momentum(100, 100, 0.99) == 1.0
+    values = [cosine_momentum(k, 100, 0.99) for k in range(101)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+def test_ema_update_formula_and_no_grad():
+    online = nn.Linear(3, 2)
+    target = make_target(online)
+    assert not any(p.requires_grad for p in target.parameters())
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in target.parameters()]
+    ema_update(target, online, 0.9)
+    for t, b, o in zip(target.parameters(), before, online.parameters()):
+        assert torch.allclose(t, 0.9 * b + 0.1 * o, atol=1e-7)
+
+
+def test_queue_fifo_wraps():
+    q = FifoQueue(5, 2, init="zeros")
+    q.push(torch.ones(3, 2))
+    q.push(2 * torch.ones(3, 2))
+    assert q.rows[:, 0].tolist() == [2.0, 1.0, 1.0, 2.0, 2.0]  # slots 3, 4, 0 took the second push
+    assert q.ptr.item() == 1 and q.filled.item() == 5
+
+
+def test_weighted_knn_hand_computation():
+    bank = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])
+    scores = weighted_knn_scores(query, bank, labels, num_classes=2, k=2, temperature=0.5)
+    # two nearest: bank 0 (cos 1) and bank 1 (cos 0.8)
+    assert scores[0, 0].item() == pytest.approx(math.exp(1 / 0.5), rel=1e-6)
+    assert scores[0, 1].item() == pytest.approx(math.exp(0.8 / 0.5), rel=1e-6)
+
+
+def test_knn_separable_is_perfect():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.eye(5, 16) * 10
+    labels = torch.arange(500) % 5
+    feats = centers[labels] + torch.randn(500, 16, generator=g)
+    acc = knn_accuracy(feats[:400], labels[:400], feats[400:], labels[400:], k=20, temperature=0.1)
+    assert acc[1] == 100.0
+
+
+def test_learning_rate_warmup_and_cosine():
+    assert learning_rate(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert learning_rate(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert learning_rate(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert learning_rate(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)

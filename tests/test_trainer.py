@@ -1,0 +1,68 @@
+"""Trainer: exact resume, NaN handling, atomic checkpoints, outputs of a run."""
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_run_config
+from kinship.config import build_config
+from kinship.train import checkpoint
+from kinship.train.trainer import NonFiniteLossError, Trainer
+
+
+def losses(path):
+    return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize("method", ["mocov2", "byol"])
+def test_resume_continues_exactly(tmp_path, method):
+    values = tiny_run_config(**{"method.name": method})
+    if method == "byol":
+        values["method"] = {"name": "byol", "projector_hidden": 32, "predictor_hidden": 32, "projector_dim": 16,
+                            "view1": {"crop_size": 16}, "view2": {"crop_size": 16}}
+    straight = Trainer(build_config(values), tmp_path / "a", log=lambda *_: None).fit()
+    values["train"]["stop_after_epochs"] = 1
+    Trainer(build_config(values), tmp_path / "b", log=lambda *_: None).fit()
+    resumed = Trainer(build_config(values), tmp_path / "b", resume=True, log=lambda *_: None).fit()
+    a = checkpoint.load(tmp_path / "a" / "last.pt")
+    b = checkpoint.load(tmp_path / "b" / "last.pt")
+    assert a["position"] == b["position"]
+    for key, value in a["method"].items():
+        assert torch.equal(value, b["method"][key]), key
+    assert losses(tmp_path / "a" / "metrics.jsonl") == losses(tmp_path / "b" / "metrics.jsonl")
+    assert straight["knn_top1"] == resumed["knn_top1"]
+    assert resumed["knn_pixel_top1"] == straight["knn_pixel_top1"]
+
+
+def test_run_folder_contents(tmp_path):
+    Trainer(build_config(tiny_run_config(**{"train.epochs": 1})), tmp_path, log=lambda *_: None).fit()
+    assert {"config.yaml", "metrics.jsonl", "last.pt"} <= {p.name for p in tmp_path.iterdir()}
+    keys = set().union(*(json.loads(line).keys() for line in (tmp_path / "metrics.jsonl").read_text().splitlines()))
+    assert {"knn_top1", "knn_pixel_top1", "knn_random_init_top1", "loss"} <= keys
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
+    values = tiny_run_config(**{"train.epochs": 3, "train.stop_after_epochs": 1})
+    Trainer(build_config(values), tmp_path, log=lambda *_: None).fit()
+    good = checkpoint.load(tmp_path / "last.pt")
+    values["optim"]["lr"] = 1e30  # diverges within the next epoch
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step \d+ \(epoch 2\).*last good checkpoint"):
+        Trainer(build_config(values), tmp_path, resume=True, log=lambda *_: None).fit()
+    after = checkpoint.load(tmp_path / "last.pt")
+    assert after["position"] == good["position"]
+    assert all(torch.equal(v, after["method"][k]) for k, v in good["method"].items())
+
+
+def test_atomic_save_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "x.pt"
+    checkpoint.save_atomic({"a": torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        checkpoint.save_atomic({"a": Unpicklable()}, path)
+    assert torch.equal(checkpoint.load(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
