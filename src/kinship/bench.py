@@ -2,6 +2,7 @@
 ``compute_only`` (the same step on fixed, already augmented views)."""
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -60,11 +61,15 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
     for i in range(warmup):
         one_step(i)
     sync()
-    start = time.perf_counter()
+    # Per-step times: the median is robust to the transient slowdowns of a shared machine.
+    times = []
     for i in range(warmup, warmup + steps):
+        start = time.perf_counter()
         one_step(i)
-    sync()
-    seconds = time.perf_counter() - start
+        sync()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
     return {"method": method, "backbone": backbone, "device": dev.type, "batch": batch,
-            "mode": "compute_only" if compute_only else "pipeline", "img_per_s": round(batch * steps / seconds, 1),
-            "steps": steps, "compile": compile, "autocast_bf16": autocast, "env": environment()}
+            "mode": "compute_only" if compute_only else "pipeline", "img_per_s": round(batch / median, 1),
+            "img_per_s_mean": round(batch * steps / sum(times), 1), "steps": steps, "compile": compile,
+            "autocast_bf16": autocast, "env": environment()}

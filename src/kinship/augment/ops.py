@@ -96,34 +96,26 @@ def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tens
 
 
 def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """RGB -> HSV, h += shift (mod 1), HSV -> RGB; the formulas of torchvision's tensor backend."""
+    """Rotate the HSV hue of each sample by ``shift`` (in turns), keeping S and V (torchvision's adjust_hue).
+
+    Hue in sixths of a turn from the channel holding the maximum (ties: R, then G, as torchvision),
+    then the closed-form HSV -> RGB: channel n in (R, G, B) = (5, 3, 1) is
+    max - (max - min) * clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6.
+    """
     r, g, b = images.unbind(1)
-    maxc, _ = images.max(dim=1)
-    minc, _ = images.min(dim=1)
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_divisor = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    h = torch.remainder(h + shift.view(-1, 1, 1), 1.0)
-    v = maxc
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p = (v * (1.0 - s)).clamp_(0, 1)
-    q = (v * (1.0 - s * f)).clamp_(0, 1)
-    t = (v * (1.0 - s * (1.0 - f))).clamp_(0, 1)
-    mask = i.unsqueeze(1) == torch.arange(6, device=images.device).view(1, -1, 1, 1)
-    a1 = torch.stack((v, q, p, p, t, v), dim=1)
-    a2 = torch.stack((t, v, v, q, p, p), dim=1)
-    a3 = torch.stack((p, p, t, v, v, q), dim=1)
-    a4 = torch.stack((a1, a2, a3), dim=1)  # (B, 3, 6, H, W)
-    return (a4 * mask.unsqueeze(1).to(images.dtype)).sum(dim=2)
+    # Elementwise max/min and float masks: on CPU a reduction over the 3-channel dim, and
+    # bool-mask ops (where, masked_fill), are several times slower than plain arithmetic.
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    delta = maxc - torch.minimum(torch.minimum(r, g), b)
+    r_max = (r == maxc).float()
+    g_max = (g == maxc).float() * (1 - r_max)
+    b_max = 1 - r_max - g_max
+    numerator = r_max * (g - b) + g_max * (b - r) + b_max * (r - g)  # 0 where delta is 0
+    hue6 = 2 * g_max + 4 * b_max + numerator / delta.clamp(min=1e-12) + 6 * shift.view(-1, 1, 1)
+    offsets = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    k = hue6.unsqueeze(1) + offsets
+    k = k - 6 * torch.floor(k / 6)
+    return maxc.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
 def color_jitter(
@@ -166,8 +158,8 @@ def color_jitter(
 
 
 def random_grayscale(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    select = _coin(images.shape[0], p, generator, images.device).view(-1, 1, 1, 1)
-    return torch.where(select, rgb_to_grayscale(images).expand_as(images), images)
+    select = _coin(images.shape[0], p, generator, images.device).to(images.dtype).view(-1, 1, 1, 1)
+    return images * (1 - select) + rgb_to_grayscale(images) * select  # exact at select 0 and 1
 
 
 def gaussian_blur(
@@ -199,7 +191,8 @@ def gaussian_blur(
 
 def random_solarize(images: torch.Tensor, p: float, generator: torch.Generator, threshold: float = 0.5) -> torch.Tensor:
     select = _coin(images.shape[0], p, generator, images.device).view(-1, 1, 1, 1)
-    return torch.where(select & (images >= threshold), 1.0 - images, images)
+    flip = (images >= threshold).to(images.dtype) * select.to(images.dtype)
+    return images * (1 - flip) + (1.0 - images) * flip  # exact at flip 0 and 1
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
