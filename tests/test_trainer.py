@@ -66,3 +66,22 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path):
         checkpoint.save_atomic({"a": Unpicklable()}, path)
     assert torch.equal(checkpoint.load(path)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_image_folder_in_memory_and_streaming(tmp_path, streaming):
+    from PIL import Image
+
+    from kinship.data.store import synthetic
+
+    data = synthetic(96, classes=2, size=20)
+    for split, rows in (("train", range(0, 64)), ("test", range(64, 96))):
+        for i in rows:
+            folder = tmp_path / split / data.classes[int(data.labels[i])]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(data.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    values = tiny_run_config(**{"train.epochs": 1, "train.batch_size": 32})
+    values["data"] = {"name": "imagefolder", "path": str(tmp_path / "train"), "test_path": str(tmp_path / "test"),
+                      "image_size": 16, "streaming": streaming, "workers": 0}
+    summary = Trainer(build_config(values), tmp_path / "run", log=lambda *_: None).fit()
+    assert summary["epochs_done"] == 1 and 0 <= summary["knn_top1"] <= 100

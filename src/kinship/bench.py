@@ -9,7 +9,7 @@ import torch
 
 from kinship.config import build_config
 from kinship.data import Batch, BatchPlan, ImageSet, TensorLoader
-from kinship.methods import StepInfo
+from kinship.methods import DataInfo, StepInfo
 from kinship.runtime import environment, resolve_device, tune_cpu_allocator
 from kinship.train.optim import build_optimizer
 from kinship.train.trainer import build_method
@@ -25,7 +25,7 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
     n = batch * 4
     data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                     torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)]).to(dev)
-    model = build_method(config, data).to(dev).to(memory_format=torch.channels_last)
+    model = build_method(config, DataInfo(n, 10, 32)).to(dev).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config.optim, batch)
     step_fn = torch.compile(model) if compile else model
     autocast = precision == "bf16" or (precision == "auto" and dev.type == "cuda")

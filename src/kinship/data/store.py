@@ -189,6 +189,8 @@ def load_split(config: DataConfig, split: str) -> ImageSet:
     elif config.name in ("cifar10", "cifar100", "stl10"):
         images = load_torchvision(config.name, path, split, config.download, config.image_size)
     elif config.name == "imagefolder":
+        if split == "test" and not config.test_path:
+            raise DataError("data.test_path (the evaluation split's ImageFolder root) is required for imagefolder")
         root = Path(config.test_path).expanduser() if split == "test" else path
         images = load_image_folder(root, config.image_size, threads)
     elif config.name == "synthetic":

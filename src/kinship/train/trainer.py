@@ -21,7 +21,10 @@ from tqdm import tqdm
 
 from kinship.blocks.knn import knn_accuracy
 from kinship.config import RunConfig, save_config, to_dict
-from kinship.data import Batch, BatchPlan, ImageSet, TensorLoader, hide_unlabeled, labeled_subset, load_split
+from kinship.data import (
+    Batch, BatchPlan, DataError, ImageSet, StreamingLoader, TensorLoader, hide_unlabeled, labeled_subset, load_split,
+)
+from kinship.data.store import list_image_folder, read_image_file
 from kinship.data.subsets import save_indices
 from kinship.eval.features import extract_features, pixel_features
 from kinship.methods import METHODS, DataInfo, Method, StepInfo
@@ -44,50 +47,73 @@ class Position:
 
 @dataclass
 class RunData:
-    train: ImageSet  # on the training device; labels hidden (-1) outside the labeled subset
-    test: ImageSet
-    train_eval_labels: torch.Tensor  # ground truth of the train split, for evaluation only
-    labeled: torch.Tensor | None = None  # indices of the labeled subset
+    info: DataInfo
+    labels: torch.Tensor  # train labels on the device, -1 outside the labeled subset
+    bank: ImageSet  # k-NN bank: train images (or a subset) with ground-truth labels, on the device
+    test: ImageSet  # on the device
+    train: ImageSet | None = None  # the whole train split on the device (None when streaming)
+    files: list[Path] | None = None  # streaming: the train image files
 
 
 def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None) -> RunData:
-    train = load_split(config.data, "train")
-    test = load_split(config.data, "test")
-    gt = train.labels.clone()
-    labeled = None
-    if config.data.labeled_per_class or config.data.labeled_fraction:
-        labeled = labeled_subset(train.labels, config.data.labeled_per_class, config.data.labeled_fraction, config.train.seed)
-        train = ImageSet(train.images, hide_unlabeled(train.labels, labeled), train.classes)
+    """Decode the train and test splits once; hide labels outside the labeled subset, if any."""
+    dc = config.data
+    if dc.streaming:
+        if dc.name != "imagefolder":
+            raise DataError("data.streaming is for data.name: imagefolder")
+        files, file_labels, classes = list_image_folder(Path(dc.path).expanduser())
+        gt = torch.tensor(file_labels, dtype=torch.int64)
+        train = None
+    else:
+        train = load_split(dc, "train")
+        files, gt, classes = None, train.labels.clone(), train.classes
+    labels = gt
+    if dc.labeled_per_class or dc.labeled_fraction:
+        labeled = labeled_subset(gt, dc.labeled_per_class, dc.labeled_fraction, config.train.seed)
+        labels = hide_unlabeled(gt, labeled)
         if out_dir is not None and rank() == 0:
             save_indices(labeled, out_dir / "labeled_indices.json")
-    return RunData(train.to(device), test.to(device), gt.to(device), labeled)
+    # k-NN bank: the whole train split, or a seeded subset (always a subset when streaming)
+    limit = config.eval.knn_train_limit or (10_000 if dc.streaming else 0)
+    keep = None
+    if 0 < limit < len(gt):
+        keep = torch.randperm(len(gt), generator=torch.Generator().manual_seed(config.train.seed))[:limit].sort().values
+    if train is None:
+        bank_files = [files[i] for i in keep.tolist()] if keep is not None else files
+        bank = ImageSet(torch.stack([read_image_file(f, dc.image_size) for f in bank_files]), gt[keep] if keep is not None else gt, classes)
+    else:
+        bank = ImageSet(train.images, gt, classes) if keep is None else ImageSet(train.images[keep], gt[keep], classes)
+    test = load_split(dc, "test")
+    num_classes = max(len(classes), int(gt.max()) + 1)
+    info = DataInfo(size=len(gt), num_classes=num_classes, image_size=bank.images.shape[-1])
+    return RunData(info, labels.to(device), bank.to(device), test.to(device),
+                   train.to(device) if train is not None else None, files)
 
 
-def build_method(config: RunConfig, data: ImageSet) -> Method:
+def make_loader(data: RunData, plan: BatchPlan, device: torch.device, workers: int) -> TensorLoader | StreamingLoader:
+    if data.train is not None:
+        return TensorLoader(data.train, plan, data.labels)
+    return StreamingLoader(data.files, data.labels.cpu(), data.info.image_size, plan, device, workers)
+
+
+def build_method(config: RunConfig, info: DataInfo) -> Method:
     backbone = build_backbone(config.model.backbone, config.model.cifar_stem, config.model.width)
-    num_classes = max(len(data.classes), int(data.labels.max()) + 1)
-    info = DataInfo(size=len(data), num_classes=num_classes, image_size=data.images.shape[-1])
     return METHODS[config.method.name](config.method, backbone, info)
 
 
-def knn_eval(method: Method, data: RunData, config: RunConfig, autocast: bool, backbone: nn.Module | None = None) -> dict[str, float]:
-    """Weighted k-NN top-1/top-5 of ``backbone`` (default: the method's) on the test split."""
-    bank_images, bank_labels = data.train.images, data.train_eval_labels
-    if 0 < config.eval.knn_train_limit < len(bank_labels):
-        g = torch.Generator().manual_seed(config.train.seed)
-        keep = torch.randperm(len(bank_labels), generator=g)[: config.eval.knn_train_limit].to(bank_labels.device)
-        bank_images, bank_labels = bank_images[keep], bank_labels[keep]
-    net = backbone if backbone is not None else method.backbone
-    bank = extract_features(net, bank_images, method.eval_recipe, config.eval.batch_size, autocast)
+def knn_eval(method: Method, data: RunData, config: RunConfig, autocast: bool) -> dict[str, float]:
+    """Weighted k-NN top-1/top-5 of the method's backbone: train bank, test queries."""
+    net = method.backbone
+    bank = extract_features(net, data.bank.images, method.eval_recipe, config.eval.batch_size, autocast)
     queries = extract_features(net, data.test.images, method.eval_recipe, config.eval.batch_size, autocast)
-    acc = knn_accuracy(bank, bank_labels, queries, data.test.labels, config.eval.knn_k, config.eval.knn_temperature)
+    acc = knn_accuracy(bank, data.bank.labels, queries, data.test.labels, config.eval.knn_k, config.eval.knn_temperature)
     return {"top1": acc[1], "top5": acc[5]}
 
 
 def pixel_knn(method: Method, data: RunData, config: RunConfig) -> float:
-    bank = pixel_features(data.train.images, method.eval_recipe)
+    bank = pixel_features(data.bank.images, method.eval_recipe)
     queries = pixel_features(data.test.images, method.eval_recipe)
-    return knn_accuracy(bank, data.train_eval_labels, queries, data.test.labels, config.eval.knn_k, config.eval.knn_temperature)[1]
+    return knn_accuracy(bank, data.bank.labels, queries, data.test.labels, config.eval.knn_k, config.eval.knn_temperature)[1]
 
 
 @dataclass
@@ -152,7 +178,7 @@ class Trainer:
         torch.manual_seed(config.train.seed + rank())
         start_time = time.time()
         data = load_run_data(config, device, self.out_dir)
-        method = build_method(config, data.train).to(device)
+        method = build_method(config, data.info).to(device)
         if config.train.channels_last:
             method = method.to(memory_format=torch.channels_last)
         if is_distributed() and device.type == "cuda" and config.train.sync_bn:
@@ -162,8 +188,8 @@ class Trainer:
             model = nn.parallel.DistributedDataParallel(method, broadcast_buffers=False)
         step_fn = torch.compile(model) if config.train.compile else model
         optimizer = build_optimizer(method, config.optim, config.train.batch_size)
-        plan = BatchPlan(len(data.train), config.train.batch_size, config.train.seed, rank(), world_size())
-        loader = TensorLoader(data.train, plan)
+        plan = BatchPlan(data.info.size, config.train.batch_size, config.train.seed, rank(), world_size())
+        loader = make_loader(data, plan, device, config.data.workers)
         total_steps = config.train.epochs * plan.steps_per_epoch
         warmup_steps = round(config.optim.warmup_epochs * plan.steps_per_epoch)
         base_lr = config.optim.lr * config.train.batch_size / config.optim.lr_batch
