@@ -12,6 +12,7 @@ from kinship.config import build_config
 from kinship.data import Batch
 from kinship.methods import DataInfo, StepInfo
 from kinship.methods.mocov2 import MoCoV2
+from kinship.train.trainer import no_buffer_sync
 
 BATCH, DIM = 8, 12
 
@@ -56,7 +57,7 @@ def _worker(rank: int, port: int, out: dict):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     method = make_moco(shuffle_bn=True)
-    ddp = nn.parallel.DistributedDataParallel(method, broadcast_buffers=False)
+    ddp = nn.parallel.DistributedDataParallel(method, **no_buffer_sync())
     half = BATCH // 2
     views = [v[rank * half : (rank + 1) * half] for v in inputs()]
     grads = run_steps(ddp, method, views)

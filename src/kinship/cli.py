@@ -1,4 +1,4 @@
-"""``kinship`` command line: pretrain, bench."""
+"""``kinship`` command line: pretrain, views, bench."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +30,34 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_views(args: argparse.Namespace) -> int:
+    """A PNG grid: each row one image, first column the original, then the method's views."""
+    import torch
+    import torchvision
+
+    from kinship.data import Batch, load_split
+    from kinship.methods import DataInfo, StepInfo
+    from kinship.train.trainer import build_method
+
+    config = load_config(args.config, args.set)
+    data = load_split(config.data, "train")
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.images]
+    method = build_method(config, DataInfo(len(data), len(data.classes), data.images.shape[-1]))
+    batch = Batch(pick, data.images[pick], data.labels[pick])
+    views = method.views(batch, StepInfo(0, 0, 1, torch.Generator().manual_seed(args.seed), args.seed))
+    size = max(v.shape[-1] for v in views)
+    recipe = method.eval_recipe
+    mean = torch.tensor(recipe.mean).view(1, 3, 1, 1)
+    std = torch.tensor(recipe.std).view(1, 3, 1, 1)
+    columns = [batch.images.float() / 255] + [(v.float() * std + mean).clamp(0, 1) for v in views]
+    columns = [torch.nn.functional.interpolate(c, size=(size, size), mode="nearest") for c in columns]
+    grid = torch.stack(columns, dim=1).flatten(0, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    torchvision.utils.save_image(grid, args.out, nrow=len(columns), padding=2, pad_value=1.0)
+    print(f"wrote {args.out}: {args.images} images x (original + {len(views)} views)")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from kinship.bench import bench
 
@@ -49,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.set_defaults(func=cmd_pretrain)
+
+    v = sub.add_parser("views", help="save a PNG grid of a config's augmented views")
+    v.add_argument("--config", required=True)
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--out", default="views.png")
+    v.add_argument("--images", type=int, default=8)
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(func=cmd_views)
 
     b = sub.add_parser("bench", help="training throughput of one method, as one JSON line")
     b.add_argument("--method", required=True)

@@ -7,6 +7,7 @@ checkpoint. So 2 epochs straight and 1 + resume + 1 run the same computation.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -32,6 +33,15 @@ from kinship.models.backbones import build_backbone
 from kinship.runtime import init_distributed, is_distributed, rank, resolve_device, tune_cpu_allocator, world_size
 from kinship.train import checkpoint
 from kinship.train.optim import build_optimizer, learning_rate, set_learning_rate
+
+
+def no_buffer_sync() -> dict[str, bool]:
+    """DDP must not overwrite buffers from rank 0 at every forward: the queues and banks are kept
+    identical by all-gather, and BN statistics stay per process (or SyncBN). torch >= 2.14 names
+    this ``forward_sync_buffers``; older releases ``broadcast_buffers`` (ranks start identical, so
+    the newer name's one sync at init changes nothing)."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -185,7 +195,7 @@ class Trainer:
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         model: nn.Module = method
         if is_distributed():
-            model = nn.parallel.DistributedDataParallel(method, broadcast_buffers=False)
+            model = nn.parallel.DistributedDataParallel(method, **no_buffer_sync())
         step_fn = torch.compile(model) if config.train.compile else model
         optimizer = build_optimizer(method, config.optim, config.train.batch_size)
         plan = BatchPlan(data.info.size, config.train.batch_size, config.train.seed, rank(), world_size())
