@@ -1,7 +1,6 @@
 """Augmentations: parameter statistics, per-sample independence, agreement with torchvision."""
 import math
 
-import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 

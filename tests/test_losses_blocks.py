@@ -29,7 +29,7 @@ def test_byol_loss_is_squared_distance_of_unit_vectors():
 
 
 def test_infonce_closed_form():
-    d, K, T = 4, 7, 0.2
+    K, T = 7, 0.2
     q = F.normalize(torch.tensor([[1.0, 1.0, 0.0, 0.0]]), dim=1)
     k = F.normalize(torch.tensor([[1.0, 0.0, 0.0, 0.0]]), dim=1)
     negatives = F.normalize(torch.tensor([[0.0, 0.0, 1.0, 0.0]]), dim=1).repeat(K, 1)

@@ -8,7 +8,7 @@ import time
 import torch
 
 from kinship.config import build_config
-from kinship.data import Batch, BatchPlan, ImageSet, TensorLoader
+from kinship.data import BatchPlan, ImageSet, TensorLoader
 from kinship.methods import DataInfo, StepInfo
 from kinship.runtime import environment, resolve_device, tune_cpu_allocator
 from kinship.train.optim import build_optimizer

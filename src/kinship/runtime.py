@@ -75,12 +75,6 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        dist.all_reduce(x)
-    return x
-
-
 def environment() -> dict[str, Any]:
     """What a benchmark figure depends on besides the code."""
     env = {

@@ -6,7 +6,6 @@ marks an unlabeled image (STL-10's unlabeled split).
 """
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor

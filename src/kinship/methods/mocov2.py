@@ -91,5 +91,5 @@ class MoCoV2(Method):
         if self.config.symmetric:
             keys = torch.cat([keys, self.encode_keys(x1, step.shared_seed + 1)])
         loss = info_nce_with_queue(queries.to(keys.dtype), keys, negatives, self.config.temperature)
-        self.queue.push(keys[: x1.shape[0]] if not self.config.symmetric else keys)
+        self.queue.push(keys)  # after the logits: a batch never sees its own keys as negatives
         return loss * (2 if self.config.symmetric else 1), {}
