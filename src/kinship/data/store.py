@@ -162,11 +162,15 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, classes
 
 
+def read_image_files(files: list[Path], size: int, threads: int = 0) -> torch.Tensor:
+    """Decode image files on a thread pool (``threads`` 0: all cores) -> uint8 (N, 3, size, size)."""
+    with ThreadPoolExecutor(_threads(threads)) as pool:
+        return torch.stack(list(pool.map(lambda p: read_image_file(p, size), files)))
+
+
 def load_image_folder(root: Path, size: int, threads: int) -> ImageSet:
     files, labels, classes = list_image_folder(root)
-    with ThreadPoolExecutor(threads) as pool:
-        images = list(pool.map(lambda p: read_image_file(p, size), files))
-    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes)
+    return ImageSet(read_image_files(files, size, threads), torch.tensor(labels, dtype=torch.int64), classes)
 
 
 def synthetic(n: int, classes: int = 4, size: int = 16, seed: int = 0) -> ImageSet:

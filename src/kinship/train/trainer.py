@@ -25,7 +25,7 @@ from kinship.config import RunConfig, save_config, to_dict
 from kinship.data import (
     Batch, BatchPlan, DataError, ImageSet, StreamingLoader, TensorLoader, hide_unlabeled, labeled_subset, load_split,
 )
-from kinship.data.store import list_image_folder, read_image_file
+from kinship.data.store import list_image_folder, read_image_files
 from kinship.data.subsets import save_indices
 from kinship.eval.features import extract_features, pixel_features
 from kinship.methods import METHODS, DataInfo, Method, StepInfo
@@ -89,15 +89,16 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
     if 0 < limit < len(gt):
         keep = torch.randperm(len(gt), generator=torch.Generator().manual_seed(config.train.seed))[:limit].sort().values
     if train is None:
-        bank_files = [files[i] for i in keep.tolist()] if keep is not None else files
-        bank = ImageSet(torch.stack([read_image_file(f, dc.image_size) for f in bank_files]), gt[keep] if keep is not None else gt, classes)
+        bank_files = files if keep is None else [files[i] for i in keep.tolist()]
+        bank_images = read_image_files(bank_files, dc.image_size, dc.decode_threads).to(device)
     else:
-        bank = ImageSet(train.images, gt, classes) if keep is None else ImageSet(train.images[keep], gt[keep], classes)
+        train = train.to(device)  # once: the bank shares (or indexes) these device tensors
+        bank_images = train.images if keep is None else train.images[keep.to(device)]
+    bank = ImageSet(bank_images, (gt if keep is None else gt[keep]).to(device), classes)
     test = load_split(dc, "test")
     num_classes = max(len(classes), int(gt.max()) + 1)
     info = DataInfo(size=len(gt), num_classes=num_classes, image_size=bank.images.shape[-1])
-    return RunData(info, labels.to(device), bank.to(device), test.to(device),
-                   train.to(device) if train is not None else None, files)
+    return RunData(info, labels.to(device), bank, test.to(device), train, files)
 
 
 def make_loader(data: RunData, plan: BatchPlan, device: torch.device, workers: int) -> TensorLoader | StreamingLoader:
