@@ -11,7 +11,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 SHARED_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.npz"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cifar_npz() -> Path:
     path = Path(os.environ.get("KINSHIP_CIFAR_NPZ", SHARED_NPZ))
     if not path.is_file():
@@ -36,3 +36,21 @@ def tiny_run_config(**overrides) -> dict:
             node = node.setdefault(part, {})
         node[last] = value
     return values
+
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def short_demo(tmp_path_factory, cifar_npz) -> tuple[Path, dict]:
+    """The demo shortened to 3 epochs on 10,240 real CIFAR-10 images (2,000 test): run folder and summary."""
+    from kinship.config import load_config
+    from kinship.train.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("short_demo")
+    config = load_config(DEMO, [
+        f"data.path={cifar_npz}", "data.train_limit=10240", "data.test_limit=2000",
+        "train.epochs=3", "train.progress=false",
+    ])
+    summary = Trainer(config, out, log=lambda *_: None).fit()
+    return out, summary

@@ -1,17 +1,17 @@
-"""A shortened demo on the real shared CIFAR-10 beats k-NN on the randomly initialised network."""
-from pathlib import Path
-
-from kinship.config import load_config
-from kinship.train.trainer import Trainer
-
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+"""On the real shared CIFAR-10: a shortened demo learns, and its evaluation protocols behave."""
+from kinship.eval.suite import Evaluation
 
 
-def test_short_demo_beats_random_init(tmp_path, cifar_npz):
-    config = load_config(DEMO, [
-        f"data.path={cifar_npz}", "data.train_limit=10240", "data.test_limit=2000",
-        "train.epochs=3", "train.progress=false",
-    ])
-    summary = Trainer(config, tmp_path, log=lambda *_: None).fit()
+def test_short_demo_beats_random_init(short_demo):
+    _, summary = short_demo
     margin = summary["knn_top1"] - summary["knn_random_init_top1"]
     assert margin >= 5.0, summary
+
+
+def test_finetuning_beats_the_frozen_probe_on_a_small_real_subset(short_demo, tmp_path):
+    run, _ = short_demo
+    settings = ["eval.finetune.fractions=[]", "eval.finetune.per_class=[100]"]
+    result = Evaluation(run / "last.pt", tmp_path, settings, progress=False, log=lambda *_: None).run("finetune")
+    row = result["settings"][0]
+    assert row["images"] == 1000
+    assert row["top1"] >= row["frozen_probe_top1"] + 1.0, row

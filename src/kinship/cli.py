@@ -1,4 +1,4 @@
-"""``kinship`` command line: pretrain, views, bench."""
+"""``kinship`` command line: pretrain, eval, export, views, bench."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kinship.config import ConfigError, load_config
 from kinship.data import DataError
+from kinship.train.checkpoint import CheckpointError
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -27,6 +28,48 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             parts.append(f"random init {summary['knn_random_init_top1']:.2f}%")
         print(f"done in {summary['minutes']:.1f} min ({summary['epochs_done']} epochs): " + ", ".join(parts))
         print(f"run folder: {args.out}")
+    return 0
+
+
+def data_overrides(spec: str | None) -> list[str]:
+    """``--data`` as config overrides: a dataset name (cifar10, cifar100, stl10, synthetic, ...), an
+    .npz file in kinship's CIFAR format, or an ImageFolder root (with train/ and val/ or test/)."""
+    if not spec:
+        return []
+    path = Path(spec).expanduser()
+    if spec.endswith(".npz"):
+        return ["data.name=cifar10-npz", f"data.path={path}"]
+    if path.is_dir():
+        test = next((path / s for s in ("val", "test") if (path / s).is_dir()), None)
+        if (path / "train").is_dir() and test is not None:
+            return ["data.name=imagefolder", f"data.path={path / 'train'}", f"data.test_path={test}"]
+        raise DataError(f"--data {spec}: an ImageFolder root needs train/ and val/ (or test/) folders of class folders")
+    return [f"data.name={spec}"]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kinship.eval.suite import Evaluation
+
+    overrides = data_overrides(args.data) + args.set
+    evaluation = Evaluation(args.checkpoint, args.out, overrides, progress=not args.no_progress)
+    if args.protocol == "all":
+        report = evaluation.run_all()
+        print(f"wrote {evaluation.out_dir / 'report.md'} and report.json")
+        for name, result in report["protocols"].items():
+            print(f"{name}: {result['seconds']:.1f} s")
+        return 0
+    result = evaluation.run(args.protocol)
+    path = evaluation.out_dir / f"eval_{args.protocol}.json"
+    path.write_text(json.dumps({**evaluation.header(), args.protocol: result}, indent=2))
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kinship.eval.export import export_backbone
+
+    how = export_backbone(args.checkpoint, args.out, args.set)
+    print(f"wrote {args.out}; load it with:\n{how}")
     return 0
 
 
@@ -78,6 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.set_defaults(func=cmd_pretrain)
 
+    e = sub.add_parser("eval", help="evaluate a checkpoint: knn, linear, finetune, clustering, purity, tsne, curves or all")
+    e.add_argument("protocol", choices=["all", "knn", "linear", "finetune", "clustering", "purity", "tsne", "curves"])
+    e.add_argument("--checkpoint", required=True, help="last.pt of a pretrain run")
+    e.add_argument("--data", help="evaluate on other data: cifar10, cifar100, stl10, a .npz file or an ImageFolder root")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. eval.finetune.epochs=5")
+    e.add_argument("--out", help="where the report, figures and feature cache go (default: the checkpoint's folder)")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write the pre-trained backbone as a plain torchvision state_dict")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True, help="output file, e.g. backbone.pt")
+    x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    x.set_defaults(func=cmd_export)
+
     v = sub.add_parser("views", help="save a PNG grid of a config's augmented views")
     v.add_argument("--config", required=True)
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -101,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
         print(f"kinship: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:

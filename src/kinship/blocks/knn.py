@@ -31,13 +31,18 @@ def weighted_knn_scores(
     bank_labels: torch.Tensor,
     num_classes: int,
     k: int = 200,
-    temperature: float = 0.1,
+    temperature: float | None = 0.1,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """Class scores (Q, C): sum over the k nearest bank items of exp(sim / T), per class."""
+    """Class scores (Q, C): sum over the k nearest bank items of exp(sim / T), per class.
+
+    ``temperature=None`` is the plain majority vote of CMSF/MSF ("NN", "20-NN"); ties between
+    classes go to the larger summed similarity (the spec's random tie-break, made deterministic).
+    """
     queries, bank = F.normalize(queries.float(), dim=1), F.normalize(bank.float(), dim=1)
     sims, idx = topk_neighbors(queries, bank, k, chunk)
-    weights = (sims / temperature).exp()
+    # sims lie in [-1, 1] and k <= a few hundred, so 1e-6 * sims never outweighs one vote
+    weights = 1.0 + 1e-6 * sims if temperature is None else (sims / temperature).exp()
     scores = torch.zeros(queries.shape[0], num_classes, device=queries.device)
     scores.scatter_add_(1, bank_labels[idx], weights)
     return scores
@@ -56,7 +61,7 @@ def knn_accuracy(
     test_feats: torch.Tensor,
     test_labels: torch.Tensor,
     k: int = 200,
-    temperature: float = 0.1,
+    temperature: float | None = 0.1,
 ) -> dict[int, float]:
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     scores = weighted_knn_scores(test_feats, train_feats, train_labels, num_classes, k, temperature)

@@ -41,6 +41,17 @@ class Method(nn.Module):
         self.config, self.backbone, self.data_info = config, backbone, data
 
     @property
+    def eval_backbone(self) -> nn.Module:
+        """The backbone that evaluation and export use (the online one; a method with an EMA teacher
+        that its paper evaluates, as MIRA does, returns the teacher's)."""
+        return self.backbone
+
+    def cluster_scores(self, features: torch.Tensor) -> torch.Tensor | None:
+        """(N, K) scores of the method's own cluster or prototype head for eval-backbone features
+        (N, D), whose argmax is its clustering; None for methods without one."""
+        return None
+
+    @property
     def eval_recipe(self) -> AugmentConfig:
         """Crop size and normalisation of the evaluation view."""
         raise NotImplementedError

@@ -9,6 +9,10 @@ from typing import Any
 import torch
 
 
+class CheckpointError(ValueError):
+    """A file that is not a kinship checkpoint, or one that does not fit the model it is loaded into."""
+
+
 def save_atomic(obj: Any, path: Path) -> None:
     """A crash mid-write leaves the previous file intact: rename is atomic within one filesystem."""
     path = Path(path)

@@ -7,6 +7,7 @@ checkpoint. So 2 epochs straight and 1 + resume + 1 run the same computation.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -114,7 +115,7 @@ def build_method(config: RunConfig, info: DataInfo) -> Method:
 
 def knn_eval(method: Method, data: RunData, config: RunConfig, autocast: bool) -> dict[str, float]:
     """Weighted k-NN top-1/top-5 of the method's backbone: train bank, test queries."""
-    net = method.backbone
+    net = method.eval_backbone
     bank = extract_features(net, data.bank.images, method.eval_recipe, config.eval.batch_size, autocast)
     queries = extract_features(net, data.test.images, method.eval_recipe, config.eval.batch_size, autocast)
     acc = knn_accuracy(bank, data.bank.labels, queries, data.test.labels, config.eval.knn_k, config.eval.knn_temperature)
@@ -167,6 +168,7 @@ class Trainer:
             "metrics_lines": self.metrics_lines(),
             "torch_rng": torch.get_rng_state(),
             "world_size": world_size(),
+            "data_info": dataclasses.asdict(method.data_info),
         }
         checkpoint.save_atomic(state, self.ckpt_path)
 

@@ -1,0 +1,346 @@
+"""``kinship eval``: the papers' evaluation protocols on one checkpoint, sharing one feature extraction.
+
+Features of the frozen evaluation backbone (BN in eval mode, centre view, no augmentation) are
+extracted once for the train and test splits and cached under ``<out>/eval_cache/``, keyed by the
+checkpoint file's SHA-256, the data settings and the evaluation view; every protocol reads them.
+The protocols that train on images (SGD linear probe, fine-tuning) use the decoded uint8 images on
+the device. ``run_all`` writes ``report.json``, ``report.md`` and the PNGs into the output folder.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import hashlib
+import json
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from kinship.blocks.kmeans import assign, kmeans
+from kinship.blocks.knn import knn_accuracy
+from kinship.config import ConfigError, RunConfig, apply_overrides, build_config, to_dict
+from kinship.data import DataError, labeled_subset
+from kinship.data.subsets import save_indices
+from kinship.eval import plots
+from kinship.eval.features import extract_features
+from kinship.eval.finetune import Classifier, classifier_accuracy, random_head, train_classifier, train_recipe
+from kinship.eval.linear import Standardizer, linear_probe
+from kinship.eval.metrics import class_cosines, clustering_scores, neighbour_purity
+from kinship.methods import DataInfo, Method
+from kinship.runtime import environment, resolve_device, tune_cpu_allocator
+from kinship.train import checkpoint
+from kinship.train.checkpoint import CheckpointError
+from kinship.train.trainer import RunData, build_method, load_run_data
+
+PROTOCOLS = ("knn", "linear", "finetune", "clustering", "purity", "tsne", "curves")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's dict, or a CheckpointError that says what the file is instead."""
+    try:
+        state = checkpoint.load(path)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(state, dict) or "config" not in state or "method" not in state:
+        raise CheckpointError(
+            f"{path} is not a kinship pre-training checkpoint (it has no 'config' and 'method' entries); "
+            "`kinship eval` and `kinship export` take the last.pt of a `kinship pretrain` run folder"
+        )
+    return state
+
+
+def load_pretrained(path: Path, state: dict, config: RunConfig, info: DataInfo, device: torch.device) -> Method:
+    """The method of ``config`` with the checkpoint's weights, in eval mode, or a CheckpointError naming the mismatch."""
+    if "data_info" in state:  # the shapes of the method's state follow the data it was trained on
+        info = DataInfo(**state["data_info"])
+    try:
+        method = build_method(config, info)
+        method.load_state_dict(state["method"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        trained = state["config"].get("model", {})
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model of this config: it was trained with method "
+            f"'{state['config']['method']['name']}', backbone {trained.get('backbone')} (width {trained.get('width')}, "
+            f"cifar_stem {trained.get('cifar_stem')}); this config asks for method '{config.method.name}', backbone "
+            f"{config.model.backbone} (width {config.model.width}, cifar_stem {config.model.cifar_stem}). "
+            + " ".join(line.strip() for line in str(exc).splitlines()[:2])
+        ) from exc
+    return method.to(device).eval()
+
+
+def check_labels(data: RunData) -> None:
+    """Evaluation needs a labeled test split whose classes the train split has."""
+    train_labels, test_labels = data.bank.labels, data.test.labels
+    if (train_labels < 0).any() or (test_labels < 0).any():
+        raise DataError("evaluation needs labels on every train and test image; this dataset has unlabeled images")
+    missing = sorted(set(test_labels.unique().tolist()) - set(train_labels.unique().tolist()))
+    if missing:
+        raise DataError(f"the test split has labels {missing[:10]} that the train split lacks: the label sets do not match")
+    if data.test.classes and data.bank.classes and list(data.test.classes) != list(data.bank.classes):
+        raise DataError(f"the train and test splits name different classes: {data.bank.classes[:5]}... vs {data.test.classes[:5]}...")
+
+
+@dataclass
+class Features:
+    train: torch.Tensor  # (N_train, D): the k-NN bank (the train split or its eval.knn_train_limit subset)
+    test: torch.Tensor  # (N_test, D)
+    head_test: torch.Tensor | None  # (N_test,) argmax of the method's cluster head, if it has one
+    seconds: float
+    cached: bool
+
+
+class Evaluation:
+    """One checkpoint, its data and its cached features; one method per protocol."""
+
+    def __init__(
+        self,
+        checkpoint_path: str | Path,
+        out_dir: str | Path | None = None,
+        overrides: list[str] = (),
+        progress: bool = True,
+        log: Callable[[str], Any] = print,
+    ) -> None:
+        tune_cpu_allocator()
+        self.path = Path(checkpoint_path)
+        state = read_checkpoint(self.path)
+        self.config = build_config(apply_overrides(state["config"], list(overrides)))
+        unknown = sorted(set(self.config.eval.protocols) - set(PROTOCOLS))
+        if unknown:
+            raise ConfigError(f"eval.protocols: unknown {unknown}; choose from {', '.join(PROTOCOLS)}")
+        self.out_dir = Path(out_dir) if out_dir is not None else self.path.parent
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.progress, self.log = progress, log
+        self.device = resolve_device(self.config.train.device)
+        precision = self.config.train.precision
+        self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.data = load_run_data(self.config, self.device, None)
+        check_labels(self.data)
+        self.method = load_pretrained(self.path, state, self.config, self.data.info, self.device)
+        self.backbone, self.recipe = self.method.eval_backbone, self.method.eval_recipe
+        self.sha256 = file_sha256(self.path)
+        self.num_classes = int(max(self.data.bank.labels.max(), self.data.test.labels.max())) + 1
+        self._features: Features | None = None
+
+    # -- features ----------------------------------------------------------------------------
+    def cache_path(self) -> Path:
+        key = {"checkpoint": self.sha256, "data": to_dict(self.config.data), "bank": self.config.eval.knn_train_limit,
+               "recipe": to_dict(self.recipe), "autocast": self.autocast}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return self.out_dir / "eval_cache" / f"features-{digest}.pt"
+
+    def features(self) -> Features:
+        if self._features is not None:
+            return self._features
+        path, tick = self.cache_path(), time.time()
+        if path.is_file():
+            saved = torch.load(path, map_location=self.device, weights_only=True)
+            self._features = Features(saved["train"], saved["test"], saved.get("head_test"), time.time() - tick, True)
+            self.log(f"features: cached {path} ({len(saved['train'])} train, {len(saved['test'])} test)")
+            return self._features
+        extract = dict(batch_size=self.config.eval.batch_size, autocast=self.autocast, progress=self.progress)
+        train = extract_features(self.backbone, self.data.bank.images, self.recipe, desc="features: train", **extract)
+        test = extract_features(self.backbone, self.data.test.images, self.recipe, desc="features: test", **extract)
+        with torch.no_grad():
+            scores = self.method.cluster_scores(test)
+        head_test = None if scores is None else scores.argmax(1)
+        saved = {"train": train, "test": test}
+        if head_test is not None:
+            saved["head_test"] = head_test
+        checkpoint.save_atomic(saved, path)
+        self._features = Features(train, test, head_test, time.time() - tick, False)
+        self.log(f"features: {len(train)} train and {len(test)} test images in {self._features.seconds:.1f} s, cached at {path}")
+        return self._features
+
+    # -- protocols ---------------------------------------------------------------------------
+    def knn(self) -> dict:
+        f, ev = self.features(), self.config.eval
+        y_train, y_test = self.data.bank.labels, self.data.test.labels
+        weighted = []
+        for k, temperature in ev.knn_protocols:
+            acc = knn_accuracy(f.train, y_train, f.test, y_test, k, temperature)
+            weighted.append({"k": k, "T": temperature, "top1": acc[1], "top5": acc[5]})
+        plain = [{"k": k, "top1": knn_accuracy(f.train, y_train, f.test, y_test, k, None)[1]} for k in ev.knn_plain_k]
+        return {"weighted": weighted, "plain": plain, "bank": len(f.train), "queries": len(f.test)}
+
+    def linear(self) -> dict:
+        lc, f = self.config.eval.linear, self.features()
+        y_train, y_test = self.data.bank.labels, self.data.test.labels
+        if lc.mode == "lbfgs":
+            result, _, _ = linear_probe(f.train, y_train, f.test, y_test, self.num_classes, tuple(lc.l2_grid),
+                                       lc.val_fraction, self.config.train.seed, lc.max_iter, self.progress)
+            return {"mode": "lbfgs", **result}
+        # SGD on augmented images through the frozen backbone (the ImageNet-scale protocol)
+        head = random_head(f.train.shape[1], self.num_classes, self.device)
+        model = Classifier(copy.deepcopy(self.backbone), Standardizer.fit(f.train), head, train_backbone=False)
+        losses = train_classifier(
+            model, self.data.bank.images, y_train, train_recipe(self.recipe, lc.crop_scale), lc.epochs, lc.batch_size,
+            0.0, lc.lr, 0.9, lc.weight_decay, lc.milestones, self.config.train.seed, self.autocast, self.progress, "linear probe (sgd)",
+        )
+        acc = classifier_accuracy(model, self.data.test.images, y_test, self.recipe, self.config.eval.batch_size, self.autocast)
+        return {"mode": "sgd", "top1": acc[1], "top5": acc[5], "epochs": lc.epochs, "final_loss": losses[-1]}
+
+    def finetune(self) -> dict:
+        fc = self.config.eval.finetune
+        if self.data.train is None:
+            raise DataError("semi-supervised fine-tuning needs the train split in memory; it is off with data.streaming")
+        images, labels = self.data.train.images, self.data.train.labels
+        settings = [("fraction", v) for v in fc.fractions] + [("per_class", v) for v in fc.per_class]
+        rows = []
+        for kind, value in settings:
+            tick = time.time()
+            tag = f"{100 * value:g}pct" if kind == "fraction" else f"{value}perclass"
+            subset = labeled_subset(labels, value if kind == "per_class" else 0, value if kind == "fraction" else 0.0, fc.seed)
+            save_indices(subset, self.out_dir / f"finetune_{tag}_indices.json")
+            sub = subset.to(self.device)
+            sub_images, sub_labels = images[sub], labels[sub]
+            feats = extract_features(self.backbone, sub_images, self.recipe, self.config.eval.batch_size, self.autocast)
+            test_feats = self.features().test
+            probe, head, standardize = linear_probe(feats, sub_labels, test_feats, self.data.test.labels, self.num_classes,
+                                                    tuple(self.config.eval.linear.l2_grid), self.config.eval.linear.val_fraction,
+                                                    fc.seed, self.config.eval.linear.max_iter)
+            if fc.head_init == "random":
+                head = random_head(feats.shape[1], self.num_classes, self.device)
+            model = Classifier(copy.deepcopy(self.backbone), standardize, copy.deepcopy(head).requires_grad_(True), train_backbone=True)
+            losses = train_classifier(
+                model, sub_images, sub_labels, train_recipe(self.recipe, fc.crop_scale), fc.epochs, fc.batch_size,
+                fc.lr_backbone, fc.lr_head, fc.momentum, fc.weight_decay, None, fc.seed, self.autocast, self.progress,
+                f"fine-tune {tag}",
+            )
+            acc = classifier_accuracy(model, self.data.test.images, self.data.test.labels, self.recipe,
+                                      self.config.eval.batch_size, self.autocast)
+            rows.append({"labels": tag, "images": len(subset), "frozen_probe_top1": probe["top1"], "frozen_probe_top5": probe["top5"],
+                         "top1": acc[1], "top5": acc[5], "final_loss": losses[-1], "seconds": time.time() - tick})
+            self.log(f"fine-tune {tag} ({len(subset)} images): top-1 {acc[1]:.2f}% (frozen probe {probe['top1']:.2f}%)")
+        return {"settings": rows, "epochs": fc.epochs, "head_init": fc.head_init}
+
+    def clustering(self) -> dict:
+        """k-means fitted on train features, applied to the test split (SCAN protocol); and the method's head."""
+        f, ev = self.features(), self.config.eval
+        k = ev.clustering_k or self.num_classes
+        fit = kmeans(f.train, k, restarts=ev.clustering_restarts, seed=self.config.train.seed, spherical=True)
+        predicted, _ = assign(torch.nn.functional.normalize(f.test.float(), dim=1), fit.centroids)
+        y = self.data.test.labels.cpu()
+        rows = [{"clustering": "k-means (spherical, fit on train)", "k": k, **clustering_scores(y, predicted.cpu())}]
+        if f.head_test is not None:
+            rows.append({"clustering": "method head argmax", "k": int(f.head_test.max()) + 1, **clustering_scores(y, f.head_test.cpu())})
+        return {"rows": rows, "restarts": ev.clustering_restarts}
+
+    def purity(self) -> dict:
+        f = self.features()
+        purity = neighbour_purity(f.test, self.data.test.labels, f.train, self.data.bank.labels, tuple(self.config.eval.purity_k))
+        return {"purity": {str(k): v for k, v in purity.items()}, **class_cosines(f.test, self.data.test.labels)}
+
+    def tsne(self) -> dict:
+        f = self.features()
+        pick = plots.stratified_sample(self.data.test.labels, self.config.eval.tsne_points, self.config.train.seed)
+        title = f"t-SNE of {len(pick)} test features: {self.config.method.name}, {self.config.model.backbone}"
+        return plots.tsne_png(f.test[pick.to(self.device)], self.data.test.labels[pick.to(self.device)],
+                              list(self.data.test.classes), self.out_dir / "tsne.png", title, self.config.train.seed)
+
+    def curves(self) -> dict:
+        metrics = self.path.parent / "metrics.jsonl"
+        if not metrics.is_file():
+            return {"skipped": f"no metrics.jsonl beside {self.path}"}
+        return plots.curves_png(metrics, self.out_dir / "curves.png", f"{self.config.method.name}: training curves")
+
+    # -- running -----------------------------------------------------------------------------
+    def run(self, protocol: str) -> dict:
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol '{protocol}'; choose from {', '.join(PROTOCOLS)} or all")
+        needs_features = protocol not in ("curves",)
+        if needs_features:
+            self.features()
+        tick = time.time()
+        result = getattr(self, protocol)()
+        result["seconds"] = time.time() - tick
+        return result
+
+    def header(self) -> dict:
+        f = self._features
+        return {
+            "checkpoint": str(self.path), "sha256": self.sha256,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"CPU ({environment()['cores']} cores)",
+            "method": self.config.method.name, "backbone": self.config.model.backbone, "width": self.config.model.width,
+            "data": {"name": self.config.data.name, "path": self.config.data.path, "train": len(self.data.bank.labels),
+                     "test": len(self.data.test.labels), "classes": self.num_classes},
+            "features": None if f is None else {"dim": f.train.shape[1], "seconds": f.seconds, "cached": f.cached},
+            "environment": environment(),
+        }
+
+    def run_all(self, protocols: list[str] | None = None) -> dict:
+        results = {}
+        for protocol in protocols or self.config.eval.protocols:
+            self.log(f"eval {protocol} ...")
+            results[protocol] = self.run(protocol)
+            self.log(f"eval {protocol}: {results[protocol]['seconds']:.1f} s")
+        report = {**self.header(), "protocols": results}
+        (self.out_dir / "report.json").write_text(json.dumps(report, indent=2))
+        (self.out_dir / "report.md").write_text(markdown_report(report))
+        return report
+
+
+def markdown_report(report: dict) -> str:
+    """The report as Markdown: one table per protocol, the pictures, and the time each took."""
+    p, d = report["protocols"], report["data"]
+    env = report["environment"]
+    lines = [
+        f"# Evaluation of `{report['checkpoint']}`", "",
+        f"Method **{report['method']}**, backbone {report['backbone']}"
+        + (f" (width {report['width']})" if report["backbone"] == "convnet" else "")
+        + f"; data {d['name']} ({d['train']:,} train / {d['test']:,} test images, {d['classes']} classes).",
+        f"Checkpoint SHA-256 `{report['sha256'][:16]}`; {report['date']}; {report['device']}, "
+        f"torch {env.get('torch')}, {env.get('threads', '?')} threads.", "",
+    ]
+    if "knn" in p:
+        lines += ["## k-NN (cosine, frozen backbone, train split as the bank)", "", "| vote | k | T | top-1 | top-5 |", "|---|---|---|---|---|"]
+        lines += [f"| weighted | {r['k']} | {r['T']} | {r['top1']:.2f} | {r['top5']:.2f} |" for r in p["knn"]["weighted"]]
+        lines += [f"| majority | {r['k']} | - | {r['top1']:.2f} | - |" for r in p["knn"]["plain"]]
+        lines.append("")
+    if "linear" in p:
+        r = p["linear"]
+        how = ("full-batch L-BFGS logistic regression on cached, l2-normalised and standardised features, "
+               f"l2 = {r['l2']:g} chosen on 10% of train" if r["mode"] == "lbfgs" else f"SGD on augmented images, {r['epochs']} epochs")
+        lines += ["## Linear probe", "", f"{how}.", "", "| top-1 | top-5 |", "|---|---|", f"| {r['top1']:.2f} | {r['top5']:.2f} |", ""]
+    if "finetune" in p:
+        r = p["finetune"]
+        lines += ["## Semi-supervised fine-tuning (whole network)", "",
+                  f"{r['epochs']} epochs, classifier initialised from: {r['head_init']}.", "",
+                  "| labels | images | frozen probe top-1 | fine-tuned top-1 | fine-tuned top-5 |", "|---|---|---|---|---|"]
+        lines += [f"| {s['labels']} | {s['images']:,} | {s['frozen_probe_top1']:.2f} | {s['top1']:.2f} | {s['top5']:.2f} |" for s in r["settings"]]
+        lines.append("")
+    if "clustering" in p:
+        lines += ["## Clustering of the test split", "", "| clustering | K | ACC | NMI | ARI |", "|---|---|---|---|---|"]
+        lines += [f"| {r['clustering']} | {r['k']} | {r['acc']:.2f} | {r['nmi']:.2f} | {r['ari']:.2f} |" for r in p["clustering"]["rows"]]
+        lines.append("")
+    if "purity" in p:
+        r = p["purity"]
+        ks = list(r["purity"])
+        lines += ["## Neighbour purity (test queries, train bank)", "", "| k | " + " | ".join(ks) + " |",
+                  "|---" * (len(ks) + 1) + "|", "| purity (%) | " + " | ".join(f"{r['purity'][k]:.2f}" for k in ks) + " |", "",
+                  f"Mean cosine similarity of test pairs: same class {r['intra_class_cosine']:.4f}, "
+                  f"different classes {r['inter_class_cosine']:.4f}.", ""]
+    if "tsne" in p:
+        lines += ["## t-SNE of test features", "", f"![t-SNE]({p['tsne']['png']})", ""]
+    if "curves" in p and "png" in p["curves"]:
+        lines += ["## Training curves", "", f"![training curves]({p['curves']['png']})", ""]
+    feats = report.get("features")
+    lines += ["## Time per protocol", "", "| step | seconds |", "|---|---|"]
+    if feats:
+        lines.append(f"| feature extraction{' (cache hit)' if feats['cached'] else ''} | {feats['seconds']:.1f} |")
+    lines += [f"| {name} | {r['seconds']:.1f} |" for name, r in p.items()]
+    return "\n".join(lines) + "\n"
