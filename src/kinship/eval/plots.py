@@ -72,11 +72,15 @@ def curves_png(metrics_path: Path, path: Path, title: str) -> dict:
         ax_lr = ax_loss.twinx()
         ax_lr.plot([r["step"] for r in steps], [r["lr"] for r in steps], lw=0.8, color="tab:gray", ls="--")
         ax_lr.set_ylabel("learning rate", color="tab:gray")
-    if knn:
-        ax_knn.plot([r["epoch"] for r in knn], [r["knn_top1"] for r in knn], marker="o", label="model")
+    points = ([(0, base["knn_random_init_top1"])] if base else []) + [(r["epoch"], r["knn_top1"]) for r in knn]
+    if points:  # the network at epoch 0 is the random-init baseline
+        # with only the first and last evaluation, a dotted line: nothing was measured in between
+        ax_knn.plot(*zip(*points), marker="o", ls="-" if len(points) > 2 else ":", label="model")
+        ax_knn.set_xlim(-0.3, max(1, max(e for e, _ in points)) + 0.3)
     if base:
         ax_knn.axhline(base["knn_pixel_top1"], color="tab:red", ls=":", label="raw pixels")
         ax_knn.axhline(base["knn_random_init_top1"], color="tab:gray", ls="--", label="random init")
+    ax_knn.xaxis.get_major_locator().set_params(integer=True)
     ax_knn.set_xlabel("epoch")
     ax_knn.set_ylabel("k-NN top-1 (%)")
     ax_knn.legend(fontsize=8)
