@@ -11,6 +11,7 @@ from torch import nn
 from kinship.config import build_config
 from kinship.data import Batch
 from kinship.methods import DataInfo, StepInfo
+from kinship.methods.cmsf import CMSF
 from kinship.methods.mocov2 import MoCoV2
 from kinship.train.trainer import no_buffer_sync
 
@@ -94,3 +95,75 @@ def test_ddp_gradients_equal_single_process(two_process_result):
         for step_grads, step_expected in zip(two_process_result[rank]["grads"], expected):
             for g, e in zip(step_grads, step_expected):
                 assert torch.allclose(g, e, atol=1e-10)
+
+
+def make_cmsf(constraint: str):
+    torch.manual_seed(0)
+    values = {"name": "cmsf", "constraint": constraint, "bank_size": 32, "hidden": 24, "dim": DIM, "topk": 3, "topk_constraint": 4}
+    method = CMSF(build_config({"method": values}).method, FlatLinear(), DataInfo(64, 10, 4)).double()
+    return method.eval()  # BN on running statistics: per-sample targets independent of the batch split
+
+
+def run_cmsf_steps(model: nn.Module, index: torch.Tensor, labels: torch.Tensor, views, steps: int = 3):
+    losses = []
+    for s in range(steps):  # the same images every step: from the second step on, the cache is read
+        loss, _ = model([v + 0.1 * s for v in views], Batch(index, torch.empty(0), labels), StepInfo(0, s, steps, torch.Generator(), s))
+        loss.backward()
+        losses.append(loss.item())
+    return losses
+
+
+def cmsf_state(method: CMSF) -> dict:
+    state = {"bank": method.bank.rows.clone(), "bank_index": method.bank.column("index").clone(),
+             "bank_label": method.bank.column("label").clone(), "ptr": method.bank.ptr.item()}
+    if method.config.constraint == "self":
+        state.update(previous=method.previous_bank.rows.clone(), cache=method.cache.rows.clone(), cache_valid=method.cache.valid.clone())
+    return state
+
+
+def cmsf_inputs():
+    g = torch.Generator().manual_seed(2)
+    return torch.arange(10, 10 + BATCH), torch.randint(0, 3, (BATCH,), generator=g)
+
+
+def _cmsf_worker(rank: int, port: int, out: dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    result = {}
+    half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+    index, labels = cmsf_inputs()
+    for constraint in ("self", "supervised"):
+        method = make_cmsf(constraint)
+        ddp = nn.parallel.DistributedDataParallel(method, **no_buffer_sync())
+        losses = run_cmsf_steps(ddp, index[half], labels[half], [v[half] for v in inputs()])
+        result[constraint] = {"losses": losses, **cmsf_state(method)}
+    out[rank] = result
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_process_cmsf():
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_cmsf_worker, args=(free_port(), out), nprocs=2, join=True)
+    return dict(out)
+
+
+@pytest.mark.parametrize("constraint", ["self", "supervised"])
+def test_cmsf_bank_and_cache_equal_single_process(two_process_cmsf, constraint):
+    single = make_cmsf(constraint)
+    index, labels = cmsf_inputs()
+    expected_losses = run_cmsf_steps(single, index, labels, inputs())
+    expected = cmsf_state(single)
+    for rank in (0, 1):
+        got = two_process_cmsf[rank][constraint]
+        for key, value in expected.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.allclose(got[key], value, atol=1e-12), key
+            else:
+                assert got[key] == value, key
+    # each process's loss is its half's mean; their average is the single-process loss
+    for step, loss in enumerate(expected_losses):
+        mean = (two_process_cmsf[0][constraint]["losses"][step] + two_process_cmsf[1][constraint]["losses"][step]) / 2
+        assert abs(mean - loss) < 1e-10

@@ -14,12 +14,19 @@ def losses(path):
     return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
 
 
-@pytest.mark.parametrize("method", ["mocov2", "byol"])
+CMSF_TINY = {"name": "cmsf", "bank_size": 128, "hidden": 32, "dim": 16, "weak": {"crop_size": 16}, "strong": {"crop_size": 16}}
+
+
+@pytest.mark.parametrize("method", ["mocov2", "byol", "cmsf-self", "cmsf-semi"])
 def test_resume_continues_exactly(tmp_path, method):
     values = tiny_run_config(**{"method.name": method})
     if method == "byol":
         values["method"] = {"name": "byol", "projector_hidden": 32, "predictor_hidden": 32, "projector_dim": 16,
                             "view1": {"crop_size": 16}, "view2": {"crop_size": 16}}
+    if method.startswith("cmsf"):  # bank, previous bank, per-image caches and the pseudo-label classifier
+        values["method"] = {**CMSF_TINY, "constraint": method.split("-")[1]}
+        if method == "cmsf-semi":
+            values["data"]["labeled_per_class"] = 16
     straight = Trainer(build_config(values), tmp_path / "a", log=lambda *_: None).fit()
     values["train"]["stop_after_epochs"] = 1
     Trainer(build_config(values), tmp_path / "b", log=lambda *_: None).fit()

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from kinship.config import build_config
+from kinship.config import apply_overrides, build_config
 from kinship.data import BatchPlan, ImageSet, TensorLoader
 from kinship.methods import DataInfo, StepInfo
 from kinship.runtime import environment, resolve_device, tune_cpu_allocator
@@ -16,13 +16,15 @@ from kinship.train.trainer import build_method
 
 
 def bench(method: str, device: str, backbone: str, batch: int, steps: int, compute_only: bool,
-          compile: bool = False, precision: str = "auto", warmup: int = 3, width: int = 32) -> dict:
+          compile: bool = False, precision: str = "auto", warmup: int = 3, width: int = 32,
+          overrides: list[str] = ()) -> dict:
     tune_cpu_allocator()
     dev = resolve_device(device)
-    config = build_config({"method": {"name": method}, "model": {"backbone": backbone, "width": width},
-                           "train": {"batch_size": batch, "compile": compile}})
+    values = {"method": {"name": method}, "model": {"backbone": backbone, "width": width},
+              "train": {"batch_size": batch, "compile": compile}}
+    config = build_config(apply_overrides(values, list(overrides)))
     g = torch.Generator().manual_seed(0)
-    n = batch * 4
+    n = max(batch * 4, 16384)  # more images than a memory bank holds
     data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                     torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)]).to(dev)
     model = build_method(config, DataInfo(n, 10, 32)).to(dev).to(memory_format=torch.channels_last)
@@ -36,7 +38,7 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
 
     def one_step(i: int) -> None:
         nonlocal batches, fixed
-        info = StepInfo(0, i, warmup + steps, generator, i)
+        info = StepInfo(0, i, warmup + steps, generator, i, n // batch)
         if compute_only and fixed is not None:
             b, views = fixed
         else:
@@ -69,7 +71,7 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
         sync()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return {"method": method, "backbone": backbone, "device": dev.type, "batch": batch,
+    return {"method": method, "overrides": list(overrides), "backbone": backbone, "device": dev.type, "batch": batch,
             "mode": "compute_only" if compute_only else "pipeline", "img_per_s": round(batch / median, 1),
             "img_per_s_mean": round(batch * steps / sum(times), 1), "steps": steps, "compile": compile,
             "autocast_bf16": autocast, "env": environment()}

@@ -105,7 +105,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kinship.bench import bench
 
     result = bench(args.method, args.device, args.backbone, args.batch, args.steps, args.compute_only,
-                   compile=args.compile, precision=args.precision, width=args.width)
+                   compile=args.compile, precision=args.precision, width=args.width, overrides=args.set)
     print(json.dumps(result))
     return 0
 
@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--compute-only", action="store_true", help="fixed augmented views: model step only")
     b.add_argument("--compile", action="store_true")
     b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. method.symmetric=false")
     b.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)

@@ -33,6 +33,7 @@ class DataConfig:
     test_limit: int = 0  # >0: a seeded random subset of the test split
     labeled_per_class: int = 0  # >0: labeled subset with N images per class
     labeled_fraction: float = 0.0  # >0: labeled subset with this fraction of each class
+    label_noise: float = 0.0  # >0: this fraction of the training labels changed to another class (seeded)
     decode_threads: int = 0  # 0: all cores
     streaming: bool = False  # ImageFolder too big for memory: decode per batch in DataLoader workers
     workers: int = 4  # streaming only
@@ -293,6 +294,7 @@ def validate(config: RunConfig) -> None:
         (all(k >= 1 and t > 0 for k, t in config.eval.knn_protocols), "eval.knn_protocols: each entry is [k >= 1, T > 0]"),
         (config.eval.clustering_k >= 0 and config.eval.clustering_restarts >= 1, "eval.clustering_k must be >= 0 and eval.clustering_restarts >= 1"),
         (0.0 <= config.data.labeled_fraction <= 1.0, "data.labeled_fraction must be in [0, 1]"),
+        (0.0 <= config.data.label_noise < 1.0, "data.label_noise must be in [0, 1)"),
     ]
     for ok, message in checks:
         if not ok:

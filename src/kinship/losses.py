@@ -24,3 +24,14 @@ def info_nce_with_queue(
     negative = query @ negatives.T
     logits = torch.cat([positive, negative], dim=1) / temperature
     return F.cross_entropy(logits.float(), torch.zeros(query.shape[0], dtype=torch.long, device=query.device))
+
+
+def mean_shift_loss(prediction: torch.Tensor, neighbour_mean: torch.Tensor) -> torch.Tensor:
+    """MSF/CMSF Eq. (1), per query: the mean over its selected neighbours z of ||v - z||^2.
+
+    prediction (B, D) l2-normalised online prediction v; neighbour_mean (B, D) the mean of the unit
+    target embeddings in S_i (not unit). For unit vectors the mean of squared distances equals
+    2 - 2 <v, mean z>, so the loss pulls v toward the neighbours' mean. Returns (B,) in [0, 4].
+    Pass fp32 (or fp64) tensors: the caller keeps the loss out of bf16.
+    """
+    return 2 - 2 * (prediction * neighbour_mean.detach()).sum(dim=1)

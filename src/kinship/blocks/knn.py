@@ -25,6 +25,20 @@ def topk_neighbors(
 
 
 @torch.no_grad()
+def masked_topk(similarities: torch.Tensor, allowed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k most similar columns among the allowed ones, per row.
+
+    similarities (B, M) cosine values in [-1, 1]; allowed (B, M) float 1/0 -> indices (B, k') and a
+    float 1/0 ``selected`` (B, k'), k' = min(k, M): rows with fewer than k allowed columns select
+    only those. A float mask, not ``masked_fill``: boolean indexing is slow on CPU builds.
+    """
+    dtype = torch.promote_types(similarities.dtype, torch.float32)
+    scores = similarities.to(dtype) - (1.0 - allowed.to(dtype)) * 1e4
+    top = scores.topk(min(k, scores.shape[1]), dim=1)
+    return top.indices, (top.values > -1e3).float()
+
+
+@torch.no_grad()
 def weighted_knn_scores(
     queries: torch.Tensor,
     bank: torch.Tensor,

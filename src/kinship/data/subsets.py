@@ -23,6 +23,18 @@ def labeled_subset(labels: torch.Tensor, per_class: int = 0, fraction: float = 0
     return torch.cat(chosen).sort().values
 
 
+def corrupt_labels(labels: torch.Tensor, rate: float, num_classes: int, seed: int = 0) -> torch.Tensor:
+    """Labels with exactly round(rate * n) of them changed, each to a class drawn uniformly from the
+    C - 1 others (CMSF's noisy-label experiment; seeded, done once before training)."""
+    g = torch.Generator().manual_seed(seed)
+    out = labels.clone()
+    known = (labels >= 0).nonzero().squeeze(1).cpu()
+    flip = known[torch.randperm(len(known), generator=g)[: round(rate * len(known))]].to(labels.device)
+    shift = torch.randint(1, num_classes, (len(flip),), generator=g).to(labels.device)
+    out[flip] = (labels[flip] + shift) % num_classes
+    return out
+
+
 def hide_unlabeled(labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Labels with -1 everywhere except at ``keep``."""
     out = torch.full_like(labels, -1)

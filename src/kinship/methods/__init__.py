@@ -1,8 +1,9 @@
 """Method registry: ``method.name`` in a config -> the method class (whose ``Config`` parses its section)."""
 from kinship.methods.base import DataInfo, Method, StepInfo
 from kinship.methods.byol import BYOL
+from kinship.methods.cmsf import CMSF, MSF
 from kinship.methods.mocov2 import MoCoV2
 
-METHODS: dict[str, type[Method]] = {"byol": BYOL, "mocov2": MoCoV2}
+METHODS: dict[str, type[Method]] = {"byol": BYOL, "mocov2": MoCoV2, "msf": MSF, "cmsf": CMSF}
 
 __all__ = ["METHODS", "DataInfo", "Method", "StepInfo"]

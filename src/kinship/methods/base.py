@@ -31,6 +31,7 @@ class StepInfo:
     total_steps: int
     generator: torch.Generator  # augmentation draws of this process at this step
     shared_seed: int  # identical on every process at this step (e.g. shuffle-BN permutation)
+    steps_per_epoch: int = 1
 
 
 class Method(nn.Module):

@@ -27,7 +27,7 @@ from kinship.data import (
     Batch, BatchPlan, DataError, ImageSet, StreamingLoader, TensorLoader, hide_unlabeled, labeled_subset, load_split,
 )
 from kinship.data.store import list_image_folder, read_image_files
-from kinship.data.subsets import save_indices
+from kinship.data.subsets import corrupt_labels, save_indices
 from kinship.eval.features import extract_features, pixel_features
 from kinship.methods import METHODS, DataInfo, Method, StepInfo
 from kinship.models.backbones import build_backbone
@@ -79,9 +79,12 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         train = load_split(dc, "train")
         files, gt, classes = None, train.labels.clone(), train.classes
     labels = gt
+    num_classes = max(len(classes), int(gt.max()) + 1)
+    if dc.label_noise > 0:  # the method trains on corrupted labels; k-NN and evaluation use the true ones
+        labels = corrupt_labels(gt, dc.label_noise, num_classes, config.train.seed)
     if dc.labeled_per_class or dc.labeled_fraction:
         labeled = labeled_subset(gt, dc.labeled_per_class, dc.labeled_fraction, config.train.seed)
-        labels = hide_unlabeled(gt, labeled)
+        labels = hide_unlabeled(labels, labeled)
         if out_dir is not None and rank() == 0:
             save_indices(labeled, out_dir / "labeled_indices.json")
     # k-NN bank: the whole train split, or a seeded subset (always a subset when streaming)
@@ -97,7 +100,6 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         bank_images = train.images if keep is None else train.images[keep.to(device)]
     bank = ImageSet(bank_images, (gt if keep is None else gt[keep]).to(device), classes)
     test = load_split(dc, "test")
-    num_classes = max(len(classes), int(gt.max()) + 1)
     info = DataInfo(size=len(gt), num_classes=num_classes, image_size=bank.images.shape[-1])
     return RunData(info, labels.to(device), bank, test.to(device), train, files)
 
@@ -233,7 +235,8 @@ class Trainer:
                 lr = learning_rate(pos.global_step, total_steps, warmup_steps, base_lr, config.optim.final_lr_ratio)
                 set_learning_rate(optimizer, lr)
                 generator.manual_seed((config.train.seed * 7919 + rank()) * 1_000_003 + pos.global_step)
-                info = StepInfo(pos.epoch, pos.global_step, total_steps, generator, config.train.seed * 1_000_003 + pos.global_step)
+                info = StepInfo(pos.epoch, pos.global_step, total_steps, generator, config.train.seed * 1_000_003 + pos.global_step,
+                                plan.steps_per_epoch)
                 loss, logs = self.train_step(method, step_fn, optimizer, batch, info)
                 method.after_step(info)
                 pos.global_step += 1

@@ -1,0 +1,258 @@
+"""MSF and CMSF: mean shift toward the nearest neighbours of the target in a memory bank.
+
+Mean Shift (MSF; Abbasi Koohpayegani et al., 2021) and Constrained Mean Shift (CMSF; Navaneet et
+al., 2022, seed 000). One step, after the paper's Sec. 2:
+
+    v = normalize(h(g(strong(x))))                    online prediction, with gradient
+    u = normalize(f(weak(x)))                         target (EMA of g), no gradient
+    M.enqueue(u of all processes)                     before the search: u_i is its own 1st neighbour
+    S_i = top-k of <u_i, M_j> over j in C_i           C_i = M gives MSF; k = 1 gives BYOL-asym
+    L = mean_i (1/|S_i|) sum_{z in S_i} ||v_i - z||^2  Eq. (1); the mean over the batch as the code (P1)
+
+The constraint C_i (``constraint``):
+    none        MSF.
+    self        the k' nearest slots to w_i in M', where w_i is the target embedding of image i from
+                its previous visit and M' holds, slot by slot, the previous-visit embedding of the image
+                stored in M (Sec. 2.1); L = (L_MSF + L_CMSF) / 2. Without a previous visit: C_i = M.
+    supervised  slots with the query's label (Sec. 2.2); ``top_all`` averages over all of C_i.
+    semi        slots whose label equals the query's label (labeled images) or its pseudo-label from a
+                2-layer MLP on u when max p >= tau (Sec. 2.3); other queries fall back to MSF. The MLP
+                is trained twice per epoch on the cached embeddings of the labeled images.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from kinship.augment.views import make_views
+from kinship.blocks.cache import SampleCache
+from kinship.blocks.ema import ema_update, make_target
+from kinship.blocks.knn import masked_topk
+from kinship.blocks.queue import FifoQueue
+from kinship.config import AugmentConfig, ConfigError, MethodConfig
+from kinship.data.loader import Batch
+from kinship.losses import mean_shift_loss
+from kinship.methods.base import DataInfo, Method, StepInfo
+from kinship.models.heads import mlp
+from kinship.runtime import all_gather_cat, is_distributed, rank
+
+CONSTRAINTS = ("none", "self", "supervised", "semi")
+
+
+@dataclass
+class CMSFConfig(MethodConfig):
+    name: str = "cmsf"
+    constraint: str = "self"  # none (= MSF) | self | supervised | semi
+    topk: int = 5  # k: self 5, supervised 10, semi 10 [PAPER Sec. 3]
+    topk_constraint: int = 5  # k' of the self constraint (Table 3: 5 best of 5..80)
+    top_all: bool = False  # supervised: S_i = C_i
+    bank_size: int = 8192  # |M|: ImageNet 128,000 [PAPER]; CIFAR 8,192 [PROP: < N, ~16% of the data]
+    momentum: float = 0.99  # constant [PAPER]
+    hidden: int = 0  # projector and predictor hidden width; 0: 2 x feature dim [CODE rule]
+    dim: int = 0  # embedding dim; 0: feature dim / 4 [CODE rule] (ResNet-50: 4096, 512)
+    confidence: float = 0.85  # tau of the semi-supervised pseudo-labels [PAPER]
+    classifier_rounds: int = 2  # semi: classifier trainings per epoch (middle and end) [PAPER]
+    classifier_passes: int = 10  # over the labeled cache, batch 256, SGD 0.01 / 0.9 / 1e-4 [CODE]
+    classifier_lr: float = 0.01
+    target_view: str = "weak"  # weak: weak -> target, strong -> online (MSF's best "w/s"); strong: s/s
+    # RRC(0.2, 1) for both [CODE]; strong: jitter (0.4, 0.4, 0.4, 0.1) p 0.8, gray 0.2. Blur p 0.5 on
+    # ImageNet, off at 32 px [PROP].
+    weak: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(crop_scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    )
+    strong: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(crop_scale=(0.2, 1.0), saturation=0.4, hue=0.1, blur_p=0.0)
+    )
+
+
+@dataclass
+class MSFConfig(CMSFConfig):
+    name: str = "msf"
+    constraint: str = "none"
+
+
+class CMSF(Method):
+    Config = CMSFConfig
+
+    def __init__(self, config: CMSFConfig, backbone: nn.Module, data: DataInfo) -> None:
+        super().__init__(config, backbone, data)
+        if config.constraint not in CONSTRAINTS:
+            raise ConfigError(f"method.constraint must be one of {', '.join(CONSTRAINTS)}, got '{config.constraint}'")
+        if config.target_view not in ("weak", "strong"):
+            raise ConfigError(f"method.target_view must be weak or strong, got '{config.target_view}'")
+        if data.size and config.bank_size >= data.size:
+            # one image would hold several slots; its copies all map to one cached w (spec "more traps")
+            raise ConfigError(f"method.bank_size {config.bank_size} must be smaller than the {data.size} training images")
+        feat = backbone.feature_dim
+        hidden, dim = config.hidden or 2 * feat, config.dim or max(feat // 4, 16)
+        self.projector = mlp(feat, hidden, dim)
+        self.predictor = mlp(dim, hidden, dim)
+        self.target = make_target(nn.Sequential(backbone, self.projector))
+        # bank M: target embeddings, the label used by the constraint (-1: none) and the dataset index
+        self.bank = FifoQueue(config.bank_size, dim, init="zeros", columns=("label", "index"))
+        if config.constraint == "self":
+            self.previous_bank = FifoQueue(config.bank_size, dim, init="zeros", columns=("valid",))  # M'
+            self.cache = SampleCache(data.size, dim)  # P: each image's latest target embedding
+        if config.constraint == "semi":
+            self.labeled = SampleCache(data.size, dim)  # u and label of every labeled image seen
+            self.classifier = mlp(dim, 2 * dim, data.num_classes)  # [PAPER: 2-layer MLP; CODE: dims]
+            self.classifier.requires_grad_(False).eval()  # trained in its own rounds, not by the main optimizer
+
+    @property
+    def eval_recipe(self) -> AugmentConfig:
+        return self.config.weak
+
+    def train(self, mode: bool = True) -> "CMSF":
+        super().train(mode)
+        if self.config.constraint == "semi":
+            self.classifier.eval()  # kept in eval mode during CMSF steps [PAPER]
+        return self
+
+    def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
+        target = self.config.weak if self.config.target_view == "weak" else self.config.strong
+        return make_views(batch.images, [target, self.config.strong], step.generator)
+
+    # -- the step ----------------------------------------------------------------------------
+    def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
+        target_view, online_view = views
+        cfg = self.config
+        dtype = self.bank.rows.dtype  # fp32 distances and loss, also under bf16 autocast
+        v = F.normalize(self.predictor(self.projector(self.backbone(online_view))).to(dtype), dim=1)
+        with torch.no_grad():
+            u = F.normalize(self.target(target_view).to(dtype), dim=1)
+            constraint_labels, confident = self.query_labels(u, batch.labels)
+            everyone = slice(rank() * len(u), (rank() + 1) * len(u))  # this process's rows after a gather
+            all_u, all_index = all_gather_cat(u), all_gather_cat(batch.index)
+            all_labels = all_gather_cat(constraint_labels)
+            if cfg.constraint == "self":
+                w, w_valid = self.cache.exchange(all_index, all_u)  # read the previous visit, then write
+                self.previous_bank.push_gathered(w, valid=w_valid)
+                w, w_valid = w[everyone], w_valid[everyone]
+            if cfg.constraint == "semi":
+                all_truth = all_gather_cat(batch.labels)
+                known = (all_truth >= 0).nonzero().squeeze(1)
+                self.labeled.exchange(all_index[known], all_u[known], all_truth[known])
+            self.bank.push_gathered(all_u, label=all_labels, index=all_index)  # before the search [PAPER]
+
+            valid = self.bank.valid().unsqueeze(0)  # (1, M)
+            similarity = u @ self.bank.rows.T  # (B, M) fp32: neighbours by the target u
+            if cfg.constraint == "self":
+                allowed = self.self_constraint(w, w_valid, valid)
+            elif cfg.constraint in ("supervised", "semi"):
+                same = (self.bank.column("label").unsqueeze(0) == constraint_labels.unsqueeze(1)).to(dtype) * valid
+                allowed = same if cfg.constraint == "supervised" else torch.lerp(valid, same, confident.unsqueeze(1))
+            else:
+                allowed = valid.expand_as(similarity)
+        if cfg.top_all:
+            mean = allowed @ self.bank.rows / allowed.sum(1, keepdim=True).clamp_min(1)
+            loss = mean_shift_loss(v, mean).mean()
+            logs = {"neighbours": allowed.sum(1).mean()}
+        else:
+            loss, purity = self.loss_over_topk(v, similarity, allowed, cfg.topk, constraint_labels)
+            logs = {"purity": purity}
+            if cfg.constraint == "self":  # equally weighted with plain MSF [PAPER Sec. 2.1; CODE 1/2]
+                msf_loss, msf_purity = self.loss_over_topk(v, similarity, valid.expand_as(similarity), cfg.topk, batch.labels)
+                loss = 0.5 * (loss + msf_loss)
+                logs["purity_msf"] = msf_purity
+        if cfg.constraint == "semi":
+            logs["confident"] = confident.mean()
+        return loss, logs
+
+    def loss_over_topk(
+        self, v: torch.Tensor, similarity: torch.Tensor, allowed: torch.Tensor, k: int, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        index, selected = masked_topk(similarity, allowed, k)
+        neighbours = self.bank.rows[index]  # (B, k, d)
+        mean = (neighbours * selected.unsqueeze(-1)).sum(1) / selected.sum(1, keepdim=True).clamp_min(1)
+        return mean_shift_loss(v, mean).mean(), self.purity_of(index, selected, labels)
+
+    def purity_of(self, index: torch.Tensor, selected: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Share of selected neighbours whose bank label equals the query's (both known): Fig. 4's purity."""
+        bank_labels = self.bank.column("label")[index]
+        known = selected * (bank_labels >= 0).float() * (labels >= 0).float().unsqueeze(1)
+        same = (bank_labels == labels.unsqueeze(1)).float() * known
+        return same.sum() / known.sum().clamp_min(1)
+
+    def self_constraint(self, w: torch.Tensor, w_valid: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """C_i: the k' slots of M' nearest to w_i (Sec. 2.1); all valid slots where w_i is missing.
+
+        Slots whose image had no previous visit rank after every other slot (distance +inf in the
+        spec) but stay eligible, so k' >= |M| gives C_i = M, i.e. MSF.
+        """
+        has_previous = (self.previous_bank.column("valid") > 0).to(w.dtype).unsqueeze(0)
+        similarity = (w @ self.previous_bank.rows.T) * has_previous - 3.0 * (1 - has_previous)
+        index, selected = masked_topk(similarity, valid.expand(len(w), -1), self.config.topk_constraint)
+        allowed = torch.zeros(len(w), self.bank.size, device=w.device, dtype=w.dtype).scatter_(1, index, selected.to(w.dtype))
+        return torch.lerp(valid.expand_as(allowed), allowed, w_valid.unsqueeze(1))
+
+    def query_labels(self, u: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The label each query's constraint uses (and that its bank slot stores), and 1/0 confidence.
+
+        none/self: the given labels, stored for the purity metric only. supervised: the given labels,
+        which must be known. semi: the label if known, else the classifier's pseudo-label when
+        max p >= tau (boundary included), else -1 ("no label").
+        """
+        constraint = self.config.constraint
+        if constraint == "supervised" and (labels < 0).any():
+            raise ValueError("constraint 'supervised' needs a label for every training image; use 'semi' for partial labels")
+        if constraint != "semi":
+            return labels, torch.ones(len(labels), device=u.device, dtype=u.dtype)
+        probs = self.classifier(u).to(u.dtype).softmax(dim=1)
+        confidence, guess = probs.max(dim=1)
+        known = (labels >= 0).to(u.dtype)
+        confident = torch.maximum(known, (confidence >= self.config.confidence).to(u.dtype))
+        pseudo = torch.where(labels >= 0, labels, guess)
+        return torch.where(confident > 0, pseudo, torch.full_like(pseudo, -1)), confident
+
+    # -- the pseudo-label classifier (semi) ----------------------------------------------------
+    def after_step(self, step: StepInfo) -> None:
+        ema_update(self.target, nn.Sequential(self.backbone, self.projector), self.config.momentum)
+        if self.config.constraint == "semi":
+            in_epoch = step.step - step.epoch * step.steps_per_epoch + 1
+            rounds = self.config.classifier_rounds
+            due = {math.ceil(step.steps_per_epoch * (r + 1) / rounds) for r in range(rounds)}
+            if in_epoch in due:
+                self.train_classifier(step.shared_seed)
+
+    @torch.enable_grad()
+    def train_classifier(self, seed: int) -> None:
+        """Warm-started SGD passes over the cached labeled embeddings (filled slots only) [CODE; PROP P8].
+
+        Every process holds the same cache and draws the same order; rank 0's weights are then
+        broadcast so that non-deterministic kernels cannot make the processes disagree.
+        """
+        filled = ((self.labeled.valid > 0) & (self.labeled.labels >= 0)).nonzero().squeeze(1)
+        if len(filled) >= 2:
+            x, y = self.labeled.rows[filled], self.labeled.labels[filled]
+            params = list(self.classifier.parameters())
+            for p in params:
+                p.requires_grad_(True)
+            optimizer = torch.optim.SGD(params, lr=self.config.classifier_lr, momentum=0.9, weight_decay=1e-4)
+            g = torch.Generator().manual_seed(seed)
+            self.classifier.train()
+            for _ in range(self.config.classifier_passes):
+                order = torch.randperm(len(x), generator=g).to(x.device)
+                for start in range(0, len(x), 256):
+                    batch = order[start : start + 256]
+                    if len(batch) < 2:
+                        continue
+                    loss = F.cross_entropy(self.classifier(x[batch]), y[batch])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+            self.classifier.eval()
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+        if is_distributed():
+            for tensor in list(self.classifier.parameters()) + list(self.classifier.buffers()):
+                dist.broadcast(tensor.data, src=0)
+
+
+class MSF(CMSF):
+    Config = MSFConfig

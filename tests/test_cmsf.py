@@ -1,0 +1,209 @@
+"""MSF and CMSF: the loss, the three constraints, the caches and the pseudo-labels (spec cmsf.md §4)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kinship.blocks.cache import SampleCache
+from kinship.blocks.knn import masked_topk
+from kinship.blocks.queue import FifoQueue
+from kinship.config import ConfigError, build_config
+from kinship.data import Batch
+from kinship.data.subsets import corrupt_labels
+from kinship.losses import byol_loss, mean_shift_loss
+from kinship.methods import DataInfo, StepInfo
+from kinship.methods import cmsf as cmsf_module
+from kinship.methods.cmsf import CMSF
+from kinship.models.backbones import ConvNet
+
+B, D, BANK = 6, 16, 40
+
+
+def unit(*shape, seed=0, dtype=torch.float64):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype), dim=-1)
+
+
+def test_mean_shift_identity_and_byol_case():
+    v, z = unit(B, D, seed=1), unit(B, 5, D, seed=2)
+    per_sample = mean_shift_loss(v, z.mean(1))
+    brute = ((v.unsqueeze(1) - z) ** 2).sum(-1).mean(1)  # Eq. (1): mean squared distance to S_i
+    assert torch.allclose(per_sample, brute, atol=1e-12)
+    assert ((per_sample >= 0) & (per_sample <= 4)).all()
+    u = unit(B, D, seed=3)
+    assert torch.allclose(mean_shift_loss(v, u).mean(), byol_loss(v, u), atol=1e-12)  # k = 1 is BYOL
+
+
+def test_masked_topk_selects_only_allowed_and_fewer_when_short():
+    sims = torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.1, 0.2, 0.3, 0.4]])
+    allowed = torch.tensor([[0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
+    index, selected = masked_topk(sims, allowed, 3)
+    assert index[0, :2].tolist() == [1, 3] and selected[0].tolist() == [1, 1, 0]
+    assert index[1, 0].item() == 2 and selected[1].tolist() == [1, 0, 0]
+
+
+def test_queue_side_columns_and_sample_cache():
+    q = FifoQueue(5, 2, init="zeros", columns=("label",))
+    q.push_gathered(torch.ones(3, 2), label=torch.tensor([7, 8, 9]))
+    assert q.valid().tolist() == [1, 1, 1, 0, 0] and q.column("label").tolist() == [7, 8, 9, -1, -1]
+    q.push_gathered(2 * torch.ones(3, 2), label=torch.tensor([1, 2, 3]))  # wraps: the oldest slot goes first
+    assert q.column("label").tolist() == [3, 8, 9, 1, 2] and q.valid().sum() == 5
+    cache = SampleCache(10, 2)
+    old, valid = cache.exchange(torch.tensor([4, 2]), torch.tensor([[1.0, 0], [0, 1.0]]))
+    assert valid.tolist() == [0, 0]
+    old, valid = cache.exchange(torch.tensor([2]), torch.tensor([[5.0, 5.0]]))
+    assert valid.tolist() == [1] and old.tolist() == [[0, 1.0]]  # visit 2 reads visit 1
+
+
+def make(constraint, **extra):
+    torch.manual_seed(0)
+    values = {"name": "cmsf", "constraint": constraint, "bank_size": BANK, "hidden": 32, "dim": D, **extra}
+    config = build_config({"method": values})
+    return CMSF(config.method, ConvNet(8), DataInfo(200, 3, 16)).double()
+
+
+def step(method, index, labels, s=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.randn(len(index), 3, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+    return method(views, Batch(index, torch.empty(0), labels), StepInfo(0, s, 100, g, s, 10))
+
+
+def fill(method, steps=6, seed=0):
+    """A few steps over random images with labels in {0, 1, 2} to fill the bank."""
+    g = torch.Generator().manual_seed(seed)
+    for s in range(steps):
+        index = torch.randperm(200, generator=g)[:B]
+        step(method, index, index % 3, s, seed + s)
+
+
+def spy_topk(monkeypatch):
+    calls = []
+
+    def spy(similarity, allowed, k):
+        index, selected = masked_topk(similarity, allowed, k)
+        calls.append((similarity, allowed, index, selected))
+        return index, selected
+
+    monkeypatch.setattr(cmsf_module, "masked_topk", spy)
+    return calls
+
+
+def test_supervised_constraint_never_selects_another_label(monkeypatch):
+    method = make("supervised", topk=10)
+    fill(method)
+    calls = spy_topk(monkeypatch)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    step(method, torch.arange(100, 106), labels, 7, 99)
+    (_, _, index, selected), = calls
+    bank_labels = method.bank.column("label")[index]
+    assert ((bank_labels == labels.unsqueeze(1)) | (selected == 0)).all()
+    assert (selected.sum(1) >= 1).all()  # at least the query's own slot
+
+
+def test_own_target_is_the_first_neighbour(monkeypatch):
+    method = make("none")
+    fill(method)
+    calls = spy_topk(monkeypatch)
+    index = torch.arange(150, 150 + B)
+    step(method, index, index % 3, 7, 77)  # views unlike those of fill()
+    similarity, _, top, _ = calls[0]
+    own_slots = method.bank.column("index")[top[:, 0]]
+    assert torch.equal(own_slots, index)
+    assert torch.allclose(similarity.gather(1, top[:, :1]), torch.ones(B, 1, dtype=torch.float64), atol=1e-6)
+
+
+def test_self_constraint_equals_brute_force():
+    method = make("self", topk_constraint=4)
+    fill(method, steps=8)
+    w = unit(B, D, seed=9)
+    w_valid = torch.tensor([1.0, 1, 1, 1, 1, 0], dtype=torch.float64)
+    valid = method.bank.valid().unsqueeze(0)
+    allowed = method.self_constraint(w, w_valid, valid)
+    prev = method.previous_bank
+    usable = (valid[0] > 0) & (prev.column("valid") > 0)
+    assert usable.sum() >= 4  # enough slots with a previous visit that +inf slots are not needed
+    for i in range(B - 1):
+        dist = ((w[i] - prev.rows) ** 2).sum(1)
+        dist[~usable] = float("inf")
+        expected = set(dist.topk(4, largest=False).indices.tolist())
+        assert set(allowed[i].nonzero().squeeze(1).tolist()) == expected
+    assert torch.equal(allowed[B - 1], valid[0])  # no previous visit: the MSF fallback
+
+
+def test_self_constraint_with_large_k_prime_is_msf():
+    relaxed = make("self", topk_constraint=BANK)
+    plain = make("none")
+    for method in (relaxed, plain):
+        fill(method, steps=8)
+    index = torch.arange(0, B)
+    loss_relaxed, _ = step(relaxed, index, index % 3, 9, 33)
+    loss_plain, _ = step(plain, index, index % 3, 9, 33)
+    assert torch.allclose(loss_relaxed, loss_plain, atol=1e-10)
+
+
+def test_cmsf_with_k1_is_byol_asym():
+    method = make("supervised", topk=1)
+    fill(method)
+    g = torch.Generator().manual_seed(4)
+    views = [torch.randn(B, 3, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+    loss, _ = method(views, Batch(torch.arange(B), torch.empty(0), torch.zeros(B, dtype=torch.long)), StepInfo(0, 0, 1, g, 0, 1))
+    v = F.normalize(method.predictor(method.projector(method.backbone(views[1]))), dim=1)
+    u = F.normalize(method.target(views[0]), dim=1)
+    assert torch.allclose(loss, byol_loss(v, u), atol=1e-10)
+
+
+def test_pseudo_labels_below_threshold_are_not_used():
+    method = make("semi", confidence=0.85)
+    with torch.no_grad():  # a classifier whose output is its last bias, whatever u
+        method.classifier[-1].weight.zero_()
+        method.classifier[-1].bias.zero_()
+    u = unit(4, D, seed=1)
+    labels = torch.tensor([2, -1, -1, -1])
+    chosen, confident = method.query_labels(u, labels)
+    # uniform probabilities 1/3 < 0.85: only the labeled query is confident and keeps its label
+    assert chosen.tolist() == [2, -1, -1, -1] and confident.tolist() == [1, 0, 0, 0]
+    with torch.no_grad():
+        method.classifier[-1].bias.copy_(torch.tensor([2.5, 0.0, 0.0], dtype=torch.float64))
+    p = torch.tensor([2.5, 0.0, 0.0], dtype=torch.float64).softmax(0)[0].item()  # about 0.86
+    method.config.confidence = p  # exactly at the threshold counts as confident (boundary included)
+    chosen, confident = method.query_labels(u, labels)
+    assert chosen.tolist() == [2, 0, 0, 0] and confident.tolist() == [1, 1, 1, 1]
+    method.config.confidence = p + 1e-9
+    assert method.query_labels(u, labels)[0].tolist() == [2, -1, -1, -1]
+
+
+def test_semi_classifier_learns_the_labeled_cache():
+    method = make("semi")
+    centres = unit(3, D, seed=5)
+    labels = torch.arange(120) % 3
+    rows = F.normalize(centres[labels] + 0.05 * unit(120, D, seed=6), dim=1)
+    method.labeled.exchange(torch.arange(120), rows, labels)
+    method.train_classifier(seed=0)
+    accuracy = (method.classifier(rows).argmax(1) == labels).double().mean().item()
+    assert accuracy >= 0.95
+    assert not any(p.requires_grad for p in method.classifier.parameters())
+
+
+def test_semi_non_confident_queries_fall_back_to_msf(monkeypatch):
+    method = make("semi", confidence=1.01)  # tau > 1: CMSF_semi-basic, unlabeled queries are plain MSF
+    fill(method)
+    calls = spy_topk(monkeypatch)
+    labels = torch.tensor([1, -1, -1, -1, -1, -1])
+    step(method, torch.arange(100, 106), labels, 7, 33)
+    _, allowed, _, _ = calls[0]
+    valid = method.bank.valid()
+    assert all(torch.equal(allowed[i], valid) for i in range(1, B))
+    assert torch.equal(allowed[0], (method.bank.column("label") == 1).double() * valid)
+
+
+def test_bank_must_be_smaller_than_the_dataset():
+    config = build_config({"method": {"name": "msf", "bank_size": 500}})
+    with pytest.raises(ConfigError, match="bank_size 500 must be smaller than the 200"):
+        CMSF(config.method, ConvNet(8), DataInfo(200, 3, 16))
+
+
+def test_label_noise_changes_exactly_the_rate_to_other_classes():
+    labels = torch.arange(1000) % 10
+    noisy = corrupt_labels(labels, 0.25, 10, seed=0)
+    changed = noisy != labels
+    assert changed.sum().item() == 250
+    assert ((noisy >= 0) & (noisy < 10)).all()
+    assert torch.equal(corrupt_labels(labels, 0.25, 10, seed=0), noisy)
