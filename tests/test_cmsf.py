@@ -114,18 +114,31 @@ def test_self_constraint_equals_brute_force():
     method = make("self", topk_constraint=4)
     fill(method, steps=8)
     w = unit(B, D, seed=9)
-    w_valid = torch.tensor([1.0, 1, 1, 1, 1, 0], dtype=torch.float64)
     valid = method.bank.valid().unsqueeze(0)
-    allowed = method.self_constraint(w, w_valid, valid)
+    candidates, eligible = method.self_constraint(w, valid)
     prev = method.previous_bank
     usable = (valid[0] > 0) & (prev.column("valid") > 0)
     assert usable.sum() >= 4  # enough slots with a previous visit that +inf slots are not needed
-    for i in range(B - 1):
+    for i in range(B):
         dist = ((w[i] - prev.rows) ** 2).sum(1)
         dist[~usable] = float("inf")
-        expected = set(dist.topk(4, largest=False).indices.tolist())
-        assert set(allowed[i].nonzero().squeeze(1).tolist()) == expected
-    assert torch.equal(allowed[B - 1], valid[0])  # no previous visit: the MSF fallback
+        assert set(candidates[i][eligible[i] > 0].tolist()) == set(dist.topk(4, largest=False).indices.tolist())
+
+
+def test_self_selection_is_topk_within_the_constraint_and_msf_without_a_previous_visit():
+    method = make("self", topk=2, topk_constraint=4)
+    fill(method, steps=8)
+    w, u = unit(B, D, seed=9), unit(B, D, seed=10)
+    w_valid = torch.tensor([1.0, 1, 1, 1, 1, 0], dtype=torch.float64)
+    valid = method.bank.valid().unsqueeze(0)
+    similarity = u @ method.bank.rows.T
+    msf = masked_topk(similarity, valid, 2)
+    index, selected = method.self_selection(similarity, w, w_valid, valid, msf)
+    candidates, _ = method.self_constraint(w, valid)
+    for i in range(B - 1):
+        expected = candidates[i][similarity[i, candidates[i]].topk(2).indices]
+        assert set(index[i].tolist()) == set(expected.tolist()) and selected[i].tolist() == [1, 1]
+    assert torch.equal(index[B - 1], msf[0][B - 1])
 
 
 def test_self_constraint_with_large_k_prime_is_msf():

@@ -83,6 +83,8 @@ class CMSF(Method):
         super().__init__(config, backbone, data)
         if config.constraint not in CONSTRAINTS:
             raise ConfigError(f"method.constraint must be one of {', '.join(CONSTRAINTS)}, got '{config.constraint}'")
+        if config.top_all and config.constraint not in ("supervised", "semi"):
+            raise ConfigError("method.top_all is the label-constrained variant: use it with constraint supervised or semi")
         if config.target_view not in ("weak", "strong"):
             raise ConfigError(f"method.target_view must be weak or strong, got '{config.target_view}'")
         if data.size and config.bank_size >= data.size:
@@ -139,34 +141,33 @@ class CMSF(Method):
                 self.labeled.exchange(all_index[known], all_u[known], all_truth[known])
             self.bank.push_gathered(all_u, label=all_labels, index=all_index)  # before the search [PAPER]
 
-            valid = self.bank.valid().unsqueeze(0)  # (1, M)
+            valid = self.bank.valid().unsqueeze(0)  # (1, M): a broadcast row, never a dense (B, M) mask
             similarity = u @ self.bank.rows.T  # (B, M) fp32: neighbours by the target u
-            if cfg.constraint == "self":
-                allowed = self.self_constraint(w, w_valid, valid)
-            elif cfg.constraint in ("supervised", "semi"):
+            if cfg.constraint in ("none", "self"):
+                msf = masked_topk(similarity, valid, cfg.topk)  # S^u
+                selection = msf if cfg.constraint == "none" else self.self_selection(similarity, w, w_valid, valid, msf)
+            else:
                 same = (self.bank.column("label").unsqueeze(0) == constraint_labels.unsqueeze(1)).to(dtype) * valid
                 allowed = same if cfg.constraint == "supervised" else torch.lerp(valid, same, confident.unsqueeze(1))
-            else:
-                allowed = valid.expand_as(similarity)
-        if cfg.top_all:
+                selection = masked_topk(similarity, allowed, cfg.topk)
+        if cfg.top_all:  # S_i = C_i: the masked mean over a variable number of slots
             mean = allowed @ self.bank.rows / allowed.sum(1, keepdim=True).clamp_min(1)
             loss = mean_shift_loss(v, mean).mean()
             logs = {"neighbours": allowed.sum(1).mean()}
         else:
-            loss, purity = self.loss_over_topk(v, similarity, allowed, cfg.topk, constraint_labels)
+            loss, purity = self.loss_over(v, *selection, constraint_labels)
             logs = {"purity": purity}
             if cfg.constraint == "self":  # equally weighted with plain MSF [PAPER Sec. 2.1; CODE 1/2]
-                msf_loss, msf_purity = self.loss_over_topk(v, similarity, valid.expand_as(similarity), cfg.topk, batch.labels)
+                msf_loss, logs["purity_msf"] = self.loss_over(v, *msf, batch.labels)
                 loss = 0.5 * (loss + msf_loss)
-                logs["purity_msf"] = msf_purity
         if cfg.constraint == "semi":
             logs["confident"] = confident.mean()
         return loss, logs
 
-    def loss_over_topk(
-        self, v: torch.Tensor, similarity: torch.Tensor, allowed: torch.Tensor, k: int, labels: torch.Tensor
+    def loss_over(
+        self, v: torch.Tensor, index: torch.Tensor, selected: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        index, selected = masked_topk(similarity, allowed, k)
+        """Eq. (1) over the selected bank slots ``index`` (B, k) where ``selected`` is 1; and their purity."""
         neighbours = self.bank.rows[index]  # (B, k, d)
         mean = (neighbours * selected.unsqueeze(-1)).sum(1) / selected.sum(1, keepdim=True).clamp_min(1)
         return mean_shift_loss(v, mean).mean(), self.purity_of(index, selected, labels)
@@ -178,17 +179,31 @@ class CMSF(Method):
         same = (bank_labels == labels.unsqueeze(1)).float() * known
         return same.sum() / known.sum().clamp_min(1)
 
-    def self_constraint(self, w: torch.Tensor, w_valid: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """C_i: the k' slots of M' nearest to w_i (Sec. 2.1); all valid slots where w_i is missing.
+    def self_constraint(self, w: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """C_i as slots (B, k') and a 1/0 mask: the k' slots of M' nearest to w_i (Sec. 2.1).
 
-        Slots whose image had no previous visit rank after every other slot (distance +inf in the
-        spec) but stay eligible, so k' >= |M| gives C_i = M, i.e. MSF.
+        A slot whose image had no previous visit holds a zero row in M' (the cache starts at zero);
+        it ranks after every other slot (the spec's distance +inf) but stays eligible, so k' >= |M|
+        gives C_i = M, i.e. MSF.
         """
-        has_previous = (self.previous_bank.column("valid") > 0).to(w.dtype).unsqueeze(0)
-        similarity = (w @ self.previous_bank.rows.T) * has_previous - 3.0 * (1 - has_previous)
-        index, selected = masked_topk(similarity, valid.expand(len(w), -1), self.config.topk_constraint)
-        allowed = torch.zeros(len(w), self.bank.size, device=w.device, dtype=w.dtype).scatter_(1, index, selected.to(w.dtype))
-        return torch.lerp(valid.expand_as(allowed), allowed, w_valid.unsqueeze(1))
+        previous = self.previous_bank
+        no_previous = (previous.column("valid") <= 0).to(w.dtype).unsqueeze(0)
+        return masked_topk(w @ previous.rows.T - 3.0 * no_previous, valid, self.config.topk_constraint)
+
+    def self_selection(
+        self, similarity: torch.Tensor, w: torch.Tensor, w_valid: torch.Tensor, valid: torch.Tensor,
+        msf: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """S^c_i: the top-k of <u_i, M_j> within C_i, searched among the k' candidates only (no dense
+        (B, M) mask); the MSF selection S^u_i where image i has no previous visit [PROP, P4]."""
+        candidates, eligible = self.self_constraint(w, valid)
+        inner, selected = masked_topk(similarity.gather(1, candidates), eligible, self.config.topk)
+        index = candidates.gather(1, inner)
+        short = msf[0].shape[1] - index.shape[1]  # k' < k: S^c = C_i, padded with unselected slots
+        if short > 0:
+            index, selected = F.pad(index, (0, short)), F.pad(selected, (0, short))
+        use = w_valid.unsqueeze(1) > 0
+        return torch.where(use, index, msf[0]), torch.where(use, selected, msf[1])
 
     def query_labels(self, u: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The label each query's constraint uses (and that its bank slot stores), and 1/0 confidence.
