@@ -220,3 +220,27 @@ def test_label_noise_changes_exactly_the_rate_to_other_classes():
     assert changed.sum().item() == 250
     assert ((noisy >= 0) & (noisy < 10)).all()
     assert torch.equal(corrupt_labels(labels, 0.25, 10, seed=0), noisy)
+
+
+def test_small_crops_equal_to_the_large_crop_leave_the_loss_unchanged():
+    plain = make("self").eval()
+    crops = make("self", local_crops=2, local={"crop_size": 16}).eval()
+    g = torch.Generator().manual_seed(4)
+    target, online = [torch.randn(B, 3, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+    batch = Batch(torch.arange(B), torch.empty(0), torch.zeros(B, dtype=torch.long))
+    info = StepInfo(0, 0, 1, g, 0, 1)
+    loss_plain, _ = plain([target, online], batch, info)
+    loss_crops, _ = crops([target, online, online.clone(), online.clone()], batch, info)
+    assert torch.allclose(loss_plain, loss_crops, atol=1e-10)
+    views = crops.views(Batch(torch.arange(B), torch.zeros(B, 3, 32, 32, dtype=torch.uint8), torch.zeros(B)), StepInfo(0, 0, 1, g, 0, 1))
+    assert [v.shape[-1] for v in views] == [32, 32, 16, 16]
+
+
+def test_third_augmentation_constraint_fills_the_previous_bank():
+    method = make("self", constraint_view="third_aug")
+    assert not hasattr(method, "cache")
+    g = torch.Generator().manual_seed(4)
+    views = [torch.randn(B, 3, 16, 16, generator=g, dtype=torch.float64) for _ in range(3)]
+    loss, _ = method(views, Batch(torch.arange(B), torch.empty(0), torch.zeros(B, dtype=torch.long)), StepInfo(0, 0, 1, g, 0, 1))
+    assert torch.isfinite(loss)
+    assert method.previous_bank.column("valid")[:B].tolist() == [1] * B

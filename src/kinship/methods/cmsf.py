@@ -60,6 +60,10 @@ class CMSFConfig(MethodConfig):
     classifier_passes: int = 10  # over the labeled cache, batch 256, SGD 0.01 / 0.9 / 1e-4 [CODE]
     classifier_lr: float = 0.01
     target_view: str = "weak"  # weak: weak -> target, strong -> online (MSF's best "w/s"); strong: s/s
+    # self: w_i from the previous visit ("cached") or from a third augmentation through the current
+    # target ("third_aug": similar accuracy, about 30% slower [PAPER Sec. 2.1])
+    constraint_view: str = "cached"
+    local_crops: int = 0  # extra small crops for the online network only (ImageNet: 4 x 96 px) [PAPER Sec. 3]
     # RRC(0.2, 1) for both [CODE]; strong: jitter (0.4, 0.4, 0.4, 0.1) p 0.8, gray 0.2. Blur p 0.5 on
     # ImageNet, off at 32 px [PROP].
     weak: AugmentConfig = field(
@@ -68,12 +72,21 @@ class CMSFConfig(MethodConfig):
     strong: AugmentConfig = field(
         default_factory=lambda: AugmentConfig(crop_scale=(0.2, 1.0), saturation=0.4, hue=0.1, blur_p=0.0)
     )
+    # SwAV's small-crop scale [PROP, cmsf.md 1.6]; 16 px at CIFAR's 32 (ImageNet: 96)
+    local: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(crop_size=16, crop_scale=(0.05, 0.14), saturation=0.4, hue=0.1, blur_p=0.0)
+    )
 
 
 @dataclass
 class MSFConfig(CMSFConfig):
     name: str = "msf"
     constraint: str = "none"
+
+
+def crop_mean_loss(predictions: list[torch.Tensor], neighbour_mean: torch.Tensor) -> torch.Tensor:
+    """Eq. (1) averaged over the batch and, with equal weights, over the online crops [PROP 1.6]."""
+    return sum(mean_shift_loss(v, neighbour_mean).mean() for v in predictions) / len(predictions)
 
 
 class CMSF(Method):
@@ -87,6 +100,8 @@ class CMSF(Method):
             raise ConfigError("method.top_all is the label-constrained variant: use it with constraint supervised or semi")
         if config.target_view not in ("weak", "strong"):
             raise ConfigError(f"method.target_view must be weak or strong, got '{config.target_view}'")
+        if config.constraint_view not in ("cached", "third_aug"):
+            raise ConfigError(f"method.constraint_view must be cached or third_aug, got '{config.constraint_view}'")
         if data.size and config.bank_size >= data.size:
             # one image would hold several slots; its copies all map to one cached w (spec "more traps")
             raise ConfigError(f"method.bank_size {config.bank_size} must be smaller than the {data.size} training images")
@@ -99,7 +114,8 @@ class CMSF(Method):
         self.bank = FifoQueue(config.bank_size, dim, init="zeros", columns=("label", "index"))
         if config.constraint == "self":
             self.previous_bank = FifoQueue(config.bank_size, dim, init="zeros", columns=("valid",))  # M'
-            self.cache = SampleCache(data.size, dim)  # P: each image's latest target embedding
+            if config.constraint_view == "cached":
+                self.cache = SampleCache(data.size, dim)  # P: each image's latest target embedding
         if config.constraint == "semi":
             self.labeled = SampleCache(data.size, dim)  # u and label of every labeled image seen
             self.classifier = mlp(dim, 2 * dim, data.num_classes)  # [PAPER: 2-layer MLP; CODE: dims]
@@ -116,22 +132,37 @@ class CMSF(Method):
         return self
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
-        target = self.config.weak if self.config.target_view == "weak" else self.config.strong
-        return make_views(batch.images, [target, self.config.strong], step.generator)
+        """[target view, online view, (third view for the constraint), local crops...]."""
+        cfg = self.config
+        target = cfg.weak if cfg.target_view == "weak" else cfg.strong
+        third = [target] if cfg.constraint == "self" and cfg.constraint_view == "third_aug" else []
+        return make_views(batch.images, [target, cfg.strong, *third, *[cfg.local] * cfg.local_crops], step.generator)
+
+    def predict(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return F.normalize(self.predictor(self.projector(self.backbone(x))).to(dtype), dim=1)
 
     # -- the step ----------------------------------------------------------------------------
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
-        target_view, online_view = views
         cfg = self.config
+        third_aug = cfg.constraint == "self" and cfg.constraint_view == "third_aug"
+        target_view, online_view = views[:2]
+        locals_ = views[3 if third_aug else 2 :]
         dtype = self.bank.rows.dtype  # fp32 distances and loss, also under bf16 autocast
-        v = F.normalize(self.predictor(self.projector(self.backbone(online_view))).to(dtype), dim=1)
+        # online predictions: the large crop, then the small crops in one pass (they share S_i)
+        predictions = [self.predict(online_view, dtype)]
+        if locals_:
+            predictions += list(self.predict(torch.cat(locals_), dtype).chunk(len(locals_)))
         with torch.no_grad():
             u = F.normalize(self.target(target_view).to(dtype), dim=1)
             constraint_labels, confident = self.query_labels(u, batch.labels)
             everyone = slice(rank() * len(u), (rank() + 1) * len(u))  # this process's rows after a gather
             all_u, all_index = all_gather_cat(u), all_gather_cat(batch.index)
             all_labels = all_gather_cat(constraint_labels)
-            if cfg.constraint == "self":
+            if third_aug:  # w: another augmentation through the current target
+                w = F.normalize(self.target(views[2]).to(dtype), dim=1)
+                w_valid = torch.ones(len(w), device=w.device, dtype=dtype)
+                self.previous_bank.push_gathered(all_gather_cat(w), valid=torch.ones(len(all_u), device=w.device))
+            elif cfg.constraint == "self":
                 w, w_valid = self.cache.exchange(all_index, all_u)  # read the previous visit, then write
                 self.previous_bank.push_gathered(w, valid=w_valid)
                 w, w_valid = w[everyone], w_valid[everyone]
@@ -152,25 +183,28 @@ class CMSF(Method):
                 selection = masked_topk(similarity, allowed, cfg.topk)
         if cfg.top_all:  # S_i = C_i: the masked mean over a variable number of slots
             mean = allowed @ self.bank.rows / allowed.sum(1, keepdim=True).clamp_min(1)
-            loss = mean_shift_loss(v, mean).mean()
+            loss = crop_mean_loss(predictions, mean)
             logs = {"neighbours": allowed.sum(1).mean()}
         else:
-            loss, purity = self.loss_over(v, *selection, constraint_labels)
+            mean, purity = self.neighbour_mean(*selection, constraint_labels)
+            loss = crop_mean_loss(predictions, mean)
             logs = {"purity": purity}
             if cfg.constraint == "self":  # equally weighted with plain MSF [PAPER Sec. 2.1; CODE 1/2]
-                msf_loss, logs["purity_msf"] = self.loss_over(v, *msf, batch.labels)
+                msf_mean, logs["purity_msf"] = self.neighbour_mean(*msf, batch.labels)
+                msf_loss = crop_mean_loss(predictions, msf_mean)
                 loss = 0.5 * (loss + msf_loss)
         if cfg.constraint == "semi":
             logs["confident"] = confident.mean()
         return loss, logs
 
-    def loss_over(
-        self, v: torch.Tensor, index: torch.Tensor, selected: torch.Tensor, labels: torch.Tensor
+    def neighbour_mean(
+        self, index: torch.Tensor, selected: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. (1) over the selected bank slots ``index`` (B, k) where ``selected`` is 1; and their purity."""
+        """The mean of the selected bank slots ``index`` (B, k) where ``selected`` is 1 (Eq. (1) needs
+        only that mean), and their purity."""
         neighbours = self.bank.rows[index]  # (B, k, d)
         mean = (neighbours * selected.unsqueeze(-1)).sum(1) / selected.sum(1, keepdim=True).clamp_min(1)
-        return mean_shift_loss(v, mean).mean(), self.purity_of(index, selected, labels)
+        return mean, self.purity_of(index, selected, labels)
 
     def purity_of(self, index: torch.Tensor, selected: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Share of selected neighbours whose bank label equals the query's (both known): Fig. 4's purity."""

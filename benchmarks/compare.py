@@ -1,0 +1,100 @@
+"""Methods compared at equal budget: pre-train each (or reuse its finished run), evaluate, tabulate, plot.
+
+    python benchmarks/compare.py --study cmsf --out runs/compare_cmsf [--set train.epochs=9 ...]
+
+A study is a list of (name, config, overrides); the shared ``--set`` overrides apply to every run
+(same data, backbone, epochs and batch). Each run is evaluated with k-NN (k=200/T=0.1 and
+k=20/T=0.07), the L-BFGS linear probe and neighbour purity (plus clustering where a study asks),
+and the results go to ``<out>/results.json``, ``<out>/results.md`` and ``<out>/results.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from kinship.config import load_config  # noqa: E402
+from kinship.eval.suite import Evaluation  # noqa: E402
+from kinship.train.trainer import Trainer  # noqa: E402
+
+STUDIES = {
+    "cmsf": [
+        ("BYOL-asym", "configs/cmsf_cpu.yaml", ["method.constraint=none", "method.topk=1"]),  # k = 1: BYOL, one direction
+        ("MSF", "configs/cmsf_cpu.yaml", ["method.constraint=none"]),
+        ("CMSF-self", "configs/cmsf_cpu.yaml", []),
+        ("CMSF-semi 10%", "configs/cmsf_cpu.yaml", ["method.constraint=semi", "method.topk=10", "data.labeled_fraction=0.1"]),
+        ("CMSF-sup", "configs/cmsf_cpu.yaml", ["method.constraint=supervised", "method.topk=10"]),
+    ],
+}
+PROTOCOLS = ("knn", "linear", "purity")
+
+
+def run_one(name: str, config_path: str, overrides: list[str], out: Path) -> dict:
+    folder = out / name.lower().replace(" ", "_").replace("%", "pct")
+    config = load_config(config_path, overrides)
+    tick = time.time()
+    if not (folder / "last.pt").is_file() or json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1]).get("summary") is None:
+        Trainer(config, folder, log=print).fit()
+    minutes = (time.time() - tick) / 60
+    evaluation = Evaluation(folder / "last.pt", folder, [], progress=False, log=lambda *_: None)
+    results = {p: evaluation.run(p) for p in PROTOCOLS}
+    summary = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["summary"]
+    return {"name": name, "config": config_path, "overrides": overrides, "train_minutes": summary["minutes"],
+            "epochs": summary["epochs_done"], "random_init_knn": summary.get("knn_random_init_top1"),
+            "knn_200": results["knn"]["weighted"][1]["top1"], "knn_20": results["knn"]["weighted"][0]["top1"],
+            "linear": results["linear"]["top1"], "purity_20": results["purity"]["purity"].get("20"),
+            "run": str(folder), "wall_minutes": minutes}
+
+
+def write(rows: list[dict], out: Path, title: str, command: str) -> None:
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    lines = [f"# {title}", "", f"`{command}`", "",
+             "| method | epochs | train min | k-NN k200 | k-NN k20 | linear | purity@20 |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['epochs']} | {r['train_minutes']:.1f} | {r['knn_200']:.2f} | {r['knn_20']:.2f} | "
+                     f"{r['linear']:.2f} | {r['purity_20']:.2f} |")
+    if rows and rows[0]["random_init_knn"] is not None:
+        lines += ["", f"Random init, k-NN k200: {rows[0]['random_init_knn']:.2f}."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(8, 3.8), dpi=110)
+    names = [r["name"] for r in rows]
+    width = 0.27
+    for i, (key, label) in enumerate([("knn_200", "k-NN (k 200, T 0.1)"), ("linear", "linear probe"), ("purity_20", "purity@20")]):
+        ax.bar([j + (i - 1) * width for j in range(len(rows))], [r[key] for r in rows], width, label=label)
+    if rows and rows[0]["random_init_knn"] is not None:
+        ax.axhline(rows[0]["random_init_knn"], color="gray", ls="--", lw=1, label="random init k-NN")
+    ax.set_xticks(range(len(rows)), names)
+    ax.set_ylabel("%")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "results.png")
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--study", required=True, choices=sorted(STUDIES))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every run")
+    parser.add_argument("--only", action="append", default=[], help="run only these names")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, config, overrides in STUDIES[args.study]:
+        if args.only and name not in args.only:
+            continue
+        rows.append(run_one(name, config, overrides + args.set, out))
+        write(rows, out, f"{args.study} study", "python benchmarks/compare.py " + " ".join(f"--{k} {v}" for k, v in [("study", args.study), ("out", args.out)]))
+        print(json.dumps(rows[-1]))
+
+
+if __name__ == "__main__":
+    main()
