@@ -159,3 +159,17 @@ def test_cli_eval_and_export(tiny_checkpoint, tmp_path, capsys):
     assert "ConvNet(width=8)" in capsys.readouterr().out
     assert main(["eval", "knn", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_a_protocol_that_cannot_run_is_skipped_with_its_reason(tiny_checkpoint, tmp_path, monkeypatch):
+    def no_images(self):
+        raise DataError("semi-supervised fine-tuning needs the train split in memory")
+
+    monkeypatch.setattr(Evaluation, "finetune", no_images)
+    alone = tmp_path / "alone.pt"  # no metrics.jsonl beside it: no curves either
+    alone.write_bytes(tiny_checkpoint.read_bytes())
+    report = quiet_eval(alone, tmp_path, ["eval.protocols=[knn,finetune,curves]"]).run_all()
+    assert "needs the train split" in report["protocols"]["finetune"]["skipped"]
+    assert "no metrics.jsonl" in report["protocols"]["curves"]["skipped"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Skipped" in markdown and "- finetune: semi-supervised" in markdown and "## k-NN" in markdown

@@ -286,8 +286,12 @@ class Evaluation:
         results = {}
         for protocol in protocols or self.config.eval.protocols:
             self.log(f"eval {protocol} ...")
-            results[protocol] = self.run(protocol)
-            self.log(f"eval {protocol}: {results[protocol]['seconds']:.1f} s")
+            try:
+                results[protocol] = self.run(protocol)
+            except DataError as exc:  # e.g. fine-tuning on streamed data: the other protocols still run
+                results[protocol] = {"skipped": str(exc), "seconds": 0.0}
+            result = results[protocol]
+            self.log(f"eval {protocol}: " + (f"skipped: {result['skipped']}" if "skipped" in result else f"{result['seconds']:.1f} s"))
         report = {**self.header(), "protocols": results}
         (self.out_dir / "report.json").write_text(json.dumps(report, indent=2))
         (self.out_dir / "report.md").write_text(markdown_report(report))
@@ -296,7 +300,9 @@ class Evaluation:
 
 def markdown_report(report: dict) -> str:
     """The report as Markdown: one table per protocol, the pictures, and the time each took."""
-    p, d = report["protocols"], report["data"]
+    d = report["data"]
+    p = {name: r for name, r in report["protocols"].items() if "skipped" not in r}
+    skipped = {name: r["skipped"] for name, r in report["protocols"].items() if "skipped" in r}
     env = report["environment"]
     lines = [
         f"# Evaluation of `{report['checkpoint']}`", "",
@@ -336,8 +342,10 @@ def markdown_report(report: dict) -> str:
                   f"different classes {r['inter_class_cosine']:.4f}.", ""]
     if "tsne" in p:
         lines += ["## t-SNE of test features", "", f"![t-SNE]({p['tsne']['png']})", ""]
-    if "curves" in p and "png" in p["curves"]:
+    if "curves" in p:
         lines += ["## Training curves", "", f"![training curves]({p['curves']['png']})", ""]
+    if skipped:
+        lines += ["## Skipped", ""] + [f"- {name}: {why}" for name, why in skipped.items()] + [""]
     feats = report.get("features")
     lines += ["## Time per protocol", "", "| step | seconds |", "|---|---|"]
     if feats:
