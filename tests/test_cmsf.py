@@ -244,3 +244,30 @@ def test_third_augmentation_constraint_fills_the_previous_bank():
     loss, _ = method(views, Batch(torch.arange(B), torch.empty(0), torch.zeros(B, dtype=torch.long)), StepInfo(0, 0, 1, g, 0, 1))
     assert torch.isfinite(loss)
     assert method.previous_bank.column("valid")[:B].tolist() == [1] * B
+
+
+def test_rank_of_the_farthest_constrained_neighbour_by_hand():
+    from kinship.methods.cmsf import rank_of_last
+
+    # one query, bank similarities in order of slots; the constraint picked slots 0 and 3
+    similarity = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5]])
+    index, selected = torch.tensor([[0, 3, 1]]), torch.tensor([[1.0, 1.0, 0.0]])
+    assert rank_of_last(similarity, index, selected, torch.ones(1, 5)).tolist() == [4.0]  # slot 3 is 4th nearest
+    # an invalid slot does not count toward the rank
+    assert rank_of_last(similarity, index, selected, torch.tensor([[1.0, 0.0, 1.0, 1.0, 1.0]])).tolist() == [3.0]
+
+
+def test_coarse_labels_from_a_label_map(tmp_path):
+    from conftest import tiny_run_config
+    from kinship.data import DataError
+    from kinship.train.trainer import load_run_data
+
+    mapping = tmp_path / "coarse.json"
+    mapping.write_text("[0, 0, 1, 1]")  # synthetic data has 4 classes
+    config = build_config(tiny_run_config(**{"data.label_map": str(mapping)}))
+    data = load_run_data(config, torch.device("cpu"), None)
+    assert torch.equal(data.labels, data.bank.labels // 2)  # training labels coarse, bank keeps the fine ones
+    assert data.info.num_classes == 2
+    mapping.write_text("[0, 1]")
+    with pytest.raises(DataError, match="expected a list of 4"):
+        load_run_data(config, torch.device("cpu"), None)

@@ -34,6 +34,7 @@ class DataConfig:
     labeled_per_class: int = 0  # >0: labeled subset with N images per class
     labeled_fraction: float = 0.0  # >0: labeled subset with this fraction of each class
     label_noise: float = 0.0  # >0: this fraction of the training labels changed to another class (seeded)
+    label_map: str = ""  # JSON list: training label of each class (coarse labels, CMSF Table 5); evaluation keeps the fine ones
     decode_threads: int = 0  # 0: all cores
     streaming: bool = False  # ImageFolder too big for memory: decode per batch in DataLoader workers
     workers: int = 4  # streaming only

@@ -35,6 +35,20 @@ def corrupt_labels(labels: torch.Tensor, rate: float, num_classes: int, seed: in
     return out
 
 
+def map_labels(labels: torch.Tensor, path: Path, num_classes: int) -> torch.Tensor:
+    """Labels through a JSON list ``[parent of class 0, parent of class 1, ...]`` (e.g. CIFAR-100's 20
+    super-classes, ImageNet's 93 coarse classes of CMSF Table 5)."""
+    from kinship.data.store import DataError
+
+    if not path.is_file():
+        raise DataError(f"data.label_map: file not found: {path}")
+    mapping = json.loads(path.read_text())
+    if not isinstance(mapping, list) or len(mapping) != num_classes or not all(isinstance(c, int) and c >= 0 for c in mapping):
+        raise DataError(f"data.label_map {path}: expected a list of {num_classes} non-negative class indices")
+    table = torch.tensor(mapping, dtype=torch.long, device=labels.device)
+    return torch.where(labels >= 0, table[labels.clamp_min(0)], labels)
+
+
 def hide_unlabeled(labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Labels with -1 everywhere except at ``keep``."""
     out = torch.full_like(labels, -1)

@@ -59,6 +59,7 @@ class CMSFConfig(MethodConfig):
     classifier_rounds: int = 2  # semi: classifier trainings per epoch (middle and end) [PAPER]
     classifier_passes: int = 10  # over the labeled cache, batch 256, SGD 0.01 / 0.9 / 1e-4 [CODE]
     classifier_lr: float = 0.01
+    cache_confident: bool = False  # semi: also train the classifier on confident pseudo-labels (code's --cache_conf_unsup, off)
     target_view: str = "weak"  # weak: weak -> target, strong -> online (MSF's best "w/s"); strong: s/s
     # self: w_i from the previous visit ("cached") or from a third augmentation through the current
     # target ("third_aug": similar accuracy, about 30% slower [PAPER Sec. 2.1])
@@ -82,6 +83,15 @@ class CMSFConfig(MethodConfig):
 class MSFConfig(CMSFConfig):
     name: str = "msf"
     constraint: str = "none"
+
+
+@torch.no_grad()
+def rank_of_last(similarity: torch.Tensor, index: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B,) rank in the whole bank, by similarity to u_i (1 = nearest), of the farthest selected
+    neighbour: how far the constraint reaches past plain top-k (CMSF Fig. 5, "m" is its median)."""
+    last = (selected.sum(1, keepdim=True) - 1).clamp_min(0).long()
+    threshold = similarity.gather(1, index.gather(1, last))  # (B, 1)
+    return 1 + ((similarity > threshold).to(valid.dtype) * valid).sum(1)
 
 
 def crop_mean_loss(predictions: list[torch.Tensor], neighbour_mean: torch.Tensor) -> torch.Tensor:
@@ -167,9 +177,9 @@ class CMSF(Method):
                 self.previous_bank.push_gathered(w, valid=w_valid)
                 w, w_valid = w[everyone], w_valid[everyone]
             if cfg.constraint == "semi":
-                all_truth = all_gather_cat(batch.labels)
-                known = (all_truth >= 0).nonzero().squeeze(1)
-                self.labeled.exchange(all_index[known], all_u[known], all_truth[known])
+                cached = all_labels if cfg.cache_confident else all_gather_cat(batch.labels)
+                known = (cached >= 0).nonzero().squeeze(1)
+                self.labeled.exchange(all_index[known], all_u[known], cached[known])
             self.bank.push_gathered(all_u, label=all_labels, index=all_index)  # before the search [PAPER]
 
             valid = self.bank.valid().unsqueeze(0)  # (1, M): a broadcast row, never a dense (B, M) mask
@@ -193,6 +203,7 @@ class CMSF(Method):
                 msf_mean, logs["purity_msf"] = self.neighbour_mean(*msf, batch.labels)
                 msf_loss = crop_mean_loss(predictions, msf_mean)
                 loss = 0.5 * (loss + msf_loss)
+                logs["rank_of_last"] = rank_of_last(similarity, *selection, valid).median()  # Fig. 5's "m"
         if cfg.constraint == "semi":
             logs["confident"] = confident.mean()
         return loss, logs

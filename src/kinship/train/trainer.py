@@ -27,7 +27,7 @@ from kinship.data import (
     Batch, BatchPlan, DataError, ImageSet, StreamingLoader, TensorLoader, hide_unlabeled, labeled_subset, load_split,
 )
 from kinship.data.store import list_image_folder, read_image_files
-from kinship.data.subsets import corrupt_labels, save_indices
+from kinship.data.subsets import corrupt_labels, map_labels, save_indices
 from kinship.eval.features import extract_features, pixel_features
 from kinship.methods import METHODS, DataInfo, Method, StepInfo
 from kinship.models.backbones import build_backbone
@@ -80,8 +80,11 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         files, gt, classes = None, train.labels.clone(), train.classes
     labels = gt
     num_classes = max(len(classes), int(gt.max()) + 1)
+    if dc.label_map:  # train on coarser labels (each class mapped to its parent)
+        labels = map_labels(gt, Path(dc.label_map).expanduser(), num_classes)
+        num_classes = int(labels.max()) + 1
     if dc.label_noise > 0:  # the method trains on corrupted labels; k-NN and evaluation use the true ones
-        labels = corrupt_labels(gt, dc.label_noise, num_classes, config.train.seed)
+        labels = corrupt_labels(labels, dc.label_noise, num_classes, config.train.seed)
     if dc.labeled_per_class or dc.labeled_fraction:
         labeled = labeled_subset(gt, dc.labeled_per_class, dc.labeled_fraction, config.train.seed)
         labels = hide_unlabeled(labels, labeled)
