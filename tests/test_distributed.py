@@ -72,12 +72,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_process_result():
+def spawn_two(worker) -> dict:
+    """Run ``worker(rank, port, out)`` on 2 gloo processes; returns what each put in ``out``."""
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
+    mp.spawn(worker, args=(free_port(), out), nprocs=2, join=True)
     return dict(out)
+
+
+@pytest.fixture(scope="module")
+def two_process_result():
+    return spawn_two(_worker)
 
 
 def test_moco_queue_equals_single_process_on_concatenated_keys(two_process_result):
@@ -144,10 +149,7 @@ def _cmsf_worker(rank: int, port: int, out: dict):
 
 @pytest.fixture(scope="module")
 def two_process_cmsf():
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_cmsf_worker, args=(free_port(), out), nprocs=2, join=True)
-    return dict(out)
+    return spawn_two(_cmsf_worker)
 
 
 @pytest.mark.parametrize("constraint", ["self", "supervised"])
