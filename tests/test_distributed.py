@@ -169,3 +169,34 @@ def test_cmsf_bank_and_cache_equal_single_process(two_process_cmsf, constraint):
     for step, loss in enumerate(expected_losses):
         mean = (two_process_cmsf[0][constraint]["losses"][step] + two_process_cmsf[1][constraint]["losses"][step]) / 2
         assert abs(mean - loss) < 1e-10
+
+
+def solver_inputs():
+    """Cosine logits sorted by cluster, so that the two shards hold different clusters (120 and 136 rows)."""
+    from test_assignment import skewed_logits
+
+    logits = skewed_logits(b=256, k=20, seed=7)
+    return logits[logits.argmax(1).argsort()], 120
+
+
+def _solver_worker(rank: int, port: int, out: dict):
+    from kinship.blocks.assignment import mira_targets, sinkhorn
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    logits, cut = solver_inputs()
+    mine = logits[:cut] if rank == 0 else logits[cut:]
+    out[rank] = {"mira": mira_targets(mine, 0.225, 2 / 3), "sinkhorn": sinkhorn(mine, 0.05, 3)}
+    dist.destroy_process_group()
+
+
+def test_solvers_on_two_unequal_shards_equal_one_process():
+    from kinship.blocks.assignment import mira_targets, sinkhorn
+
+    got = spawn_two(_solver_worker)
+    logits, cut = solver_inputs()
+    for name, solve in (("mira", lambda x: mira_targets(x, 0.225, 2 / 3)), ("sinkhorn", lambda x: sinkhorn(x, 0.05, 3))):
+        joined = torch.cat([got[0][name], got[1][name]])
+        assert torch.allclose(joined, solve(logits), atol=1e-12), name
+        per_shard = torch.cat([solve(logits[:cut]), solve(logits[cut:])])  # the wrong, per-process marginal
+        assert (per_shard - solve(logits)).abs().max() > 0.1, name

@@ -66,6 +66,14 @@ def init_distributed(device: torch.device) -> None:
 
 
 @torch.no_grad()
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``x`` reduced over every process (``sum`` or ``max``), in place; the identity on one process."""
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return x
+
+
+@torch.no_grad()
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every process in rank order (no gradient)."""
     if not is_distributed():

@@ -1,0 +1,124 @@
+"""Assignment solvers: MIRA's fixed point and SwAV's Sinkhorn (mira.md §4, baselines.md §4)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kinship.blocks.assignment import mira_targets, sinkhorn
+
+TAU = 0.225
+
+
+def skewed_logits(b=256, k=20, seed=0, dtype=torch.float64, noise=0.35):
+    """Cosine logits of unit features around k prototypes, 20% of the clusters 10x more likely."""
+    g = torch.Generator().manual_seed(seed)
+    protos = F.normalize(torch.randn(k, 16, generator=g, dtype=dtype), dim=1)
+    weights = torch.ones(k, dtype=dtype)
+    weights[: max(1, k // 5)] = 10.0
+    labels = torch.multinomial(weights, b, replacement=True, generator=g)
+    x = F.normalize(protos[labels] + noise * torch.randn(b, 16, generator=g, dtype=dtype), dim=1)
+    return x @ protos.T
+
+
+def reference_mira(logits, beta, iterations=1000):
+    """Eq. 5 and Eq. 7 in probability space, float64, many iterations."""
+    p = torch.softmax(logits.double() / TAU, dim=1)
+    a = p ** (1 / (1 - beta))
+    c = -beta / (1 - beta)
+    u = a.mean(0) ** (1 - beta)
+    for _ in range(iterations):
+        u = ((a / (a * u ** c).sum(1, keepdim=True)).mean(0)) ** (1 - beta)
+    w = a * u ** c
+    return w / w.sum(1, keepdim=True)
+
+
+def objective(w, logits, beta):
+    """Eq. 4: -(1/B) sum w log p + ((1-beta)/B) sum w log w + beta sum wbar log wbar."""
+    log_p = torch.log_softmax(logits / TAU, dim=1)
+    wbar = w.mean(0)
+    b = w.shape[0]
+    return -(w * log_p).sum() / b + (1 - beta) * (w * w.log()).sum() / b + beta * (wbar * wbar.log()).sum()
+
+
+@pytest.mark.parametrize("beta", [2 / 3, 0.75])
+def test_mira_matches_float64_reference_and_converges(beta):
+    logits = skewed_logits()
+    w = mira_targets(logits.float(), TAU, beta, 30)
+    assert torch.allclose(w.sum(1), torch.ones(len(w)), atol=1e-6) and (w > 0).all()
+    reference = reference_mira(logits, beta)
+    assert (w.double() - reference).abs().max() <= 2e-6
+    # the update's change on W (not on the raw scale of u) falls geometrically below a tolerance
+    change = [(mira_targets(logits, TAU, beta, n) - mira_targets(logits, TAU, beta, n - 1)).abs().max() for n in (10, 30, 60)]
+    assert change[1] <= 1e-7 and change[2] <= 1e-10 and change[0] > change[1] > change[2]
+
+
+def test_mira_satisfies_its_optimality_condition_and_beats_perturbations():
+    beta = 2 / 3
+    logits = skewed_logits(b=128, k=20, seed=1)
+    w = mira_targets(logits, TAU, beta, 200)
+    # Eq. 5 recomputed from the solution's own marginal reproduces W
+    p = torch.softmax(logits / TAU, dim=1)
+    again = w.mean(0) ** (-beta / (1 - beta)) * p ** (1 / (1 - beta))
+    assert (again / again.sum(1, keepdim=True) - w).abs().max() <= 1e-10
+    best = objective(w, logits, beta)
+    assert best <= objective(p, logits, beta)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):  # feasible perturbations: rows stay on the simplex
+        d = 1e-3 * torch.randn(w.shape, generator=g, dtype=w.dtype)
+        d = d - d.mean(1, keepdim=True)
+        candidate = w + d
+        if (candidate > 0).all():
+            assert objective(candidate, logits, beta) >= best - 1e-12
+
+
+def test_mira_special_cases_and_invariances():
+    logits = skewed_logits(b=64, k=10, seed=2)
+    assert torch.allclose(mira_targets(logits, TAU, 0.0), torch.softmax(logits / TAU, dim=1), atol=1e-12)  # beta 0
+    same = logits[:1].expand(32, -1)  # collapse: identical rows are a fixed point, W = P
+    assert torch.allclose(mira_targets(same, TAU, 2 / 3), torch.softmax(same / TAU, dim=1), atol=1e-12)
+    w = mira_targets(logits.float(), TAU, 0.7)
+    shifted = mira_targets(logits.float() + torch.randn(64, 1), TAU, 0.7)
+    assert torch.allclose(w, shifted, atol=1e-6)
+    perm_k, perm_b = torch.randperm(10), torch.randperm(64)
+    assert torch.allclose(mira_targets(logits.float()[:, perm_k], TAU, 0.7), w[:, perm_k], atol=1e-6)
+    assert torch.allclose(mira_targets(logits.float()[perm_b], TAU, 0.7), w[perm_b], atol=1e-6)
+
+
+def test_mira_is_finite_for_extreme_logits_in_low_precision():
+    logits = skewed_logits(b=128, k=20, seed=3)
+    logits[:, 5] = logits.max(1).values - 10.0  # a dead column
+    w32 = mira_targets(logits.float(), TAU, 0.75)
+    assert torch.isfinite(w32).all()
+    assert (w32.double() - mira_targets(logits, TAU, 0.75)).abs().max() <= 1e-6
+    w16 = mira_targets((3 * logits).half(), TAU, 0.75)  # upcast before dividing by the temperature
+    assert w16.dtype == torch.float32 and torch.isfinite(w16).all()
+    with pytest.raises(ValueError, match="beta"):
+        mira_targets(logits, TAU, 1.0)
+
+
+def test_sinkhorn_codes_meet_their_marginals():
+    scores = skewed_logits(b=256, k=20, seed=4)
+    b, k = scores.shape
+    q3 = sinkhorn(scores, 0.05, 3)
+    assert torch.allclose(q3.sum(1), torch.ones(b, dtype=q3.dtype), atol=1e-6)  # each code sums to 1
+    deviation = lambda q: ((q.sum(0) - b / k).abs() / (b / k)).max().item()  # noqa: E731
+    assert deviation(q3) >= 0.3  # a skewed batch is far from equal partition after 3 iterations
+    assert deviation(sinkhorn(scores, 0.05, 100)) <= 1e-6
+    assert deviation(sinkhorn(scores, 0.5, 200)) <= 1e-4
+    errors = [deviation(sinkhorn(scores, 0.05, n)) for n in (1, 3, 10, 30)]
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_sinkhorn_special_cases():
+    constant = torch.full((8, 5), 0.3, dtype=torch.float64)
+    assert torch.allclose(sinkhorn(constant), torch.full((8, 5), 0.2, dtype=torch.float64), atol=1e-12)
+    scores = skewed_logits(b=32, k=6, seed=5)
+    assert torch.allclose(sinkhorn(scores), sinkhorn(scores + 3.0), atol=1e-9)
+    assert torch.isfinite(sinkhorn(scores.half())).all()
+
+
+def test_mira_is_not_an_equal_partition():
+    w = mira_targets(skewed_logits(b=256, k=20, seed=6), TAU, 2 / 3)
+    marginal = w.mean(0)
+    assert -(marginal * marginal.log()).sum() < math.log(20) - 0.01
