@@ -122,3 +122,22 @@ def test_mira_is_not_an_equal_partition():
     w = mira_targets(skewed_logits(b=256, k=20, seed=6), TAU, 2 / 3)
     marginal = w.mean(0)
     assert -(marginal * marginal.log()).sum() < math.log(20) - 0.01
+
+
+def test_prototype_head_gives_cosines_and_freezes():
+    from kinship.models.heads import PrototypeHead
+
+    torch.manual_seed(0)
+    head = PrototypeHead(8, 5)
+    z = (torch.randn(4, 8) * 3).requires_grad_()  # an embedding from the network
+    logits = head(z)
+    manual = F.normalize(z, dim=1) @ F.normalize(head.weight, dim=1).T
+    assert torch.allclose(logits, manual, atol=1e-6) and logits.abs().max() <= 1 + 1e-6
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
+    before = head.weight.detach().clone()
+    head(z, frozen=True).sum().backward()
+    optimizer.step()
+    assert head.weight.grad is None and torch.equal(head.weight, before)  # frozen: untouched
+    head(z).sum().backward()
+    optimizer.step()
+    assert not torch.equal(head.weight, before)
