@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kinship.blocks.ema import cosine_momentum, ema_update, make_target
+from kinship.blocks.ema import cosine_ramp, ema_update, make_target
 from kinship.blocks.knn import knn_accuracy, weighted_knn_scores
 from kinship.blocks.queue import FifoQueue
 from kinship.losses import byol_loss, info_nce_with_queue
@@ -38,10 +38,10 @@ def test_infonce_closed_form():
     assert info_nce_with_queue(q, k, negatives, T).item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_cosine_momentum_schedule():
-    assert cosine_momentum(0, 100, 0.99) == 0.99
-    assert cosine_momentum(100, 100, 0.99) == 1.0
-    values = [cosine_momentum(k, 100, 0.99) for k in range(101)]
+def test_cosine_ramp_schedule():
+    assert cosine_ramp(0, 100, 0.99) == 0.99
+    assert cosine_ramp(100, 100, 0.99) == 1.0
+    values = [cosine_ramp(k, 100, 0.99) for k in range(101)]
     assert all(b >= a for a, b in zip(values, values[1:]))
 
 

@@ -17,7 +17,7 @@ def losses(path):
 CMSF_TINY = {"name": "cmsf", "bank_size": 128, "hidden": 32, "dim": 16, "weak": {"crop_size": 16}, "strong": {"crop_size": 16}}
 
 
-@pytest.mark.parametrize("method", ["mocov2", "byol", "cmsf-self", "cmsf-semi"])
+@pytest.mark.parametrize("method", ["mocov2", "byol", "cmsf-self", "cmsf-semi", "mira", "swav"])
 def test_resume_continues_exactly(tmp_path, method):
     values = tiny_run_config(**{"method.name": method})
     if method == "byol":
@@ -27,6 +27,12 @@ def test_resume_continues_exactly(tmp_path, method):
         values["method"] = {**CMSF_TINY, "constraint": method.split("-")[1]}
         if method == "cmsf-semi":
             values["data"]["labeled_per_class"] = 16
+    if method == "mira":  # teacher, prototypes frozen in epoch 0, beta and momentum schedules
+        values["method"] = {"name": "mira", "prototypes": 16, "dim": 16, "hidden": 32,
+                            "view1": {"crop_size": 16}, "view2": {"crop_size": 16}}
+    if method == "swav":  # the queue joins in epoch 1, once full
+        values["method"] = {"name": "swav", "prototypes": 16, "dim": 16, "hidden": 32, "queue_size": 128,
+                            "queue_start_epoch": 0, "global_crop": {"crop_size": 16}}
     straight = Trainer(build_config(values), tmp_path / "a", log=lambda *_: None).fit()
     values["train"]["stop_after_epochs"] = 1
     Trainer(build_config(values), tmp_path / "b", log=lambda *_: None).fit()

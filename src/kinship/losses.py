@@ -35,3 +35,18 @@ def mean_shift_loss(prediction: torch.Tensor, neighbour_mean: torch.Tensor) -> t
     Pass fp32 (or fp64) tensors: the caller keeps the loss out of bf16.
     """
     return 2 - 2 * (prediction * neighbour_mean.detach()).sum(dim=1)
+
+
+def swapped_prediction_loss(targets: list[torch.Tensor], logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """SwAV's and MIRA's swapped prediction (SwAV Eq. 1; MIRA Eq. 8 as its code normalises it).
+
+    targets[g] (B, K): soft labels of global crop g (rows on the simplex, no gradient); logits[v] (B, K)
+    of every crop v, the global crops first. Target g is predicted by every crop v != g with
+    cross-entropy -sum_k q_gk log softmax(s_v / T)_k; mean over the batch and those crops, then over g.
+    """
+    per_target = []
+    for g, q in enumerate(targets):
+        terms = [-(q.detach() * F.log_softmax(s.float() / temperature, dim=1)).sum(dim=1).mean()
+                 for v, s in enumerate(logits) if v != g]
+        per_target.append(torch.stack(terms).mean())
+    return torch.stack(per_target).mean()

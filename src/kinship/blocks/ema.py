@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 
-def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
-    """BYOL: tau_k = final - (final - base) * (cos(pi k / K) + 1) / 2; tau_0 = base, tau_K = final."""
+def cosine_ramp(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
+    """A cosine from ``base`` at step 0 to ``final`` at step K: final - (final - base) (cos(pi k / K) + 1) / 2.
+
+    BYOL's target momentum (tau_0 -> 1) and MIRA's momentum and beta schedules (0.7 -> 2/3)."""
     if total_steps <= 0:
         return base
     progress = min(step, total_steps) / total_steps

@@ -2,8 +2,10 @@
 from kinship.methods.base import DataInfo, Method, StepInfo
 from kinship.methods.byol import BYOL
 from kinship.methods.cmsf import CMSF, MSF
+from kinship.methods.mira import MIRA
 from kinship.methods.mocov2 import MoCoV2
+from kinship.methods.swav import SwAV
 
-METHODS: dict[str, type[Method]] = {"byol": BYOL, "mocov2": MoCoV2, "msf": MSF, "cmsf": CMSF}
+METHODS: dict[str, type[Method]] = {"byol": BYOL, "mocov2": MoCoV2, "msf": MSF, "cmsf": CMSF, "swav": SwAV, "mira": MIRA}
 
 __all__ = ["METHODS", "DataInfo", "Method", "StepInfo"]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kinship.augment.views import make_views
-from kinship.blocks.ema import cosine_momentum, ema_update, make_target
+from kinship.blocks.ema import cosine_ramp, ema_update, make_target
 from kinship.config import AugmentConfig, MethodConfig
 from kinship.data.loader import Batch
 from kinship.losses import byol_loss
@@ -66,7 +66,7 @@ class BYOL(Method):
         return loss, {"momentum": self.momentum(step)}
 
     def momentum(self, step: StepInfo) -> float:
-        return cosine_momentum(step.step, step.total_steps, self.config.momentum_base, self.config.momentum_final)
+        return cosine_ramp(step.step, step.total_steps, self.config.momentum_base, self.config.momentum_final)
 
     def after_step(self, step: StepInfo) -> None:
         online = nn.Sequential(self.backbone, self.projector)

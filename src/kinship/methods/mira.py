@@ -1,0 +1,102 @@
+"""MIRA (Lee et al., NeurIPS 2022; seed 004): swapped prediction of mutual-information regularised
+pseudo-labels, computed by a fixed-point iteration on the teacher's prototype logits.
+
+    s_v = head(g(f(crop_v)))                         cosine logits of the student, every crop
+    t_g = head(g_t(f_t(crop_g)))                     EMA teacher, the 2 global crops, no gradient
+    W_g = argmin (1/B) sum KL(w_i || softmax(t_i / tau_t)) - beta I(Y_W; i)   (Eq. 1-7, blocks.assignment)
+    loss = mean_g mean_{v != g} CE(W_g, softmax(s_v / tau_s))                   (Eq. 8, code's normalisation)
+beta follows a cosine from 0.7 to 2/3 and the EMA momentum from m0 to 1 over all steps [P]; the teacher
+uses the student's prototypes (copied, not averaged [C]); the prototypes are frozen in epoch 0 [C].
+No equipartition, centering or queue: the MI term alone prevents collapse. The EMA backbone is the
+one evaluated (A.4.1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kinship.augment.views import make_views
+from kinship.blocks.assignment import mira_targets
+from kinship.blocks.ema import cosine_ramp, ema_update, make_target
+from kinship.config import AugmentConfig, MethodConfig
+from kinship.data.loader import Batch
+from kinship.losses import swapped_prediction_loss
+from kinship.methods.base import DataInfo, Method, StepInfo
+from kinship.models.heads import PrototypeHead, mlp
+
+
+@dataclass
+class MIRAConfig(MethodConfig):
+    name: str = "mira"
+    prototypes: int = 3000  # K [P]
+    dim: int = 256
+    hidden: int = 2048  # projector F-2048-2048-256 [P]
+    tau_student: float = 0.1
+    tau_teacher: float = 0.225
+    beta_start: float = 0.7  # cosine 0.7 -> 2/3 per step [P, A.4.1]
+    beta_end: float = 2 / 3
+    iterations: int = 30  # fixed-point iterations [P]
+    momentum_base: float = 0.99  # EMA m0 -> 1, cosine [P] (0.996 for 800 epochs)
+    ema_teacher: bool = True  # false: the student (without gradient) is its own teacher
+    freeze_prototypes_epochs: int = 1  # [C --freeze-head-epochs 1]
+    local_crops: int = 0  # multi-crop: extra small crops predicting both targets (ImageNet: 6 x 96)
+    # CIFAR [P + C CIFARTransform]: RRC(0.2, 1), jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, no blur,
+    # solarize 0.2 on the second view. ImageNet: blur 1.0 / 0.1 and RRC(0.14, 1).
+    view1: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=(0.2, 1.0), blur_p=0.0))
+    view2: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=(0.2, 1.0), blur_p=0.0, solarize_p=0.2))
+    local: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_size=16, crop_scale=(0.05, 0.14), blur_p=0.0))
+
+
+class MIRA(Method):
+    Config = MIRAConfig
+
+    def __init__(self, config: MIRAConfig, backbone: nn.Module, data: DataInfo) -> None:
+        super().__init__(config, backbone, data)
+        self.projector = mlp(backbone.feature_dim, config.hidden, config.dim, layers=3)
+        self.head = PrototypeHead(config.dim, config.prototypes)
+        if config.ema_teacher:
+            self.teacher = make_target(nn.Sequential(backbone, self.projector))
+
+    @property
+    def eval_backbone(self) -> nn.Module:
+        return self.teacher[0] if self.config.ema_teacher else self.backbone
+
+    @property
+    def eval_recipe(self) -> AugmentConfig:
+        return self.config.view1
+
+    def cluster_scores(self, features: torch.Tensor) -> torch.Tensor:
+        projector = self.teacher[1] if self.config.ema_teacher else self.projector
+        return self.head(projector(features), frozen=True)
+
+    def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
+        cfg = self.config
+        return make_views(batch.images, [cfg.view1, cfg.view2, *[cfg.local] * cfg.local_crops], step.generator)
+
+    def beta(self, step: StepInfo) -> float:
+        return cosine_ramp(step.step, step.total_steps, self.config.beta_start, self.config.beta_end)
+
+    def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        frozen = step.epoch < cfg.freeze_prototypes_epochs
+        globals_, locals_ = torch.cat(views[:2]), views[2:]
+        logits = list(self.head(self.projector(self.backbone(globals_)), frozen).chunk(2))
+        if locals_:
+            logits += list(self.head(self.projector(self.backbone(torch.cat(locals_))), frozen).chunk(len(locals_)))
+        with torch.no_grad():
+            teacher = self.teacher if cfg.ema_teacher else nn.Sequential(self.backbone, self.projector)
+            teacher_logits = self.head(teacher(globals_), frozen=True).float()
+            beta = self.beta(step)
+            targets = [mira_targets(t, cfg.tau_teacher, beta, cfg.iterations) for t in teacher_logits.chunk(2)]
+        loss = swapped_prediction_loss(targets, logits, cfg.tau_student)
+        marginal = torch.cat(targets).mean(0)
+        return loss, {"beta": beta, "target_entropy": -(marginal * marginal.clamp_min(1e-12).log()).sum()}
+
+    def after_step(self, step: StepInfo) -> None:
+        # applied after the optimizer step; the code applies it before the next teacher forward: the
+        # same teacher weights at every forward
+        if self.config.ema_teacher:
+            m = cosine_ramp(step.step, step.total_steps, self.config.momentum_base, 1.0)
+            ema_update(self.teacher, nn.Sequential(self.backbone, self.projector), m)

@@ -1,0 +1,90 @@
+"""SwAV (Caron et al., NeurIPS 2020): swapped prediction of equal-partition codes (Sinkhorn-Knopp).
+
+    z_v = normalize(g(f(crop_v)));  s_v = <z_v, c_k> for unit prototypes c_k     every crop
+    q_s = Sinkhorn(s_s / epsilon), s in the 2 global crops, no gradient; with a queue of past
+          embeddings prepended once it is full (small batches), only the batch rows kept
+    loss = mean_s mean_{v != s} CE(q_s, softmax(s_v / T))
+The prototypes are frozen for the first epoch(s). Under DDP each process keeps its own queue of
+``queue_size / processes`` rows and Sinkhorn sums over all processes (``main_swav.py``), so the
+processes together hold the single-process queue.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kinship.augment.views import make_views
+from kinship.blocks.assignment import sinkhorn
+from kinship.blocks.queue import FifoQueue
+from kinship.config import AugmentConfig, MethodConfig
+from kinship.data.loader import Batch
+from kinship.losses import swapped_prediction_loss
+from kinship.methods.base import DataInfo, Method, StepInfo
+from kinship.models.heads import PrototypeHead, mlp
+from kinship.runtime import world_size
+
+
+@dataclass
+class SwAVConfig(MethodConfig):
+    name: str = "swav"
+    prototypes: int = 3000
+    dim: int = 128
+    hidden: int = 2048
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    queue_size: int = 0  # batch-256 recipe: 3840 (from epoch 15 on ImageNet, 50 on CIFAR [SOLO])
+    queue_start_epoch: int = 15
+    freeze_prototypes_epochs: int = 1  # ImageNet: one epoch of iterations; CIFAR [SOLO]: 2
+    local_crops: int = 0  # ImageNet: 6 x 96
+    # colour distortion s = 1: jitter (0.8, 0.8, 0.8, 0.2) p 0.8, gray 0.2; blur p 0.5 on ImageNet, off
+    # at 32 px [PROP]; global RRC(0.14, 1), local RRC(0.05, 0.14)
+    global_crop: AugmentConfig = field(default_factory=lambda: AugmentConfig(
+        crop_scale=(0.14, 1.0), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.0))
+    local: AugmentConfig = field(default_factory=lambda: AugmentConfig(
+        crop_size=16, crop_scale=(0.05, 0.14), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.0))
+
+
+class SwAV(Method):
+    Config = SwAVConfig
+
+    def __init__(self, config: SwAVConfig, backbone: nn.Module, data: DataInfo) -> None:
+        super().__init__(config, backbone, data)
+        self.projector = mlp(backbone.feature_dim, config.hidden, config.dim)
+        self.head = PrototypeHead(config.dim, config.prototypes)
+        if config.queue_size:
+            local = config.queue_size // world_size()
+            self.queues = nn.ModuleList([FifoQueue(local, config.dim, init="zeros") for _ in range(2)])
+
+    @property
+    def eval_recipe(self) -> AugmentConfig:
+        return self.config.global_crop
+
+    def cluster_scores(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.projector(features), frozen=True)
+
+    def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
+        cfg = self.config
+        return make_views(batch.images, [cfg.global_crop] * 2 + [cfg.local] * cfg.local_crops, step.generator)
+
+    def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        frozen = step.epoch < cfg.freeze_prototypes_epochs
+        embeddings = list(F.normalize(self.projector(self.backbone(torch.cat(views[:2]))), dim=1).chunk(2))
+        if len(views) > 2:
+            embeddings += list(F.normalize(self.projector(self.backbone(torch.cat(views[2:]))), dim=1).chunk(len(views) - 2))
+        logits = [self.head(z, frozen) for z in embeddings]
+        codes = []
+        with torch.no_grad():
+            for s in range(2):
+                scores = logits[s].detach().float()
+                queue = self.queues[s] if cfg.queue_size and step.epoch >= cfg.queue_start_epoch else None
+                if queue is not None and queue.filled == queue.size:  # SwAV uses the queue once it is full
+                    scores = torch.cat([self.head(queue.rows, frozen=True).float(), scores])
+                codes.append(sinkhorn(scores, cfg.epsilon, cfg.sinkhorn_iterations)[-len(embeddings[s]):])
+                if queue is not None:
+                    queue.push_gathered(embeddings[s].detach())  # this process's rows only
+        return swapped_prediction_loss(codes, logits, cfg.temperature), {}
