@@ -109,3 +109,12 @@ def test_multi_crop_views_and_cluster_head():
     loss, _ = method(views(2) + [torch.randn(B, 3, 8, 8) for _ in range(2)], batch(), StepInfo(1, 0, 1, None, 0, 1))
     assert torch.isfinite(loss)
     assert method.cluster_scores(torch.randn(5, method.backbone.feature_dim)).shape == (5, 12)
+
+
+def test_bench_reports_the_solver_share():
+    from kinship.bench import bench
+
+    result = bench("swav", "cpu", "convnet", batch=32, steps=1, compute_only=True, warmup=1, width=8,
+                   overrides=["method.prototypes=30", "method.hidden=32", "method.dim=16"])
+    assert 0 < result["solver_frac"] < 1
+    assert "solver_frac" not in bench("byol", "cpu", "convnet", batch=32, steps=1, compute_only=True, warmup=1, width=8)

@@ -2,6 +2,8 @@
 ``compute_only`` (the same step on fixed, already augmented views)."""
 from __future__ import annotations
 
+import contextlib
+import importlib
 import statistics
 import time
 
@@ -13,6 +15,37 @@ from kinship.methods import DataInfo, StepInfo
 from kinship.runtime import environment, resolve_device, tune_cpu_allocator
 from kinship.train.optim import build_optimizer
 from kinship.train.trainer import build_method
+
+
+# The assignment solver each method calls, timed by `bench` for its share of the step (solver_frac).
+SOLVERS = {"mira": ("kinship.methods.mira", "mira_targets"), "swav": ("kinship.methods.swav", "sinkhorn")}
+
+
+@contextlib.contextmanager
+def timed_solver(method: str, device: torch.device):
+    """While active, the method's solver adds its wall time (device-synchronised) to the yielded list."""
+    spent: list[float] = []
+    if method not in SOLVERS:
+        yield spent
+        return
+    module = importlib.import_module(SOLVERS[method][0])
+    solver = getattr(module, SOLVERS[method][1])
+
+    def timed(*args, **kwargs):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = solver(*args, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        spent.append(time.perf_counter() - start)
+        return out
+
+    setattr(module, SOLVERS[method][1], timed)
+    try:
+        yield spent
+    finally:
+        setattr(module, SOLVERS[method][1], solver)
 
 
 def bench(method: str, device: str, backbone: str, batch: int, steps: int, compute_only: bool,
@@ -65,13 +98,15 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
     sync()
     # Per-step times: the median is robust to the transient slowdowns of a shared machine.
     times = []
-    for i in range(warmup, warmup + steps):
-        start = time.perf_counter()
-        one_step(i)
-        sync()
-        times.append(time.perf_counter() - start)
+    with timed_solver(method, dev) as solver_times:
+        for i in range(warmup, warmup + steps):
+            start = time.perf_counter()
+            one_step(i)
+            sync()
+            times.append(time.perf_counter() - start)
     median = statistics.median(times)
     return {"method": method, "overrides": list(overrides), "backbone": backbone, "device": dev.type, "batch": batch,
             "mode": "compute_only" if compute_only else "pipeline", "img_per_s": round(batch / median, 1),
             "img_per_s_mean": round(batch * steps / sum(times), 1), "steps": steps, "compile": compile,
-            "autocast_bf16": autocast, "env": environment()}
+            "autocast_bf16": autocast, "env": environment(),
+            **({"solver_frac": round(sum(solver_times) / sum(times), 4)} if method in SOLVERS else {})}
