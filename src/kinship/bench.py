@@ -12,7 +12,7 @@ import torch
 from kinship.config import apply_overrides, build_config
 from kinship.data import BatchPlan, ImageSet, TensorLoader
 from kinship.methods import DataInfo, StepInfo
-from kinship.runtime import environment, resolve_device, tune_cpu_allocator
+from kinship.runtime import environment, resolve_device, tune_cpu_allocator, use_bf16
 from kinship.train.optim import build_optimizer
 from kinship.train.trainer import build_method
 
@@ -63,7 +63,7 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
     model = build_method(config, DataInfo(n, 10, 32)).to(dev).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config.optim, batch)
     step_fn = torch.compile(model) if compile else model
-    autocast = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    autocast = use_bf16(precision, dev)
     loader = TensorLoader(data, BatchPlan(n, batch, seed=0))
     generator = torch.Generator(device=dev).manual_seed(0)
     batches = iter(())

@@ -35,6 +35,11 @@ def tune_cpu_allocator() -> bool:
     return ok
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """``train.precision``: bf16 autocast when asked, or by default (``auto``) on CUDA."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

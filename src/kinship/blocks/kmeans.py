@@ -40,7 +40,8 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Ten
     centroids = [x[first]]
     dist = assign(x, centroids[0])[1]
     for _ in range(1, k):
-        probs = dist / dist.sum() if dist.sum() > 0 else torch.full_like(dist, 1.0 / n)
+        total = dist.sum()
+        probs = dist / total if total > 0 else torch.full_like(dist, 1.0 / n)
         pick = torch.multinomial(probs, 1, generator=generator)
         centroids.append(x[pick])
         dist = torch.minimum(dist, assign(x, x[pick])[1])

@@ -15,24 +15,23 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from kinship.augment.views import augment, center_view, to_float
+from kinship.augment.views import augment, to_float
 from kinship.blocks.knn import topk_accuracy
 from kinship.config import AugmentConfig
+from kinship.eval.features import extract_features
 from kinship.eval.linear import Standardizer
 
 
 class Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, standardize: Standardizer, head: nn.Linear, train_backbone: bool) -> None:
         super().__init__()
-        self.backbone, self.head, self.train_backbone = backbone, head, train_backbone
-        self.register_buffer("mean", standardize.mean.clone())
-        self.register_buffer("std", standardize.std.clone())
+        self.backbone, self.standardize, self.head, self.train_backbone = backbone, standardize, head, train_backbone
         backbone.requires_grad_(train_backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
             features = self.backbone(x)
-        return self.head((F.normalize(features.float(), dim=1) - self.mean) / self.std)
+        return self.head(self.standardize(features))
 
     def train(self, mode: bool = True) -> "Classifier":
         super().train(mode)
@@ -114,14 +113,9 @@ def train_classifier(
     return losses
 
 
-@torch.no_grad()
 def classifier_accuracy(
     model: Classifier, images: torch.Tensor, labels: torch.Tensor, recipe: AugmentConfig, batch_size: int = 512, autocast: bool = False
 ) -> dict[int, float]:
-    """Top-1/top-5 (percent) on centre views, BN in eval mode."""
-    model.eval()
-    scores = []
-    for start in range(0, images.shape[0], batch_size):
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
-            scores.append(model(center_view(images[start : start + batch_size], recipe)).float())
-    return topk_accuracy(torch.cat(scores), labels)
+    """Top-1/top-5 (percent) on centre views, BN in eval mode: the class scores are the model's
+    "features" in the evaluation's chunked extraction."""
+    return topk_accuracy(extract_features(model, images, recipe, batch_size, autocast), labels)

@@ -9,8 +9,6 @@ The SGD probe with augmentation (ImageNet scale) is in :mod:`kinship.eval.finetu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,19 +17,22 @@ from tqdm import tqdm
 from kinship.blocks.knn import topk_accuracy
 
 
-@dataclass
-class Standardizer:
-    """l2-normalise, then subtract the train mean and divide by the train std, per dimension."""
+class Standardizer(nn.Module):
+    """l2-normalise, then subtract the train mean and divide by the train std, per dimension.
 
-    mean: torch.Tensor  # (d,)
-    std: torch.Tensor  # (d,)
+    The statistics are buffers: fixed once fitted, moved and saved with a model that holds them."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)  # (d,)
+        self.register_buffer("std", std)  # (d,)
 
     @classmethod
     def fit(cls, features: torch.Tensor) -> "Standardizer":
         x = F.normalize(features.float(), dim=1)
         return cls(x.mean(0), x.std(0).clamp_min(1e-6))
 
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
         return (F.normalize(features.float(), dim=1) - self.mean) / self.std
 
 

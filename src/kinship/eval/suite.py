@@ -31,7 +31,7 @@ from kinship.eval.finetune import Classifier, classifier_accuracy, random_head, 
 from kinship.eval.linear import Standardizer, linear_probe
 from kinship.eval.metrics import class_cosines, clustering_scores, neighbour_purity
 from kinship.methods import DataInfo, Method
-from kinship.runtime import environment, resolve_device, tune_cpu_allocator
+from kinship.runtime import environment, resolve_device, tune_cpu_allocator, use_bf16
 from kinship.train import checkpoint
 from kinship.train.checkpoint import CheckpointError
 from kinship.train.trainer import RunData, build_method, load_run_data
@@ -125,8 +125,7 @@ class Evaluation:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.progress, self.log = progress, log
         self.device = resolve_device(self.config.train.device)
-        precision = self.config.train.precision
-        self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.autocast = use_bf16(self.config.train.precision, self.device)
         self.data = load_run_data(self.config, self.device, None)
         check_labels(self.data)
         self.method = load_pretrained(self.path, state, self.config, self.data.info, self.device)

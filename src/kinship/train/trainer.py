@@ -31,7 +31,9 @@ from kinship.data.subsets import corrupt_labels, map_labels, save_indices
 from kinship.eval.features import extract_features, pixel_features
 from kinship.methods import METHODS, DataInfo, Method, StepInfo
 from kinship.models.backbones import build_backbone
-from kinship.runtime import init_distributed, is_distributed, rank, resolve_device, tune_cpu_allocator, world_size
+from kinship.runtime import (
+    init_distributed, is_distributed, rank, resolve_device, tune_cpu_allocator, use_bf16, world_size,
+)
 from kinship.train import checkpoint
 from kinship.train.optim import build_optimizer, learning_rate, set_learning_rate
 
@@ -148,8 +150,7 @@ class Trainer:
         self.is_main = rank() == 0
         self.out_dir = Path(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        precision = self.config.train.precision
-        self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.autocast = use_bf16(self.config.train.precision, self.device)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.ckpt_path = self.out_dir / "last.pt"
 
