@@ -200,3 +200,45 @@ def test_solvers_on_two_unequal_shards_equal_one_process():
         assert torch.allclose(joined, solve(logits), atol=1e-12), name
         per_shard = torch.cat([solve(logits[:cut]), solve(logits[cut:])])  # the wrong, per-process marginal
         assert (per_shard - solve(logits)).abs().max() > 0.1, name
+
+
+def make_swav():
+    from kinship.methods.swav import SwAV
+
+    torch.manual_seed(0)
+    values = {"name": "swav", "prototypes": 6, "dim": DIM, "hidden": 24, "queue_size": 2 * BATCH, "queue_start_epoch": 0,
+              "freeze_prototypes_epochs": 0}
+    return SwAV(build_config({"method": values}).method, FlatLinear(), DataInfo(64, 10, 4)).double().eval()
+
+
+def run_swav_steps(model: nn.Module, views, steps: int = 3):
+    losses = []
+    for s in range(steps):  # the queue fills in two steps and joins the assignment in the third
+        loss, _ = model([v + 0.1 * s for v in views], Batch(torch.arange(len(views[0])), torch.empty(0), torch.empty(0)),
+                        StepInfo(0, s, steps, torch.Generator(), s))
+        loss.backward()
+        losses.append(loss.item())
+    return losses
+
+
+def _swav_worker(rank: int, port: int, out: dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    method = make_swav()
+    ddp = nn.parallel.DistributedDataParallel(method, **no_buffer_sync())
+    half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+    losses = run_swav_steps(ddp, [v[half] for v in inputs()])
+    out[rank] = {"losses": losses, "queues": [q.rows.clone() for q in method.queues]}
+    dist.destroy_process_group()
+
+
+def test_swav_queue_and_codes_equal_single_process():
+    got = spawn_two(_swav_worker)
+    single = make_swav()
+    expected = run_swav_steps(single, inputs())
+    for rank in (0, 1):  # every process holds the whole queue, as the checkpoint does
+        for q, e in zip(got[rank]["queues"], single.queues):
+            assert torch.allclose(q, e.rows, atol=1e-12)
+    for step, loss in enumerate(expected):  # the step with the queue in Sinkhorn included
+        assert abs((got[0]["losses"][step] + got[1]["losses"][step]) / 2 - loss) < 1e-10

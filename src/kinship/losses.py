@@ -43,10 +43,11 @@ def swapped_prediction_loss(targets: list[torch.Tensor], logits: list[torch.Tens
     targets[g] (B, K): soft labels of global crop g (rows on the simplex, no gradient); logits[v] (B, K)
     of every crop v, the global crops first. Target g is predicted by every crop v != g with
     cross-entropy -sum_k q_gk log softmax(s_v / T)_k; mean over the batch and those crops, then over g.
+    Computed in fp32 at least (bf16 logits are upcast, fp64 stays fp64).
     """
     per_target = []
     for g, q in enumerate(targets):
-        terms = [-(q.detach() * F.log_softmax(s.float() / temperature, dim=1)).sum(dim=1).mean()
+        terms = [-(q.detach() * F.log_softmax(s.to(torch.promote_types(s.dtype, torch.float32)) / temperature, dim=1)).sum(dim=1).mean()
                  for v, s in enumerate(logits) if v != g]
         per_target.append(torch.stack(terms).mean())
     return torch.stack(per_target).mean()

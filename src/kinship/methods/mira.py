@@ -87,7 +87,7 @@ class MIRA(Method):
             logits += list(self.head(self.projector(self.backbone(torch.cat(locals_))), frozen).chunk(len(locals_)))
         with torch.no_grad():
             teacher = self.teacher if cfg.ema_teacher else nn.Sequential(self.backbone, self.projector)
-            teacher_logits = self.head(teacher(globals_), frozen=True).float()
+            teacher_logits = self.head(teacher(globals_), frozen=True)  # the solver upcasts bf16 to fp32
             beta = self.beta(step)
             targets = [mira_targets(t, cfg.tau_teacher, beta, cfg.iterations) for t in teacher_logits.chunk(2)]
         loss = swapped_prediction_loss(targets, logits, cfg.tau_student)

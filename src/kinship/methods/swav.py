@@ -4,9 +4,11 @@
     q_s = Sinkhorn(s_s / epsilon), s in the 2 global crops, no gradient; with a queue of past
           embeddings prepended once it is full (small batches), only the batch rows kept
     loss = mean_s mean_{v != s} CE(q_s, softmax(s_v / T))
-The prototypes are frozen for the first epoch(s). Under DDP each process keeps its own queue of
-``queue_size / processes`` rows and Sinkhorn sums over all processes (``main_swav.py``), so the
-processes together hold the single-process queue.
+The prototypes are frozen for the first epoch(s). The queue receives the embeddings of every
+process (so every process, and the checkpoint, holds the whole queue) and each process prepends
+its own share of it: Sinkhorn sums over all processes, so each queued row counts once, as in one
+process with the whole queue (``main_swav.py`` keeps per-process queues instead, which a
+checkpoint written by rank 0 could not restore).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from kinship.data.loader import Batch
 from kinship.losses import swapped_prediction_loss
 from kinship.methods.base import DataInfo, Method, StepInfo
 from kinship.models.heads import PrototypeHead, mlp
-from kinship.runtime import world_size
+from kinship.runtime import rank, world_size
 
 
 @dataclass
@@ -56,8 +58,7 @@ class SwAV(Method):
         self.projector = mlp(backbone.feature_dim, config.hidden, config.dim)
         self.head = PrototypeHead(config.dim, config.prototypes)
         if config.queue_size:
-            local = config.queue_size // world_size()
-            self.queues = nn.ModuleList([FifoQueue(local, config.dim, init="zeros") for _ in range(2)])
+            self.queues = nn.ModuleList([FifoQueue(config.queue_size, config.dim, init="zeros") for _ in range(2)])
 
     @property
     def eval_recipe(self) -> AugmentConfig:
@@ -80,11 +81,12 @@ class SwAV(Method):
         codes = []
         with torch.no_grad():
             for s in range(2):
-                scores = logits[s].detach().float()
+                scores = logits[s].detach()  # the solver upcasts bf16 to fp32 itself
                 queue = self.queues[s] if cfg.queue_size and step.epoch >= cfg.queue_start_epoch else None
                 if queue is not None and queue.filled == queue.size:  # SwAV uses the queue once it is full
-                    scores = torch.cat([self.head(queue.rows, frozen=True).float(), scores])
+                    share = torch.tensor_split(queue.rows, world_size())[rank()]
+                    scores = torch.cat([self.head(share, frozen=True).to(scores.dtype), scores])
                 codes.append(sinkhorn(scores, cfg.epsilon, cfg.sinkhorn_iterations)[-len(embeddings[s]):])
                 if queue is not None:
-                    queue.push_gathered(embeddings[s].detach())  # this process's rows only
+                    queue.push(embeddings[s].detach())  # the rows of every process
         return swapped_prediction_loss(codes, logits, cfg.temperature), {}
