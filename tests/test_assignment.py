@@ -91,6 +91,9 @@ def test_mira_is_finite_for_extreme_logits_in_low_precision():
     w32 = mira_targets(logits.float(), TAU, 0.75)
     assert torch.isfinite(w32).all()
     assert (w32.double() - mira_targets(logits, TAU, 0.75)).abs().max() <= 1e-6
+    wild = 200 * skewed_logits(b=256, k=50, seed=7)  # far beyond cosines: whole columns underflow in fp32
+    w32 = mira_targets(wild.float(), TAU, 0.75)
+    assert torch.isfinite(w32).all() and (w32.double() - mira_targets(wild, TAU, 0.75)).abs().max() <= 1e-5
     w16 = mira_targets((3 * logits).half(), TAU, 0.75)  # upcast before dividing by the temperature
     assert w16.dtype == torch.float32 and torch.isfinite(w16).all()
     with pytest.raises(ValueError, match="beta"):
@@ -108,6 +111,39 @@ def test_sinkhorn_codes_meet_their_marginals():
     assert deviation(sinkhorn(scores, 0.5, 200)) <= 1e-4
     errors = [deviation(sinkhorn(scores, 0.05, n)) for n in (1, 3, 10, 30)]
     assert errors == sorted(errors, reverse=True)
+
+
+def reference_sinkhorn(scores, epsilon, iterations):
+    """``main_swav.py: distributed_sinkhorn`` on one process, float64 (the max subtracted first)."""
+    q = (scores.double() / epsilon - scores.double().max() / epsilon).exp().T
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(iterations):
+        q /= q.sum(dim=1, keepdim=True) * k
+        q /= q.sum(dim=0, keepdim=True) * b
+    return (q * b).T
+
+
+@pytest.mark.parametrize("iterations", [1, 3, 10])
+def test_sinkhorn_matches_swav_code(iterations):
+    scores = skewed_logits(b=256, k=20, seed=8)
+    reference = reference_sinkhorn(scores, 0.05, iterations)
+    assert (sinkhorn(scores, 0.05, iterations) - reference).abs().max() <= 1e-12
+    assert (sinkhorn(scores.float(), 0.05, iterations).double() - reference).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="iteration"):
+        sinkhorn(scores, 0.05, 0)
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.01])
+def test_sinkhorn_in_fp32_when_half_the_batch_is_far_from_every_prototype(epsilon):
+    """Cosine scores span up to 2 / epsilon = 200 in the exponent: the row scalings span that range
+    too, and fp32 must still agree with fp64."""
+    g = torch.Generator().manual_seed(9)
+    scores = torch.rand(256, 500, generator=g, dtype=torch.float64) * 0.1 - 1.0
+    scores[::2] = torch.rand(128, 500, generator=g, dtype=torch.float64) * 2 - 1
+    scores[::2, :5] = 1.0
+    q = sinkhorn(scores.float(), epsilon, 3)
+    assert torch.isfinite(q).all() and (q.double() - sinkhorn(scores, epsilon, 3)).abs().max() <= 1e-6
 
 
 def test_sinkhorn_special_cases():
