@@ -32,11 +32,15 @@ STUDIES = {
         ("CMSF-sup", "configs/cmsf_cpu.yaml", ["method.constraint=supervised", "method.topk=10"]),
     ],
 }
-PROTOCOLS = ("knn", "linear", "purity")
+PROTOCOLS = ("knn", "linear", "purity", "clustering")
+# (header, key) of the table; a column shows when any run has its key
+COLUMNS = [("k-NN k200", "knn_200"), ("k-NN k20", "knn_20"), ("linear", "linear"), ("purity@20", "purity_20"),
+           ("k-means ACC", "kmeans_acc"), ("k-means NMI", "kmeans_nmi"), ("k-means ARI", "kmeans_ari"),
+           ("head K (occupied)", "head_k"), ("head ACC", "head_acc"), ("head NMI", "head_nmi"), ("head ARI", "head_ari")]
 
 
 def run_one(name: str, config_path: str, overrides: list[str], out: Path) -> dict:
-    folder = out / name.lower().replace(" ", "_").replace("%", "pct")
+    folder = out / name.lower().replace(" ", "_").replace("%", "pct").replace("=", "")
     config = load_config(config_path, overrides)
     tick = time.time()
     if not (folder / "last.pt").is_file() or json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1]).get("summary") is None:
@@ -45,28 +49,38 @@ def run_one(name: str, config_path: str, overrides: list[str], out: Path) -> dic
     evaluation = Evaluation(folder / "last.pt", folder, [], progress=False, log=lambda *_: None)
     results = {p: evaluation.run(p) for p in PROTOCOLS}
     summary = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["summary"]
-    return {"name": name, "config": config_path, "overrides": overrides, "train_minutes": summary["minutes"],
-            "epochs": summary["epochs_done"], "random_init_knn": summary.get("knn_random_init_top1"),
-            "knn_200": results["knn"]["weighted"][1]["top1"], "knn_20": results["knn"]["weighted"][0]["top1"],
-            "linear": results["linear"]["top1"], "purity_20": results["purity"]["purity"].get("20"),
-            "run": str(folder), "wall_minutes": minutes}
+    row = {"name": name, "config": config_path, "overrides": overrides, "train_minutes": summary["minutes"],
+           "epochs": summary["epochs_done"], "random_init_knn": summary.get("knn_random_init_top1"),
+           "knn_200": results["knn"]["weighted"][1]["top1"], "knn_20": results["knn"]["weighted"][0]["top1"],
+           "linear": results["linear"]["top1"], "purity_20": results["purity"]["purity"].get("20"),
+           "run": str(folder), "wall_minutes": minutes}
+    for r in results["clustering"]["rows"]:
+        prefix = "head" if r["clustering"] == "method head argmax" else "kmeans"
+        row.update({f"{prefix}_{m}": r[m] for m in ("acc", "nmi", "ari")})
+        if prefix == "head":
+            row["head_k"] = f"{r['k']} ({r['occupied']})"
+    return row
 
 
 def write(rows: list[dict], out: Path, title: str, command: str) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    lines = [f"# {title}", "", f"`{command}`", "",
-             "| method | epochs | train min | k-NN k200 | k-NN k20 | linear | purity@20 |", "|---|---|---|---|---|---|---|"]
+    columns = [(h, k) for h, k in COLUMNS if any(k in r for r in rows)]
+    cell = lambda v: "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [f"# {title}", "", f"`{command}`", "", "| method | epochs | train min | " + " | ".join(h for h, _ in columns) + " |",
+             "|---" * (len(columns) + 3) + "|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['epochs']} | {r['train_minutes']:.1f} | {r['knn_200']:.2f} | {r['knn_20']:.2f} | "
-                     f"{r['linear']:.2f} | {r['purity_20']:.2f} |")
+        lines.append(f"| {r['name']} | {r['epochs']} | {r['train_minutes']:.1f} | " + " | ".join(cell(r.get(k)) for _, k in columns) + " |")
     if rows and rows[0]["random_init_knn"] is not None:
         lines += ["", f"Random init, k-NN k200: {rows[0]['random_init_knn']:.2f}."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(8, 3.8), dpi=110)
     names = [r["name"] for r in rows]
-    width = 0.27
-    for i, (key, label) in enumerate([("knn_200", "k-NN (k 200, T 0.1)"), ("linear", "linear probe"), ("purity_20", "purity@20")]):
-        ax.bar([j + (i - 1) * width for j in range(len(rows))], [r[key] for r in rows], width, label=label)
+    bars = [("knn_200", "k-NN (k 200, T 0.1)"), ("linear", "linear probe"), ("purity_20", "purity@20"),
+            ("kmeans_nmi", "k-means NMI"), ("head_nmi", "head NMI")]
+    bars = [(k, label) for k, label in bars if any(k in r for r in rows)]
+    width = 0.8 / len(bars)
+    for i, (key, label) in enumerate(bars):
+        ax.bar([j + (i - (len(bars) - 1) / 2) * width for j in range(len(rows))], [r.get(key, 0) for r in rows], width, label=label)
     if rows and rows[0]["random_init_knn"] is not None:
         ax.axhline(rows[0]["random_init_knn"], color="gray", ls="--", lw=1, label="random init k-NN")
     ax.set_xticks(range(len(rows)), names)

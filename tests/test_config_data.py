@@ -1,5 +1,6 @@
 """Config validation, data loading errors, labeled subsets and the batch plan."""
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,3 +91,19 @@ def test_batch_plan_ranks_partition_the_global_batch():
     seen = torch.cat([single.indices(0, s) for s in range(single.steps_per_epoch)])
     assert len(torch.unique(seen)) == 96  # drop_last, no repeats
     assert not torch.equal(single.indices(0, 0), single.indices(1, 0))
+
+
+PRESETS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_loads_and_builds_its_method(path):
+    from kinship.methods import DataInfo
+    from kinship.train.trainer import build_method
+
+    config = load_config(path)
+    if config.model.backbone == "resnet50":  # parse only: ResNet-50 methods with ImageNet banks are large
+        return
+    method = build_method(config, DataInfo(50_000, 100, 32)).eval()
+    with torch.no_grad():
+        assert method.eval_backbone(torch.zeros(2, 3, 32, 32)).shape == (2, method.backbone.feature_dim)

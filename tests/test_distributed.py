@@ -242,3 +242,51 @@ def test_swav_queue_and_codes_equal_single_process():
             assert torch.allclose(q, e.rows, atol=1e-12)
     for step, loss in enumerate(expected):  # the step with the queue in Sinkhorn included
         assert abs((got[0]["losses"][step] + got[1]["losses"][step]) / 2 - loss) < 1e-10
+
+
+def make_mira():
+    from kinship.methods.mira import MIRA
+
+    torch.manual_seed(0)
+    values = {"name": "mira", "prototypes": 6, "dim": DIM, "hidden": 24, "freeze_prototypes_epochs": 0}
+    return MIRA(build_config({"method": values}).method, FlatLinear(), DataInfo(64, 10, 4)).double().eval()
+
+
+def run_mira_steps(model: nn.Module, method, views, steps: int = 3):
+    """Steps with SGD and the EMA teacher update: the targets' marginal is global, so the losses, the
+    DDP-averaged gradients and hence the student and teacher weights match one process."""
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.5)
+    losses = []
+    for s in range(steps):
+        info = StepInfo(0, s, steps, torch.Generator(), s)
+        optimizer.zero_grad()
+        loss, _ = model([v + 0.1 * s for v in views], Batch(torch.arange(len(views[0])), torch.empty(0), torch.empty(0)), info)
+        loss.backward()
+        optimizer.step()
+        method.after_step(info)
+        losses.append(loss.item())
+    return losses
+
+
+def _mira_worker(rank: int, port: int, out: dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    method = make_mira()
+    ddp = nn.parallel.DistributedDataParallel(method, **no_buffer_sync())
+    half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+    losses = run_mira_steps(ddp, method, [v[half] for v in inputs()])
+    out[rank] = {"losses": losses, "teacher": [p.clone() for p in method.teacher.parameters()]}
+    dist.destroy_process_group()
+
+
+def test_mira_targets_and_teacher_equal_single_process():
+    got = spawn_two(_mira_worker)
+    single = make_mira()
+    expected = run_mira_steps(single, single, inputs())
+    for step, loss in enumerate(expected):
+        assert abs((got[0]["losses"][step] + got[1]["losses"][step]) / 2 - loss) < 1e-10
+    for rank in (0, 1):
+        for p, e in zip(got[rank]["teacher"], single.teacher.parameters()):
+            assert torch.allclose(p, e, atol=1e-10)
+    assert expected[0] != expected[-1]  # the steps changed the networks

@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-import torchvision
 from PIL import Image
 
 from conftest import tiny_run_config
@@ -12,6 +11,7 @@ from kinship.config import build_config, to_dict
 from kinship.data import DataError, ImageSet
 from kinship.eval.export import export_backbone
 from kinship.eval.features import extract_features
+from kinship.eval.metrics import clustering_scores
 from kinship.eval.suite import Evaluation, check_labels
 from kinship.methods import DataInfo
 from kinship.train.checkpoint import CheckpointError, save_atomic
@@ -84,9 +84,15 @@ def test_cluster_head_argmax_is_reported(tiny_checkpoint, tmp_path, monkeypatch)
 
     # a stand-in prototype head: the argmax over the first 3 feature dimensions
     monkeypatch.setattr(MoCoV2, "cluster_scores", lambda self, features: features[:, :3], raising=False)
-    rows = quiet_eval(tiny_checkpoint, tmp_path).run("clustering")["rows"]
+    evaluation = quiet_eval(tiny_checkpoint, tmp_path)
+    rows = evaluation.run("clustering")["rows"]
     head = [r for r in rows if r["clustering"] == "method head argmax"]
-    assert len(head) == 1 and 0 <= head[0]["acc"] <= 100
+    predicted = evaluation.features().test[:, :3].argmax(1)
+    expected = clustering_scores(evaluation.data.test.labels.cpu(), predicted.cpu())
+    assert len(head) == 1 and head[0]["k"] == 3 and head[0]["occupied"] == len(predicted.unique())
+    assert head[0]["acc"] == pytest.approx(expected["acc"]) and head[0]["nmi"] == pytest.approx(expected["nmi"])
+    cached = quiet_eval(tiny_checkpoint, tmp_path).run("clustering")["rows"]  # from the feature cache
+    assert [r for r in cached if r["clustering"] == "method head argmax"] == head
 
 
 def _checkpoint_of(tmp_path, **model):
@@ -102,18 +108,14 @@ def _checkpoint_of(tmp_path, **model):
     return path, method
 
 
-@pytest.mark.parametrize("cifar_stem", [True, False])
-def test_exported_backbone_loads_into_torchvision_with_same_features(tmp_path, cifar_stem):
-    path, method = _checkpoint_of(tmp_path, backbone="resnet18", cifar_stem=cifar_stem)
+@pytest.mark.parametrize("cifar_stem,stem_padding", [(True, 1), (True, 2), (False, 1)])
+def test_exported_backbone_loads_into_torchvision_with_same_features(tmp_path, cifar_stem, stem_padding):
+    path, method = _checkpoint_of(tmp_path, backbone="resnet18", cifar_stem=cifar_stem, stem_padding=stem_padding)
     how = export_backbone(path, tmp_path / "backbone.pt")
-    model = torchvision.models.resnet18()
-    if cifar_stem:
-        model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = torch.nn.Identity()
-        assert "model.maxpool = torch.nn.Identity()" in how
-    model.fc = torch.nn.Identity()
-    model.load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True))  # strict
-    model.eval()
+    namespace = {}
+    exec(how, namespace)  # the printed loading lines, as a user runs them (strict load)
+    model = namespace["model"].eval()
+    assert model.conv1.padding == ((stem_padding,) * 2 if cifar_stem else (3, 3))
     images = (torch.rand(6, 3, 32, 32) * 255).to(torch.uint8)
     recipe = method.eval_recipe
     ours = extract_features(method.eval_backbone, images, recipe)

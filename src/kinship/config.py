@@ -44,6 +44,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet18"  # resnet18 | resnet50 | convnet
     cifar_stem: bool = True  # 3x3 stride-1 conv1, no max-pool (ResNets)
+    stem_padding: int = 1  # of the CIFAR stem's conv1; MIRA's and solo-learn's code use 2 (34 x 34 maps)
     width: int = 32  # convnet base width
 
 

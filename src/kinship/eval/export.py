@@ -29,7 +29,7 @@ def loading_instructions(config: RunConfig, path: Path) -> str:
     if m.backbone.startswith("resnet"):
         lines = ["import torch, torchvision", f"model = torchvision.models.{m.backbone}()"]
         if m.cifar_stem:
-            lines += ["model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)  # CIFAR stem",
+            lines += [f"model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding={m.stem_padding}, bias=False)  # CIFAR stem",
                       "model.maxpool = torch.nn.Identity()  # CIFAR stem"]
         lines += ["model.fc = torch.nn.Identity()  # the backbone's features; put your own classifier here",
                   f"model.load_state_dict(torch.load('{path}', weights_only=True))"]

@@ -99,6 +99,7 @@ class Features:
     train: torch.Tensor  # (N_train, D): the k-NN bank (the train split or its eval.knn_train_limit subset)
     test: torch.Tensor  # (N_test, D)
     head_test: torch.Tensor | None  # (N_test,) argmax of the method's cluster head, if it has one
+    head_k: int  # the head's number of clusters (0 without a head)
     seconds: float
     cached: bool
 
@@ -147,7 +148,8 @@ class Evaluation:
         path, tick = self.cache_path(), time.time()
         if path.is_file():
             saved = torch.load(path, map_location=self.device, weights_only=True)
-            self._features = Features(saved["train"], saved["test"], saved.get("head_test"), time.time() - tick, True)
+            self._features = Features(saved["train"], saved["test"], saved.get("head_test"), int(saved.get("head_k", 0)),
+                                      time.time() - tick, True)
             self.log(f"features: cached {path} ({len(saved['train'])} train, {len(saved['test'])} test)")
             return self._features
         extract = dict(batch_size=self.config.eval.batch_size, autocast=self.autocast, progress=self.progress)
@@ -155,12 +157,12 @@ class Evaluation:
         test = extract_features(self.backbone, self.data.test.images, self.recipe, desc="features: test", **extract)
         with torch.no_grad():
             scores = self.method.cluster_scores(test)
-        head_test = None if scores is None else scores.argmax(1)
+        head_test, head_k = (None, 0) if scores is None else (scores.argmax(1), scores.shape[1])
         saved = {"train": train, "test": test}
         if head_test is not None:
-            saved["head_test"] = head_test
+            saved.update(head_test=head_test, head_k=torch.tensor(head_k))
         checkpoint.save_atomic(saved, path)
-        self._features = Features(train, test, head_test, time.time() - tick, False)
+        self._features = Features(train, test, head_test, head_k, time.time() - tick, False)
         self.log(f"features: {len(train)} train and {len(test)} test images in {self._features.seconds:.1f} s, cached at {path}")
         return self._features
 
@@ -235,7 +237,8 @@ class Evaluation:
         y = self.data.test.labels.cpu()
         rows = [{"clustering": "k-means (spherical, fit on train)", "k": k, **clustering_scores(y, predicted.cpu())}]
         if f.head_test is not None:
-            rows.append({"clustering": "method head argmax", "k": int(f.head_test.max()) + 1, **clustering_scores(y, f.head_test.cpu())})
+            rows.append({"clustering": "method head argmax", "k": f.head_k, "occupied": len(f.head_test.unique()),
+                         **clustering_scores(y, f.head_test.cpu())})
         return {"rows": rows, "restarts": ev.clustering_restarts}
 
     def purity(self) -> dict:
@@ -329,8 +332,9 @@ def markdown_report(report: dict) -> str:
         lines += [f"| {s['labels']} | {s['images']:,} | {s['frozen_probe_top1']:.2f} | {s['top1']:.2f} | {s['top5']:.2f} |" for s in r["settings"]]
         lines.append("")
     if "clustering" in p:
-        lines += ["## Clustering of the test split", "", "| clustering | K | ACC | NMI | ARI |", "|---|---|---|---|---|"]
-        lines += [f"| {r['clustering']} | {r['k']} | {r['acc']:.2f} | {r['nmi']:.2f} | {r['ari']:.2f} |" for r in p["clustering"]["rows"]]
+        lines += ["## Clustering of the test split", "", "| clustering | K (occupied) | ACC | NMI | ARI |", "|---|---|---|---|---|"]
+        lines += [f"| {r['clustering']} | {r['k']}{' (%d)' % r['occupied'] if 'occupied' in r else ''} | {r['acc']:.2f} | "
+                  f"{r['nmi']:.2f} | {r['ari']:.2f} |" for r in p["clustering"]["rows"]]
         lines.append("")
     if "purity" in p:
         r = p["purity"]

@@ -17,11 +17,11 @@ class ResNetBackbone(nn.Module):
     ``torchvision.models.resnet18()`` after the same two-line change (see ``kinship export``).
     """
 
-    def __init__(self, name: str, cifar_stem: bool) -> None:
+    def __init__(self, name: str, cifar_stem: bool, stem_padding: int = 1) -> None:
         super().__init__()
         net = getattr(torchvision.models, name)(weights=None)
         if cifar_stem:
-            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=stem_padding, bias=False)
             net.maxpool = nn.Identity()
         self.feature_dim = net.fc.in_features
         net.fc = nn.Identity()
@@ -65,9 +65,9 @@ class ConvNet(nn.Module):
         return self.features(x)
 
 
-def build_backbone(name: str, cifar_stem: bool = True, width: int = 32) -> nn.Module:
+def build_backbone(name: str, cifar_stem: bool = True, width: int = 32, stem_padding: int = 1) -> nn.Module:
     if name in ("resnet18", "resnet34", "resnet50"):
-        return ResNetBackbone(name, cifar_stem)
+        return ResNetBackbone(name, cifar_stem, stem_padding)
     if name == "convnet":
         return ConvNet(width)
     raise ValueError(f"unknown backbone '{name}' (choose resnet18, resnet34, resnet50 or convnet)")

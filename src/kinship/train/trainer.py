@@ -116,7 +116,8 @@ def make_loader(data: RunData, plan: BatchPlan, device: torch.device, workers: i
 
 
 def build_method(config: RunConfig, info: DataInfo) -> Method:
-    backbone = build_backbone(config.model.backbone, config.model.cifar_stem, config.model.width)
+    m = config.model
+    backbone = build_backbone(m.backbone, m.cifar_stem, m.width, m.stem_padding)
     return METHODS[config.method.name](config.method, backbone, info)
 
 
