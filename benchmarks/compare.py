@@ -31,6 +31,15 @@ STUDIES = {
         ("CMSF-semi 10%", "configs/cmsf_cpu.yaml", ["method.constraint=semi", "method.topk=10", "data.labeled_fraction=0.1"]),
         ("CMSF-sup", "configs/cmsf_cpu.yaml", ["method.constraint=supervised", "method.topk=10"]),
     ],
+    # seed 004 Table 8: SwAV vs MIRA without EMA differ only by the pseudo-labels; K = 10 makes the
+    # prototype head a 10-way clustering of CIFAR-10 (the K = 3000 head is not one)
+    "swav_mira": [
+        ("SwAV", "configs/swav_cpu.yaml", []),
+        ("MIRA w/o EMA", "configs/mira_cpu.yaml", ["method.ema_teacher=false"]),
+        ("MIRA", "configs/mira_cpu.yaml", []),
+        ("SwAV K=10", "configs/swav_cpu.yaml", ["method.prototypes=10"]),
+        ("MIRA K=10", "configs/mira_cpu.yaml", ["method.prototypes=10"]),
+    ],
 }
 PROTOCOLS = ("knn", "linear", "purity", "clustering")
 # (header, key) of the table; a column shows when any run has its key

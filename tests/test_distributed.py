@@ -10,7 +10,7 @@ from torch import nn
 
 from kinship.config import build_config
 from kinship.data import Batch
-from kinship.methods import DataInfo, StepInfo
+from kinship.methods import METHODS, DataInfo, StepInfo
 from kinship.methods.cmsf import CMSF
 from kinship.methods.mocov2 import MoCoV2
 from kinship.train.trainer import no_buffer_sync
@@ -72,11 +72,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_two(worker) -> dict:
-    """Run ``worker(rank, port, out)`` on 2 gloo processes; returns what each put in ``out``."""
+def spawn_two(worker, *args) -> dict:
+    """Run ``worker(rank, port, out, *args)`` on 2 gloo processes; returns what each put in ``out``."""
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(worker, args=(free_port(), out), nprocs=2, join=True)
+    mp.spawn(worker, args=(free_port(), out, *args), nprocs=2, join=True)
     return dict(out)
 
 
@@ -202,59 +202,23 @@ def test_solvers_on_two_unequal_shards_equal_one_process():
         assert (per_shard - solve(logits)).abs().max() > 0.1, name
 
 
-def make_swav():
-    from kinship.methods.swav import SwAV
+PROTOTYPE_METHODS = {  # tiny SwAV (queue joining in the third step) and MIRA (EMA teacher)
+    "swav": {"name": "swav", "prototypes": 6, "dim": DIM, "hidden": 24, "queue_size": 2 * BATCH, "queue_start_epoch": 0,
+             "freeze_prototypes_epochs": 0},
+    "mira": {"name": "mira", "prototypes": 6, "dim": DIM, "hidden": 24, "freeze_prototypes_epochs": 0},
+}
 
+
+def make_prototype_method(name: str):
     torch.manual_seed(0)
-    values = {"name": "swav", "prototypes": 6, "dim": DIM, "hidden": 24, "queue_size": 2 * BATCH, "queue_start_epoch": 0,
-              "freeze_prototypes_epochs": 0}
-    return SwAV(build_config({"method": values}).method, FlatLinear(), DataInfo(64, 10, 4)).double().eval()
+    config = build_config({"method": PROTOTYPE_METHODS[name]})
+    return METHODS[name](config.method, FlatLinear(), DataInfo(64, 10, 4)).double().eval()
 
 
-def run_swav_steps(model: nn.Module, views, steps: int = 3):
-    losses = []
-    for s in range(steps):  # the queue fills in two steps and joins the assignment in the third
-        loss, _ = model([v + 0.1 * s for v in views], Batch(torch.arange(len(views[0])), torch.empty(0), torch.empty(0)),
-                        StepInfo(0, s, steps, torch.Generator(), s))
-        loss.backward()
-        losses.append(loss.item())
-    return losses
-
-
-def _swav_worker(rank: int, port: int, out: dict):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    method = make_swav()
-    ddp = nn.parallel.DistributedDataParallel(method, **no_buffer_sync())
-    half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
-    losses = run_swav_steps(ddp, [v[half] for v in inputs()])
-    out[rank] = {"losses": losses, "queues": [q.rows.clone() for q in method.queues]}
-    dist.destroy_process_group()
-
-
-def test_swav_queue_and_codes_equal_single_process():
-    got = spawn_two(_swav_worker)
-    single = make_swav()
-    expected = run_swav_steps(single, inputs())
-    for rank in (0, 1):  # every process holds the whole queue, as the checkpoint does
-        for q, e in zip(got[rank]["queues"], single.queues):
-            assert torch.allclose(q, e.rows, atol=1e-12)
-    for step, loss in enumerate(expected):  # the step with the queue in Sinkhorn included
-        assert abs((got[0]["losses"][step] + got[1]["losses"][step]) / 2 - loss) < 1e-10
-
-
-def make_mira():
-    from kinship.methods.mira import MIRA
-
-    torch.manual_seed(0)
-    values = {"name": "mira", "prototypes": 6, "dim": DIM, "hidden": 24, "freeze_prototypes_epochs": 0}
-    return MIRA(build_config({"method": values}).method, FlatLinear(), DataInfo(64, 10, 4)).double().eval()
-
-
-def run_mira_steps(model: nn.Module, method, views, steps: int = 3):
-    """Steps with SGD and the EMA teacher update: the targets' marginal is global, so the losses, the
-    DDP-averaged gradients and hence the student and teacher weights match one process."""
+def run_prototype_steps(model: nn.Module, method, views, steps: int = 3):
+    """SGD steps, each followed by the method's after_step (MIRA's EMA). The targets' batch sums are
+    global, so the losses, the DDP-averaged gradients and hence every weight, queue and teacher match
+    one process fed the concatenated batch."""
     optimizer = torch.optim.SGD(method.parameters(), lr=0.5)
     losses = []
     for s in range(steps):
@@ -268,25 +232,26 @@ def run_mira_steps(model: nn.Module, method, views, steps: int = 3):
     return losses
 
 
-def _mira_worker(rank: int, port: int, out: dict):
+def _prototype_worker(rank: int, port: int, out: dict, name: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    method = make_mira()
+    method = make_prototype_method(name)
     ddp = nn.parallel.DistributedDataParallel(method, **no_buffer_sync())
     half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
-    losses = run_mira_steps(ddp, method, [v[half] for v in inputs()])
-    out[rank] = {"losses": losses, "teacher": [p.clone() for p in method.teacher.parameters()]}
+    losses = run_prototype_steps(ddp, method, [v[half] for v in inputs()])
+    out[rank] = {"losses": losses, "state": {k: v.clone() for k, v in method.state_dict().items()}}
     dist.destroy_process_group()
 
 
-def test_mira_targets_and_teacher_equal_single_process():
-    got = spawn_two(_mira_worker)
-    single = make_mira()
-    expected = run_mira_steps(single, single, inputs())
-    for step, loss in enumerate(expected):
+@pytest.mark.parametrize("name", sorted(PROTOTYPE_METHODS))
+def test_prototype_methods_equal_single_process(name):
+    got = spawn_two(_prototype_worker, name)
+    single = make_prototype_method(name)
+    expected = run_prototype_steps(single, single, inputs())
+    for step, loss in enumerate(expected):  # SwAV: the step with the queue in Sinkhorn included
         assert abs((got[0]["losses"][step] + got[1]["losses"][step]) / 2 - loss) < 1e-10
-    for rank in (0, 1):
-        for p, e in zip(got[rank]["teacher"], single.teacher.parameters()):
-            assert torch.allclose(p, e, atol=1e-10)
-    assert expected[0] != expected[-1]  # the steps changed the networks
+    for rank in (0, 1):  # every process holds the whole queue and the same teacher, as the checkpoint does
+        for key, value in single.state_dict().items():
+            assert torch.allclose(got[rank]["state"][key].double(), value.double(), atol=1e-10), (name, key)
+    assert expected[0] != expected[-1]
