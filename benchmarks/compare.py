@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -49,7 +50,7 @@ COLUMNS = [("k-NN k200", "knn_200"), ("k-NN k20", "knn_20"), ("linear", "linear"
 
 
 def run_one(name: str, config_path: str, overrides: list[str], out: Path) -> dict:
-    folder = out / name.lower().replace(" ", "_").replace("%", "pct").replace("=", "")
+    folder = out / re.sub(r"[^a-z0-9]+", "_", name.lower().replace("%", "pct")).strip("_")
     config = load_config(config_path, overrides)
     tick = time.time()
     if not (folder / "last.pt").is_file() or json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1]).get("summary") is None:

@@ -58,6 +58,17 @@ def test_ema_update_formula_and_no_grad():
         assert torch.allclose(t, 0.9 * b + 0.1 * o, atol=1e-7)
 
 
+def test_ema_target_keeps_its_own_batch_norm_statistics():
+    online = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    target = make_target(online)
+    with torch.no_grad():
+        online(torch.randn(16, 3) + 5.0)  # the online network sees other activations
+        target(torch.randn(16, 3))
+    own = target[1].running_mean.clone()
+    ema_update(target, online, 0.9)
+    assert torch.equal(target[1].running_mean, own) and not torch.equal(own, online[1].running_mean)
+
+
 def test_queue_fifo_wraps():
     q = FifoQueue(5, 2, init="zeros")
     q.push(torch.ones(3, 2))

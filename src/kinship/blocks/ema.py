@@ -28,10 +28,10 @@ def make_target(online: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """xi <- m xi + (1 - m) theta for parameters; buffers (BN statistics) are copied."""
+    """xi <- m xi + (1 - m) theta for parameters. Buffers are left alone: the target's BN running
+    statistics are its own, gathered by its train-mode forwards, as in MoCo, BYOL and MIRA's code;
+    they are the ones an evaluated EMA network (MIRA's teacher) needs (mira.md pitfall 13)."""
     t_params = [p for p in target.parameters()]
     o_params = [p.detach() for p in online.parameters()]
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, o_params, alpha=1 - momentum)
-    for t, o in zip(target.buffers(), online.buffers()):
-        t.copy_(o)
