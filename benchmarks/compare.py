@@ -83,7 +83,7 @@ def write(rows: list[dict], out: Path, title: str, command: str) -> None:
     if rows and rows[0]["random_init_knn"] is not None:
         lines += ["", f"Random init, k-NN k200: {rows[0]['random_init_knn']:.2f}."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(8, 3.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(8, 4.4), dpi=110)
     names = [r["name"] for r in rows]
     bars = [("knn_200", "k-NN (k 200, T 0.1)"), ("linear", "linear probe"), ("purity_20", "purity@20"),
             ("kmeans_nmi", "k-means NMI"), ("head_nmi", "head NMI")]
@@ -96,7 +96,7 @@ def write(rows: list[dict], out: Path, title: str, command: str) -> None:
     ax.set_xticks(range(len(rows)), names)
     ax.set_ylabel("%")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     fig.tight_layout()
     fig.savefig(out / "results.png")
     plt.close(fig)
