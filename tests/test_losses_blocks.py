@@ -69,6 +69,20 @@ def test_ema_target_keeps_its_own_batch_norm_statistics():
     assert torch.equal(target[1].running_mean, own) and not torch.equal(own, online[1].running_mean)
 
 
+def test_multi_crop_forward_is_one_pass_per_resolution():
+    from kinship.blocks.multicrop import forward_crops
+
+    calls = []
+    network = nn.Sequential(nn.Flatten(), nn.LazyLinear(3))
+    crops = [torch.randn(4, 3, s, s) for s in (8, 8, 4, 4, 4)]
+    pool = lambda x: (calls.append(len(x)), network(nn.functional.adaptive_avg_pool2d(x, 2)))[1]  # noqa: E731
+    outputs = forward_crops(pool, crops)
+    assert calls == [8, 12]  # the two global crops together, then the three local ones
+    for crop, out in zip(crops, outputs):
+        assert torch.allclose(out, network(nn.functional.adaptive_avg_pool2d(crop, 2)), atol=1e-6)
+    assert forward_crops(pool, []) == []
+
+
 def test_queue_fifo_wraps():
     q = FifoQueue(5, 2, init="zeros")
     q.push(torch.ones(3, 2))

@@ -137,7 +137,8 @@ class Evaluation:
 
     # -- features ----------------------------------------------------------------------------
     def cache_path(self) -> Path:
-        key = {"checkpoint": self.sha256, "data": to_dict(self.config.data), "bank": self.config.eval.knn_train_limit,
+        # "format" 2: the head's K is stored beside its argmax (a format-1 file would report K 0)
+        key = {"format": 2, "checkpoint": self.sha256, "data": to_dict(self.config.data), "bank": self.config.eval.knn_train_limit,
                "recipe": to_dict(self.recipe), "autocast": self.autocast}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return self.out_dir / "eval_cache" / f"features-{digest}.pt"

@@ -33,6 +33,7 @@ from kinship.augment.views import make_views
 from kinship.blocks.cache import SampleCache
 from kinship.blocks.ema import ema_update, make_target
 from kinship.blocks.knn import masked_topk
+from kinship.blocks.multicrop import forward_crops
 from kinship.blocks.queue import FifoQueue
 from kinship.config import AugmentConfig, ConfigError, MethodConfig
 from kinship.data.loader import Batch
@@ -159,9 +160,7 @@ class CMSF(Method):
         locals_ = views[3 if third_aug else 2 :]
         dtype = self.bank.rows.dtype  # fp32 distances and loss, also under bf16 autocast
         # online predictions: the large crop, then the small crops in one pass (they share S_i)
-        predictions = [self.predict(online_view, dtype)]
-        if locals_:
-            predictions += list(self.predict(torch.cat(locals_), dtype).chunk(len(locals_)))
+        predictions = [self.predict(online_view, dtype), *forward_crops(lambda x: self.predict(x, dtype), locals_)]
         with torch.no_grad():
             u = F.normalize(self.target(target_view).to(dtype), dim=1)
             constraint_labels, confident = self.query_labels(u, batch.labels)

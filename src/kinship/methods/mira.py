@@ -20,6 +20,7 @@ from torch import nn
 from kinship.augment.views import make_views
 from kinship.blocks.assignment import mira_targets
 from kinship.blocks.ema import cosine_ramp, ema_update, make_target
+from kinship.blocks.multicrop import forward_crops
 from kinship.config import AugmentConfig, MethodConfig
 from kinship.data.loader import Batch
 from kinship.losses import swapped_prediction_loss
@@ -81,13 +82,10 @@ class MIRA(Method):
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         frozen = step.epoch < cfg.freeze_prototypes_epochs
-        globals_, locals_ = torch.cat(views[:2]), views[2:]
-        logits = list(self.head(self.projector(self.backbone(globals_)), frozen).chunk(2))
-        if locals_:
-            logits += list(self.head(self.projector(self.backbone(torch.cat(locals_))), frozen).chunk(len(locals_)))
+        logits = forward_crops(lambda x: self.head(self.projector(self.backbone(x)), frozen), views)
         with torch.no_grad():
             teacher = self.teacher if cfg.ema_teacher else nn.Sequential(self.backbone, self.projector)
-            teacher_logits = self.head(teacher(globals_), frozen=True)  # the solver upcasts bf16 to fp32
+            teacher_logits = self.head(teacher(torch.cat(views[:2])), frozen=True)  # the solver upcasts bf16 to fp32
             beta = self.beta(step)
             targets = [mira_targets(t, cfg.tau_teacher, beta, cfg.iterations) for t in teacher_logits.chunk(2)]
         loss = swapped_prediction_loss(targets, logits, cfg.tau_student)

@@ -20,6 +20,7 @@ from torch import nn
 
 from kinship.augment.views import make_views
 from kinship.blocks.assignment import sinkhorn
+from kinship.blocks.multicrop import forward_crops
 from kinship.blocks.queue import FifoQueue
 from kinship.config import AugmentConfig, MethodConfig
 from kinship.data.loader import Batch
@@ -74,9 +75,7 @@ class SwAV(Method):
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         frozen = step.epoch < cfg.freeze_prototypes_epochs
-        embeddings = list(F.normalize(self.projector(self.backbone(torch.cat(views[:2]))), dim=1).chunk(2))
-        if len(views) > 2:
-            embeddings += list(F.normalize(self.projector(self.backbone(torch.cat(views[2:]))), dim=1).chunk(len(views) - 2))
+        embeddings = forward_crops(lambda x: F.normalize(self.projector(self.backbone(x)), dim=1), views)
         logits = [self.head(z, frozen) for z in embeddings]
         codes = []
         with torch.no_grad():
