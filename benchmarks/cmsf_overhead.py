@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from kinship.bench import bench
 from kinship.blocks.knn import masked_topk
-from kinship.config import build_config
-from kinship.methods import DataInfo
+from kinship.assembly import build_config
+from kinship.data import DataInfo, TrainData
 from kinship.methods.cmsf import CMSF
 from kinship.models.backbones import build_backbone
 
@@ -27,7 +27,7 @@ from kinship.models.backbones import build_backbone
 def search_ms(constraint: str, backbone: str, batch: int, device: str, repeats: int = 30) -> float:
     """Median milliseconds of one step's neighbour selection with a full bank (8,192 slots)."""
     method = CMSF(build_config({"method": {"name": "cmsf", "constraint": constraint}}).method,
-                  build_backbone(backbone), DataInfo(16384, 10, 32)).to(device)
+                  build_backbone(backbone), TrainData.describe(DataInfo(16384, 10, 32))).to(device)
     size, dim = method.bank.size, method.bank.rows.shape[1]
     g = torch.Generator().manual_seed(0)
     rows = lambda n: F.normalize(torch.randn(n, dim, generator=g), dim=1).to(device)  # noqa: E731

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kinship.config import load_config  # noqa: E402
+from kinship.assembly import load_config  # noqa: E402
 from kinship.eval.suite import Evaluation  # noqa: E402
 from kinship.train.trainer import Trainer  # noqa: E402
 

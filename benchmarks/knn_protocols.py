@@ -1,7 +1,7 @@
 """k-NN top-1 of a pre-training checkpoint and of raw pixels under both common weighted k-NN settings.
 
-The issue's reference figures (raw pixels 45.8%, a naive InfoNCE run 51.6%) use k=20, T=0.07;
-kinship's monitor defaults to the MoCo CIFAR demo's k=200, T=0.1 (baselines.md).
+Reference figures for the shared CIFAR-10 (raw pixels 45.8%, a naive InfoNCE run 51.6%) use
+k=20, T=0.07; kinship's monitor defaults to the MoCo CIFAR demo's k=200, T=0.1.
 
     python benchmarks/knn_protocols.py runs/demo/last.pt
 """
@@ -12,22 +12,21 @@ import sys
 
 import torch
 
+from kinship import checkpoint
+from kinship.assembly import build_config, load_pretrained, load_run_data
+from kinship.blocks.features import extract_features, pixel_features
 from kinship.blocks.knn import knn_accuracy
-from kinship.config import build_config
-from kinship.eval.features import extract_features, pixel_features
-from kinship.train import checkpoint
-from kinship.train.trainer import build_method, load_run_data
 
 
 def main(path: str) -> None:
-    state = checkpoint.load(path)
+    state = checkpoint.read_checkpoint(path)
     config = build_config(state["config"])
     data = load_run_data(config, torch.device("cpu"), None)
-    method = build_method(config, data.info)
-    method.load_state_dict(state["method"])
+    method = load_pretrained(path, state, config, data.handle.info, torch.device("cpu"))
     recipe = method.eval_recipe
     features = {
-        "model": (extract_features(method.backbone, data.bank.images, recipe), extract_features(method.backbone, data.test.images, recipe)),
+        "model": (extract_features(method.eval_backbone, data.bank.images, recipe),
+                  extract_features(method.eval_backbone, data.test.images, recipe)),
         "pixels": (pixel_features(data.bank.images, recipe), pixel_features(data.test.images, recipe)),
     }
     for k, temperature in ((200, 0.1), (20, 0.07)):

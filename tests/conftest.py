@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from kinship.data import DataInfo, TrainData
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SHARED_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.npz"
@@ -38,13 +40,18 @@ def tiny_run_config(**overrides) -> dict:
     return values
 
 
+def data_handle(size: int, num_classes: int, image_size: int) -> TrainData:
+    """The data handle of a method built without data (its state shapes follow ``size`` and ``num_classes``)."""
+    return TrainData.describe(DataInfo(size, num_classes, image_size))
+
+
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 @pytest.fixture(scope="session")
 def short_demo(tmp_path_factory, cifar_npz) -> tuple[Path, dict]:
     """The demo shortened to 3 epochs on 10,240 real CIFAR-10 images (2,000 test): run folder and summary."""
-    from kinship.config import load_config
+    from kinship.assembly import load_config
     from kinship.train.trainer import Trainer
 
     out = tmp_path_factory.mktemp("short_demo")

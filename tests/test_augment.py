@@ -7,6 +7,7 @@ import torchvision.transforms.v2.functional as TF
 from kinship.augment import ops
 from kinship.augment.views import make_views
 from kinship.config import AugmentConfig
+from kinship.sampling import Shard
 
 
 def gen(seed=0):
@@ -56,10 +57,10 @@ def test_flip_rate_and_full_crop_is_identity_or_mirror():
 
 def test_grayscale_and_solarize_rates():
     images = torch.rand(8000, 3, 4, 4)
-    gray = ops.random_grayscale(images, 0.2, gen(4))
+    gray = ops.random_grayscale(images, 0.2, gen(4), Shard.whole(len(images)))
     is_gray = (gray[:, 0] == gray[:, 1]).all(dim=(1, 2)) & (gray[:, 1] == gray[:, 2]).all(dim=(1, 2))
     assert abs(is_gray.float().mean().item() - 0.2) < 0.02
-    sol = ops.random_solarize(images, 0.3, gen(5))
+    sol = ops.random_solarize(images, 0.3, gen(5), Shard.whole(len(images)))
     changed = (sol != images).any(dim=(1, 2, 3))
     assert abs(changed.float().mean().item() - 0.3) < 0.02
     assert torch.equal(sol[changed], torch.where(images[changed] >= 0.5, 1 - images[changed], images[changed]))
@@ -68,7 +69,7 @@ def test_grayscale_and_solarize_rates():
 def test_color_jitter_matches_torchvision_per_sample():
     images = torch.rand(6, 3, 8, 8)
     g = gen(6)
-    out = ops.color_jitter(images, 1.0, 0.4, 0.4, 0.4, 0.1, g)
+    out = ops.color_jitter(images, 1.0, 0.4, 0.4, 0.4, 0.1, g, Shard.whole(len(images)))
     # replay the same draws: apply-coin, then brightness, contrast, saturation, hue factors
     g = gen(6)
     torch.rand(6, generator=g)
@@ -86,16 +87,16 @@ def test_color_jitter_matches_torchvision_per_sample():
 
 def test_jitter_with_p_zero_is_identity_and_factors_vary_per_sample():
     images = torch.rand(64, 3, 8, 8)
-    assert torch.equal(ops.color_jitter(images, 0.0, 0.4, 0.4, 0.4, 0.1, gen()), images)
-    bright = ops.color_jitter(torch.full((64, 3, 4, 4), 0.5), 1.0, 0.4, 0, 0, 0, gen())
+    assert torch.equal(ops.color_jitter(images, 0.0, 0.4, 0.4, 0.4, 0.1, gen(), Shard.whole(len(images))), images)
+    bright = ops.color_jitter(torch.full((64, 3, 4, 4), 0.5), 1.0, 0.4, 0, 0, 0, gen(), Shard.whole(64))
     assert len(torch.unique(bright[:, 0, 0, 0])) == 64
 
 
 def test_blur_keeps_constants_and_smooths():
     const = torch.full((10, 3, 16, 16), 0.3)
-    assert torch.allclose(ops.gaussian_blur(const, 1.0, (0.1, 2.0), gen()), const, atol=1e-6)
+    assert torch.allclose(ops.gaussian_blur(const, 1.0, (0.1, 2.0), gen(), Shard.whole(len(const))), const, atol=1e-6)
     noise = torch.rand(10, 3, 16, 16)
-    blurred = ops.gaussian_blur(noise, 1.0, (1.5, 2.0), gen())
+    blurred = ops.gaussian_blur(noise, 1.0, (1.5, 2.0), gen(), Shard.whole(len(noise)))
     assert blurred.std() < 0.6 * noise.std()
 
 

@@ -1,31 +1,117 @@
-"""The command line: clear errors with exit codes, and the views picture."""
+"""The command line: every user error is `kinship: error: ...` with exit status 2, no traceback;
+the resume command serves the first start too; and the views picture."""
+import pytest
+import torch
 import yaml
 from PIL import Image
 
 from conftest import tiny_run_config
+from kinship import checkpoint
 from kinship.cli import main
 
 
+def write_config(tmp_path, values=None, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values or tiny_run_config()))
+    return str(path)
+
+
+def fails(capsys, argv, *fragments):
+    """``argv`` exits 2 with one line `kinship: error: ...` holding every fragment."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kinship: error: ") and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
+
+
 def test_unknown_key_exits_2_with_message(tmp_path, capsys):
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(tiny_run_config()))
-    assert main(["pretrain", "--config", str(config), "--set", "train.epoch=3", "--out", str(tmp_path / "r")]) == 2
-    assert "unknown config key 'train.epoch' (did you mean 'epochs'?)" in capsys.readouterr().err
+    fails(capsys, ["pretrain", "--config", write_config(tmp_path), "--set", "train.epoch=3", "--out", str(tmp_path / "r")],
+          "unknown config key 'train.epoch' (did you mean 'epochs'?)")
 
 
 def test_missing_dataset_exits_2(tmp_path, capsys):
-    config = tmp_path / "c.yaml"
     values = tiny_run_config()
     values["data"] = {"name": "cifar10-npz", "path": str(tmp_path / "nope.npz")}
-    config.write_text(yaml.safe_dump(values))
-    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
-    assert "dataset file not found" in capsys.readouterr().err
+    fails(capsys, ["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r")], "dataset file not found")
+
+
+def test_method_options_are_checked_before_any_data_is_read(tmp_path, capsys):
+    values = tiny_run_config(**{"method": {"name": "cmsf", "constraint": "selff"}})
+    values["data"] = {"name": "cifar10-npz", "path": str(tmp_path / "nope.npz")}  # would fail if it were read
+    fails(capsys, ["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r")],
+          "method.constraint must be one of none, self, supervised, semi, got 'selff' (did you mean 'self'?)")
+    fails(capsys, ["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r"),
+                   "--set", "method.constraint=self", "--set", "method.target_view=both"], "method.target_view must be one of weak, strong")
+
+
+def test_set_without_equals_sign(tmp_path, capsys):
+    fails(capsys, ["pretrain", "--config", write_config(tmp_path), "--set", "train.epochs", "--out", str(tmp_path / "r")],
+          "--set expects key=value, got 'train.epochs'")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu(tmp_path, capsys):
+    fails(capsys, ["pretrain", "--config", write_config(tmp_path), "--set", "train.device=cuda", "--out", str(tmp_path / "r")],
+          "train.device is 'cuda' but no CUDA device is available")
+
+
+def test_batch_larger_than_the_dataset(tmp_path, capsys):
+    fails(capsys, ["pretrain", "--config", write_config(tmp_path), "--set", "train.batch_size=512", "--out", str(tmp_path / "r")],
+          "train.batch_size 512 is larger than the 256 training images")
+
+
+def test_supervised_constraint_with_hidden_labels(tmp_path, capsys):
+    values = tiny_run_config(**{"method": {"name": "cmsf", "constraint": "supervised", "bank_size": 64},
+                                "data.labeled_per_class": 8})
+    fails(capsys, ["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r")],
+          "method.constraint 'supervised' needs a label for every training image, and 224 of 256 are hidden", "use constraint 'semi'")
+
+
+def test_non_finite_loss_exits_2_naming_the_step(tmp_path, capsys):
+    fails(capsys, ["pretrain", "--config", write_config(tmp_path), "--set", "optim.lr=1e30", "--out", str(tmp_path / "r")],
+          "loss is", "at step", "training stopped")
+
+
+def test_data_folder_without_train_and_val(tmp_path, capsys):
+    (tmp_path / "images" / "cats").mkdir(parents=True)
+    fails(capsys, ["eval", "knn", "--checkpoint", str(tmp_path / "x.pt"), "--data", str(tmp_path / "images")],
+          "needs train/ and val/ (or test/) folders")
+
+
+def test_resume_starts_a_run_that_has_no_checkpoint_yet(tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["pretrain", "--config", write_config(tmp_path), "--set", "train.epochs=1", "--out", str(out), "--resume"]
+    assert main(argv) == 0
+    assert f"--resume: no checkpoint in {out} yet, starting the run" in capsys.readouterr().out
+    assert main(argv) == 0  # the same command again: the run is complete, nothing more to train
+    assert "resumed from" in capsys.readouterr().out
+    fails(capsys, ["pretrain", "--out", str(tmp_path / "empty"), "--resume"], "has no config.yaml", "give --config for the first start")
+
+
+def test_truncated_or_foreign_checkpoint_on_resume(tmp_path, capsys):
+    out = tmp_path / "r"
+    config = write_config(tmp_path)
+    assert main(["pretrain", "--config", config, "--set", "train.epochs=1", "--out", str(out)]) == 0
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 2])
+    fails(capsys, ["pretrain", "--config", config, "--out", str(out), "--resume"], f"cannot read {out / 'last.pt'}", "truncated")
+    checkpoint.save_atomic({"conv.weight": torch.zeros(1)}, out / "last.pt")
+    fails(capsys, ["pretrain", "--config", config, "--out", str(out), "--resume"], f"{out / 'last.pt'} is not a kinship pre-training checkpoint")
+
+
+def test_diverging_fine_tune(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["pretrain", "--config", write_config(tmp_path), "--set", "train.epochs=1", "--out", str(out)]) == 0
+    fails(capsys, ["eval", "finetune", "--checkpoint", str(out / "last.pt"), "--no-progress",
+                   "--set", "eval.finetune.lr_backbone=1e30", "--set", "eval.finetune.lr_head=1e30",
+                   "--set", "eval.finetune.epochs=2", "--set", "eval.finetune.fractions=[0.5]"],
+          "fine-tune 50pct: loss is", "lower the learning rate")
 
 
 def test_views_picture(tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(tiny_run_config()))
     out = tmp_path / "views.png"
-    assert main(["views", "--config", str(config), "--out", str(out), "--images", "4"]) == 0
+    assert main(["views", "--config", write_config(tmp_path), "--out", str(out), "--images", "4"]) == 0
     with Image.open(out) as im:
         assert im.size == (3 * 18 + 2, 4 * 18 + 2)  # original + 2 views, 4 rows, 16 px tiles, 2 px padding

@@ -3,14 +3,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import data_handle
+from kinship.assembly import build_config
 from kinship.blocks.cache import SampleCache
 from kinship.blocks.knn import masked_topk
 from kinship.blocks.queue import FifoQueue
-from kinship.config import ConfigError, build_config
 from kinship.data import Batch
 from kinship.data.subsets import corrupt_labels
+from kinship.errors import ConfigError
 from kinship.losses import byol_loss, mean_shift_loss
-from kinship.methods import DataInfo, StepInfo
+from kinship.methods import StepInfo
 from kinship.methods import cmsf as cmsf_module
 from kinship.methods.cmsf import CMSF
 from kinship.models.backbones import ConvNet
@@ -57,7 +59,7 @@ def make(constraint, **extra):
     torch.manual_seed(0)
     values = {"name": "cmsf", "constraint": constraint, "bank_size": BANK, "hidden": 32, "dim": D, **extra}
     config = build_config({"method": values})
-    return CMSF(config.method, ConvNet(8), DataInfo(200, 3, 16)).double()
+    return CMSF(config.method, ConvNet(8), data_handle(200, 3, 16)).double()
 
 
 def step(method, index, labels, s=0, seed=0):
@@ -210,7 +212,7 @@ def test_semi_non_confident_queries_fall_back_to_msf(monkeypatch):
 def test_bank_must_be_smaller_than_the_dataset():
     config = build_config({"method": {"name": "msf", "bank_size": 500}})
     with pytest.raises(ConfigError, match="bank_size 500 must be smaller than the 200"):
-        CMSF(config.method, ConvNet(8), DataInfo(200, 3, 16))
+        CMSF(config.method, ConvNet(8), data_handle(200, 3, 16))
 
 
 def test_label_noise_changes_exactly_the_rate_to_other_classes():
@@ -260,14 +262,14 @@ def test_rank_of_the_farthest_constrained_neighbour_by_hand():
 def test_coarse_labels_from_a_label_map(tmp_path):
     from conftest import tiny_run_config
     from kinship.data import DataError
-    from kinship.train.trainer import load_run_data
+    from kinship.assembly import load_run_data
 
     mapping = tmp_path / "coarse.json"
     mapping.write_text("[0, 0, 1, 1]")  # synthetic data has 4 classes
     config = build_config(tiny_run_config(**{"data.label_map": str(mapping)}))
     data = load_run_data(config, torch.device("cpu"), None)
-    assert torch.equal(data.labels, data.bank.labels // 2)  # training labels coarse, bank keeps the fine ones
-    assert data.info.num_classes == 2
+    assert torch.equal(data.handle.labels, data.bank.labels // 2)  # training labels coarse, bank keeps the fine ones
+    assert data.handle.num_classes == 2
     mapping.write_text("[0, 1]")
     with pytest.raises(DataError, match="expected a list of 4"):
         load_run_data(config, torch.device("cpu"), None)

@@ -7,9 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from kinship.config import ConfigError, build_config, load_config
+from kinship.assembly import build_config, load_config
+from kinship.errors import ConfigError
 from kinship.data import BatchPlan, DataError, labeled_subset
 from kinship.data.store import load_npz, read_image_file
+
+from conftest import data_handle
 
 
 def test_unknown_key_names_it_and_the_nearest():
@@ -98,12 +101,11 @@ PRESETS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
 def test_every_preset_loads_and_builds_its_method(path):
-    from kinship.methods import DataInfo
-    from kinship.train.trainer import build_method
+    from kinship.assembly import build_method
 
     config = load_config(path)
     if config.model.backbone == "resnet50":  # parse only: ResNet-50 methods with ImageNet banks are large
         return
-    method = build_method(config, DataInfo(50_000, 100, 32)).eval()
+    method = build_method(config, data_handle(50_000, 100, 32)).eval()
     with torch.no_grad():
         assert method.eval_backbone(torch.zeros(2, 3, 32, 32)).shape == (2, method.backbone.feature_dim)

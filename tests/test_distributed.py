@@ -8,9 +8,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from kinship.config import build_config
+from conftest import data_handle
+from kinship.assembly import build_config
 from kinship.data import Batch
-from kinship.methods import METHODS, DataInfo, StepInfo
+from kinship.methods import METHODS, StepInfo
 from kinship.methods.cmsf import CMSF
 from kinship.methods.mocov2 import MoCoV2
 from kinship.train.trainer import no_buffer_sync
@@ -34,7 +35,7 @@ class FlatLinear(nn.Module):
 def make_moco(shuffle_bn: bool) -> MoCoV2:
     torch.manual_seed(0)
     config = build_config({"method": {"name": "mocov2", "queue_size": 32, "dim": DIM, "shuffle_bn": shuffle_bn}})
-    return MoCoV2(config.method, FlatLinear(), DataInfo(64, 10, 4)).double()
+    return MoCoV2(config.method, FlatLinear(), data_handle(64, 10, 4)).double()
 
 
 def inputs():
@@ -105,7 +106,7 @@ def test_ddp_gradients_equal_single_process(two_process_result):
 def make_cmsf(constraint: str):
     torch.manual_seed(0)
     values = {"name": "cmsf", "constraint": constraint, "bank_size": 32, "hidden": 24, "dim": DIM, "topk": 3, "topk_constraint": 4}
-    method = CMSF(build_config({"method": values}).method, FlatLinear(), DataInfo(64, 10, 4)).double()
+    method = CMSF(build_config({"method": values}).method, FlatLinear(), data_handle(64, 10, 4)).double()
     return method.eval()  # BN on running statistics: per-sample targets independent of the batch split
 
 
@@ -212,7 +213,7 @@ PROTOTYPE_METHODS = {  # tiny SwAV (queue joining in the third step) and MIRA (E
 def make_prototype_method(name: str):
     torch.manual_seed(0)
     config = build_config({"method": PROTOTYPE_METHODS[name]})
-    return METHODS[name](config.method, FlatLinear(), DataInfo(64, 10, 4)).double().eval()
+    return METHODS[name](config.method, FlatLinear(), data_handle(64, 10, 4)).double().eval()
 
 
 def run_prototype_steps(model: nn.Module, method, views, steps: int = 3):

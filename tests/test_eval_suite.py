@@ -7,15 +7,16 @@ from PIL import Image
 
 from conftest import tiny_run_config
 from kinship.cli import main
-from kinship.config import build_config, to_dict
-from kinship.data import DataError, ImageSet
+from kinship.assembly import RunData, build_config, build_method
+from kinship.blocks.features import extract_features
+from kinship.checkpoint import save_atomic
+from kinship.config import to_dict
+from kinship.data import DataError, DataInfo, ImageSet, TrainData
+from kinship.errors import CheckpointError
 from kinship.eval.export import export_backbone
-from kinship.eval.features import extract_features
 from kinship.eval.metrics import clustering_scores
 from kinship.eval.suite import Evaluation, check_labels
-from kinship.methods import DataInfo
-from kinship.train.checkpoint import CheckpointError, save_atomic
-from kinship.train.trainer import RunData, Trainer, build_method
+from kinship.train.trainer import Trainer
 
 EVAL_SETTINGS = [
     "eval.finetune.fractions=[0.25]", "eval.finetune.epochs=2", "eval.finetune.batch_size=32",
@@ -98,7 +99,7 @@ def test_cluster_head_argmax_is_reported(tiny_checkpoint, tmp_path, monkeypatch)
 def _checkpoint_of(tmp_path, **model):
     config = build_config(tiny_run_config(**{f"model.{k}": v for k, v in model.items()}))
     info = DataInfo(256, 4, 16)
-    method = build_method(config, info)
+    method = build_method(config, TrainData.describe(info))
     g = torch.Generator().manual_seed(0)
     for name, buffer in method.named_buffers():  # trained-looking BN statistics
         if "running_mean" in name or "running_var" in name:
@@ -146,10 +147,10 @@ def test_label_sets_must_match():
     train = ImageSet(images, torch.tensor([0, 1, 0, 1]), ["a", "b"])
     test = ImageSet(images, torch.tensor([0, 1, 2, 2]), ["a", "b"])
     with pytest.raises(DataError, match=r"labels \[2\].*do not match"):
-        check_labels(RunData(DataInfo(4, 2, 8), train.labels, train, test))
+        check_labels(RunData(TrainData(DataInfo(4, 2, 8), train.labels), train, test))
     renamed = ImageSet(images, torch.tensor([0, 1, 0, 1]), ["a", "c"])
     with pytest.raises(DataError, match="different classes"):
-        check_labels(RunData(DataInfo(4, 2, 8), train.labels, train, renamed))
+        check_labels(RunData(TrainData(DataInfo(4, 2, 8), train.labels), train, renamed))
 
 
 def test_cli_eval_and_export(tiny_checkpoint, tmp_path, capsys):

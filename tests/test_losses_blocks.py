@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kinship.blocks.ema import cosine_ramp, ema_update, make_target
+from kinship.blocks.ema import EMATarget, ema_update
 from kinship.blocks.knn import knn_accuracy, weighted_knn_scores
 from kinship.blocks.queue import FifoQueue
 from kinship.losses import byol_loss, info_nce_with_queue
-from kinship.train.optim import learning_rate
+from kinship.optim import cosine_ramp, learning_rate
 
 
 def test_byol_loss_known_values():
@@ -47,26 +47,27 @@ def test_cosine_ramp_schedule():
 
 def test_ema_update_formula_and_no_grad():
     online = nn.Linear(3, 2)
-    target = make_target(online)
+    target = EMATarget(online)
     assert not any(p.requires_grad for p in target.parameters())
     with torch.no_grad():
         for p in online.parameters():
             p.add_(1.0)
     before = [p.clone() for p in target.parameters()]
-    ema_update(target, online, 0.9)
+    target.update(0.9)
     for t, b, o in zip(target.parameters(), before, online.parameters()):
         assert torch.allclose(t, 0.9 * b + 0.1 * o, atol=1e-7)
+    assert list(target.state_dict()) == [f"0.{k}" for k in online.state_dict()]  # the online net is not saved twice
 
 
 def test_ema_target_keeps_its_own_batch_norm_statistics():
     online = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    target = make_target(online)
+    target = EMATarget(online)
     with torch.no_grad():
         online(torch.randn(16, 3) + 5.0)  # the online network sees other activations
         target(torch.randn(16, 3))
-    own = target[1].running_mean.clone()
-    ema_update(target, online, 0.9)
-    assert torch.equal(target[1].running_mean, own) and not torch.equal(own, online[1].running_mean)
+    own = target[0][1].running_mean.clone()
+    ema_update(target[0], online, 0.9)
+    assert torch.equal(target[0][1].running_mean, own) and not torch.equal(own, online[1].running_mean)
 
 
 def test_multi_crop_forward_is_one_pass_per_resolution():

@@ -4,10 +4,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kinship.config import build_config
+from conftest import data_handle
+from kinship.assembly import build_config
 from kinship.data import Batch
 from kinship.losses import swapped_prediction_loss
-from kinship.methods import DataInfo, StepInfo
+from kinship.methods import StepInfo
 from kinship.methods.mira import MIRA
 from kinship.methods.swav import SwAV
 from kinship.models.backbones import ConvNet
@@ -42,7 +43,7 @@ def test_with_six_local_crops_each_target_is_predicted_by_the_seven_other_crops(
 def make(name, **extra):
     torch.manual_seed(0)
     values = {"name": name, "prototypes": 12, "dim": 8, "hidden": 16, **extra}
-    return {"mira": MIRA, "swav": SwAV}[name](build_config({"method": values}).method, ConvNet(8), DataInfo(64, 4, 16))
+    return {"mira": MIRA, "swav": SwAV}[name](build_config({"method": values}).method, ConvNet(8), data_handle(64, 4, 16))
 
 
 def views(n=2, seed=0):

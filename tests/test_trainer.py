@@ -5,46 +5,57 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
-from kinship.config import build_config
-from kinship.train import checkpoint
-from kinship.train.trainer import NonFiniteLossError, Trainer
+from test_torchrun import VARIANTS
+from kinship import checkpoint
+from kinship.assembly import build_config
+from kinship.errors import NonFiniteLossError
+from kinship.train.trainer import Trainer
 
 
 def losses(path):
     return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
 
 
-CMSF_TINY = {"name": "cmsf", "bank_size": 128, "hidden": 32, "dim": 16, "weak": {"crop_size": 16}, "strong": {"crop_size": 16}}
+def resume_values(name: str) -> dict:
+    values = tiny_run_config(**{"method": VARIANTS[name]})
+    if name == "cmsf-semi":
+        values["data"]["labeled_per_class"] = 16
+    return values
 
 
-@pytest.mark.parametrize("method", ["mocov2", "byol", "cmsf-self", "cmsf-semi", "mira", "swav"])
-def test_resume_continues_exactly(tmp_path, method):
-    values = tiny_run_config(**{"method.name": method})
-    if method == "byol":
-        values["method"] = {"name": "byol", "projector_hidden": 32, "predictor_hidden": 32, "projector_dim": 16,
-                            "view1": {"crop_size": 16}, "view2": {"crop_size": 16}}
-    if method.startswith("cmsf"):  # bank, previous bank, per-image caches and the pseudo-label classifier
-        values["method"] = {**CMSF_TINY, "constraint": method.split("-")[1]}
-        if method == "cmsf-semi":
-            values["data"]["labeled_per_class"] = 16
-    if method == "mira":  # teacher, prototypes frozen in epoch 0, beta and momentum schedules
-        values["method"] = {"name": "mira", "prototypes": 16, "dim": 16, "hidden": 32,
-                            "view1": {"crop_size": 16}, "view2": {"crop_size": 16}}
-    if method == "swav":  # the queue joins in epoch 1, once full
-        values["method"] = {"name": "swav", "prototypes": 16, "dim": 16, "hidden": 32, "queue_size": 128,
-                            "queue_start_epoch": 0, "global_crop": {"crop_size": 16}}
+def assert_resumed_exactly(tmp_path, values, first_stop: dict) -> None:
+    """A straight run and one stopped by ``first_stop`` then resumed end in the same state and losses."""
     straight = Trainer(build_config(values), tmp_path / "a", log=lambda *_: None).fit()
-    values["train"]["stop_after_epochs"] = 1
-    Trainer(build_config(values), tmp_path / "b", log=lambda *_: None).fit()
+    stopped = {**values, "train": {**values["train"], **first_stop}}
+    Trainer(build_config(stopped), tmp_path / "b", log=lambda *_: None).fit()
     resumed = Trainer(build_config(values), tmp_path / "b", resume=True, log=lambda *_: None).fit()
     a = checkpoint.load(tmp_path / "a" / "last.pt")
     b = checkpoint.load(tmp_path / "b" / "last.pt")
     assert a["position"] == b["position"]
     for key, value in a["method"].items():
         assert torch.equal(value, b["method"][key]), key
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert losses(tmp_path / "a" / "metrics.jsonl") == losses(tmp_path / "b" / "metrics.jsonl")
     assert straight["knn_top1"] == resumed["knn_top1"]
     assert resumed["knn_pixel_top1"] == straight["knn_pixel_top1"]
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_stopped_mid_epoch_and_resumed_continues_exactly(tmp_path, name):
+    """Every registered method (and its variants): 4 steps per epoch, stopped after step 6 (epoch 2,
+    after CMSF-semi's first classifier round of that epoch, SwAV's queue in use), then resumed."""
+    assert_resumed_exactly(tmp_path, resume_values(name), {"stop_after_steps": 6})
+
+
+def test_stopped_at_an_epoch_boundary_and_resumed_continues_exactly(tmp_path):
+    assert_resumed_exactly(tmp_path, resume_values("mocov2"), {"stop_after_epochs": 1})
+
+
+def test_time_limit_stops_mid_epoch_with_a_checkpoint_and_resumes_exactly(tmp_path):
+    """train.time_limit_min: checked after every step, so a limit already passed stops after the first."""
+    assert_resumed_exactly(tmp_path, resume_values("cmsf-self"), {"time_limit_min": 1e-9})
+    assert json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[1])["step"] == 1
 
 
 def test_run_folder_contents(tmp_path):

@@ -6,23 +6,27 @@ import json
 import sys
 from pathlib import Path
 
-from kinship.config import ConfigError, load_config
-from kinship.data import DataError
-from kinship.train.checkpoint import CheckpointError
+from kinship.errors import ConfigError, DataError, KinshipError
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from kinship.assembly import load_config
     from kinship.runtime import rank
     from kinship.train.trainer import Trainer
 
     config_path = args.config
-    if config_path is None and args.resume:
+    if config_path is None:
         config_path = Path(args.out) / "config.yaml"
+        if not args.resume:
+            raise ConfigError("pretrain needs --config FILE (or --resume to continue the run in --out)")
+        if not config_path.is_file():
+            raise ConfigError(f"--resume without --config: {args.out} has no config.yaml (and so no run to continue); "
+                              "give --config for the first start: the same command then serves every restart")
     config = load_config(config_path, args.set)
     log = print if rank() == 0 else (lambda *_: None)
     summary = Trainer(config, Path(args.out), resume=args.resume, log=log).fit()
     if rank() == 0:
-        parts = [f"k-NN top-1 {summary.get('knn_top1', float('nan')):.2f}%"]
+        parts = [f"k-NN top-1 {summary['knn_top1']:.2f}%" if "knn_top1" in summary else "no k-NN evaluation yet"]
         if "knn_pixel_top1" in summary:
             parts.append(f"raw pixels {summary['knn_pixel_top1']:.2f}%")
             parts.append(f"random init {summary['knn_random_init_top1']:.2f}%")
@@ -78,14 +82,15 @@ def cmd_views(args: argparse.Namespace) -> int:
     import torch
     import torchvision
 
-    from kinship.data import Batch, load_split
-    from kinship.methods import DataInfo, StepInfo
-    from kinship.train.trainer import build_method
+    from kinship.assembly import build_method, load_config
+    from kinship.data import Batch, DataInfo, TrainData, load_split
+    from kinship.methods import StepInfo
 
     config = load_config(args.config, args.set)
     data = load_split(config.data, "train")
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.images]
-    method = build_method(config, DataInfo(len(data), len(data.classes), data.images.shape[-1]))
+    handle = TrainData(DataInfo(len(data), len(data.classes), data.images.shape[-1]), data.labels, data.labels, data.images)
+    method = build_method(config, handle)
     batch = Batch(pick, data.images[pick], data.labels[pick])
     views = method.views(batch, StepInfo(0, 0, 1, torch.Generator().manual_seed(args.seed), args.seed))
     size = max(v.shape[-1] for v in views)
@@ -118,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML config (default with --resume: OUT/config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=10")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.pt, or start the run if OUT has no checkpoint yet (one command for "
+                        "the first start and every restart)")
     p.set_defaults(func=cmd_pretrain)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint: knn, linear, finetune, clustering, purity, tsne, curves or all")
@@ -160,16 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
+    except KinshipError as exc:
         print(f"kinship: error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        from kinship.train.trainer import NonFiniteLossError
-
-        if isinstance(exc, NonFiniteLossError):
-            print(f"kinship: error: {exc}", file=sys.stderr)
-            return 1
-        raise
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Typed run configuration: YAML files and ``--set key=value`` overrides onto dataclasses.
 
 Every section is a dataclass, so an unknown or ill-typed key is an error that names the key and the
-nearest valid one. The ``method`` section is method-specific: its dataclass is looked up in the
-method registry from ``method.name`` (see :mod:`kinship.methods`).
+nearest valid one. The ``method`` section is method-specific: :func:`parse_config` takes the table
+of method config dataclasses by name (:func:`kinship.assembly.build_config` passes the registry's),
+so this module depends on no method. Each method's dataclass checks its own values in
+``validate``, when the config is parsed, before any data is read.
 """
 from __future__ import annotations
 
@@ -13,13 +15,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
+from kinship.checkpoint import write_text_atomic
+from kinship.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used."""
+__all__ = ["ConfigError", "RunConfig", "parse_config", "read_values", "to_dict", "save_config"]
 
 
 @dataclass
@@ -46,6 +49,10 @@ class ModelConfig:
     cifar_stem: bool = True  # 3x3 stride-1 conv1, no max-pool (ResNets)
     stem_padding: int = 1  # of the CIFAR stem's conv1; MIRA's and solo-learn's code use 2 (34 x 34 maps)
     width: int = 32  # convnet base width
+    # none: every BatchNorm of the method (backbone and heads) is an identity. Batch statistics are
+    # the one thing that differs between N processes and one process fed the same global batch, so
+    # a BN-free run is exactly reproducible across process counts (the distributed tests use it).
+    norm: str = "batch"  # batch | none
 
 
 @dataclass
@@ -73,8 +80,19 @@ class TrainConfig:
     compile: bool = False
     sync_bn: bool = True  # under DDP on GPU
     checkpoint_every: int = 1  # epochs
+    # for jobs interrupted more often than an epoch lasts: also checkpoint every N steps and/or every
+    # N minutes (mid-epoch checkpoints resume exactly, like epoch ones)
+    checkpoint_every_steps: int = 0
+    checkpoint_every_min: float = 0.0
     time_limit_min: float = 0.0  # >0: stop training (checkpointed) after this many minutes
     stop_after_epochs: int = 0  # >0: stop (checkpointed) after this epoch; --resume continues the schedule
+    stop_after_steps: int = 0  # >0: stop (checkpointed) after this many steps in all, mid-epoch or not
+    # a labeled batch beside every unlabeled one (semi-supervised methods): global size, drawn from
+    # the labeled images in seeded passes that wrap around as often as needed; 0: none
+    labeled_batch_size: int = 0
+    # a checkpoint written by N processes resumes on N processes; true also allows another number
+    # (state is global, but per-process BN statistics then see other shards: not bit-exact)
+    allow_resharding: bool = False
     log_every: int = 20  # steps between metrics lines
     progress: bool = True
 
@@ -172,6 +190,21 @@ class MethodConfig:
 
     name: str = ""
 
+    def validate(self, run: "RunConfig") -> None:
+        """Raise :class:`ConfigError` for values of this section (or combinations with the rest of
+        the run config) that cannot work; called when the config is parsed, before data is read."""
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """A :class:`ConfigError` naming ``key`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got '{value}'{_nearest(value, list(choices), hint=False)}")
+
+
+def check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
 
 @dataclass
 class RunConfig:
@@ -183,9 +216,11 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def _nearest(key: str, options: list[str]) -> str:
+def _nearest(key: str, options: list[str], hint: bool = True) -> str:
     match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(sorted(options))})"
+    if match:
+        return f" (did you mean '{match[0]}'?)"
+    return f" (valid keys: {', '.join(sorted(options))})" if hint else ""
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -257,23 +292,20 @@ def _build(cls: type, values: dict, where: str) -> Any:
     return cls(**kwargs)
 
 
-def _method_class(name: str) -> type:
-    from kinship.methods import METHODS  # the registry imports methods, which import this module
-
-    if name not in METHODS:
-        raise ConfigError(f"unknown method '{name}'{_nearest(name, list(METHODS))}")
-    return METHODS[name].Config
-
-
-def build_config(values: dict) -> RunConfig:
-    """Turn a nested dict (from YAML) into a validated :class:`RunConfig`."""
+def parse_config(values: dict, method_configs: Mapping[str, type[MethodConfig]]) -> RunConfig:
+    """Turn a nested dict (from YAML) into a validated :class:`RunConfig`; ``method_configs`` maps
+    each ``method.name`` to its config dataclass."""
     values = dict(values)
     method_values = dict(values.pop("method", None) or {})
     if "name" not in method_values:
         raise ConfigError("config key 'method.name' is required")
+    name = method_values["name"]
+    if name not in method_configs:
+        raise ConfigError(f"unknown method '{name}'{_nearest(name, list(method_configs))}")
     config = _build(RunConfig, values, "")
-    config.method = _build(_method_class(method_values["name"]), method_values, "method")
+    config.method = _build(method_configs[name], method_values, "method")
     validate(config)
+    config.method.validate(config)
     return config
 
 
@@ -281,6 +313,12 @@ def validate(config: RunConfig) -> None:
     """Value checks that types alone cannot express."""
     checks = [
         (config.train.epochs >= 1, "train.epochs must be >= 1"),
+        (config.model.norm in ("batch", "none"), f"model.norm must be batch or none, got '{config.model.norm}'"),
+        (min(config.train.checkpoint_every, config.train.checkpoint_every_steps, config.train.stop_after_steps,
+             config.train.stop_after_epochs, config.train.labeled_batch_size) >= 0
+         and min(config.train.checkpoint_every_min, config.train.time_limit_min) >= 0,
+         "train.checkpoint_every*, stop_after_*, time_limit_min and labeled_batch_size must be >= 0"),
+        (config.train.log_every >= 1, "train.log_every must be >= 1"),
         (config.train.batch_size >= 2, "train.batch_size must be >= 2"),
         (config.optim.lr > 0, "optim.lr must be > 0"),
         (config.optim.name in ("sgd", "lars", "adamw"), f"optim.name must be sgd, lars or adamw, got '{config.optim.name}'"),
@@ -320,7 +358,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got '{text}'")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        return key.strip().split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text}: the value is not valid YAML: {str(exc).splitlines()[0]}") from None
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -337,17 +378,21 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def read_values(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """The YAML file's mapping (empty without a file) with the ``--set`` overrides applied."""
     values: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-    return build_config(apply_overrides(values, list(overrides)))
+    return apply_overrides(values, list(overrides))
 
 
 def save_config(config: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_text_atomic(yaml.safe_dump(to_dict(config), sort_keys=False), path)

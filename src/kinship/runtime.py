@@ -1,13 +1,20 @@
-"""Process-level setup: device choice, CPU allocator tuning, distributed helpers, environment record."""
+"""Process-level setup: device choice, CPU allocator tuning, distributed helpers, timed sections,
+environment record."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
-from typing import Any
+import time
+from collections import defaultdict
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from kinship.errors import ConfigError
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -44,7 +51,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available here (set train.device: cpu or auto)")
     return torch.device(name)
 
 
@@ -79,13 +86,74 @@ def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every process in rank order (no gradient)."""
+def all_gather_cat(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate ``x`` from every process in rank order (no gradient). ``sizes``: the number of
+    rows each process holds, when they differ (every process must know all of them)."""
     if not is_distributed():
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    if sizes is None:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+    longest = max(sizes)
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: len(x)] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Every parameter and buffer of ``module`` set to process ``src``'s values: state computed on
+    every process from the same inputs stays identical even where kernels are not deterministic."""
+    if is_distributed():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=src)
+
+
+@torch.no_grad()
+def agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on every process if it is true on any (decisions from local clocks must be shared)."""
+    if not is_distributed():
+        return flags
+    values = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+_SECTION_SECONDS: dict[str, float] | None = None
+
+
+@contextlib.contextmanager
+def section(name: str) -> Iterator[None]:
+    """A named part of a step (``solver``: an assignment solver), visible in ``torch.profiler``
+    traces as ``kinship.<name>``; while :func:`timed_sections` is active its wall time (device
+    synchronised) is added up."""
+    with torch.profiler.record_function(f"kinship.{name}"):
+        if _SECTION_SECONDS is None:
+            yield
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            _SECTION_SECONDS[name] += time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def timed_sections() -> Iterator[dict[str, float]]:
+    """Seconds spent in each :func:`section`, by name, while active (for benchmarks)."""
+    global _SECTION_SECONDS
+    previous, _SECTION_SECONDS = _SECTION_SECONDS, defaultdict(float)
+    try:
+        yield _SECTION_SECONDS
+    finally:
+        _SECTION_SECONDS = previous
 
 
 def environment() -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Batched image augmentations with an independent random draw per sample.
 
-All ops take float images (B, 3, H, W) in [0, 1] on any device, plus a ``torch.Generator`` on the
-same device, and return a new batch. They follow torchvision's definitions (same parameter
-ranges and formulas), so a recipe from a paper carries over, but draw parameters per sample in
-one batched call instead of once per PIL image.
+All ops take float images (B, 3, H, W) in [0, 1] on any device, a ``torch.Generator`` on the
+same device and the batch's :class:`~kinship.sampling.Shard`, and return a new batch. They follow
+torchvision's definitions (same parameter ranges and formulas), so a recipe from a paper carries
+over, but draw parameters per sample in one batched call instead of once per PIL image: the draws
+are made for the global batch and each process applies its shard's rows (see :mod:`kinship.sampling`).
 """
 from __future__ import annotations
 
@@ -12,13 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator, device=device)
-
-
-def _coin(n: int, p: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=device) < p
+from kinship.sampling import Shard, coin, uniform
 
 
 def sample_crop_boxes(
@@ -38,8 +33,8 @@ def sample_crop_boxes(
     aspect ratio clamped to ``ratio``, as torchvision does.
     """
     area = height * width
-    target_area = area * _uniform(n * attempts, *scale, generator, device).view(n, attempts)
-    log_ratio = _uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), generator, device).view(n, attempts)
+    target_area = area * uniform(n * attempts, *scale, generator, device).view(n, attempts)
+    log_ratio = uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), generator, device).view(n, attempts)
     aspect = torch.exp(log_ratio)
     w = torch.round(torch.sqrt(target_area * aspect))
     h = torch.round(torch.sqrt(target_area / aspect))
@@ -126,44 +121,49 @@ def color_jitter(
     saturation: float,
     hue: float,
     generator: torch.Generator,
+    shard: Shard,
 ) -> torch.Tensor:
     """torchvision ColorJitter applied with probability ``p``, factors drawn per sample.
 
     Order is fixed (brightness, contrast, saturation, hue); torchvision draws a random order per
-    call. Only the selected samples are computed; the others are returned untouched.
+    call. Factors are drawn for the selected samples of the global batch; only this shard's
+    selected samples are computed, the others are returned untouched.
     """
-    n, device = images.shape[0], images.device
-    apply = _coin(n, p, generator, device)
-    chosen = apply.nonzero().squeeze(1)
-    m = chosen.numel()
+    device = images.device
+    chosen_all = coin(shard.total, p, generator, device).nonzero().squeeze(1)
+    m = chosen_all.numel()
     if m == 0:
         return images
-
-    def factor(strength: float) -> torch.Tensor:
-        return _uniform(m, max(0.0, 1 - strength), 1 + strength, generator, device)
-
+    factors = [uniform(m, max(0.0, 1 - s), 1 + s, generator, device) if s > 0 else None
+               for s in (brightness, contrast, saturation)]
+    shift = uniform(m, -hue, hue, generator, device) if hue > 0 else None
+    mine = (chosen_all >= shard.start) & (chosen_all < shard.start + shard.size)
+    chosen = chosen_all[mine] - shard.start
+    if chosen.numel() == 0:
+        return images
+    brightness_f, contrast_f, saturation_f = (None if f is None else f[mine] for f in factors)
     x = images[chosen]
-    if brightness > 0:
-        x = (x * factor(brightness).view(-1, 1, 1, 1)).clamp_(0, 1)
-    if contrast > 0:
+    if brightness_f is not None:
+        x = (x * brightness_f.view(-1, 1, 1, 1)).clamp_(0, 1)
+    if contrast_f is not None:
         mean = rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-        x = _blend(x, mean, factor(contrast))
-    if saturation > 0:
-        x = _blend(x, rgb_to_grayscale(x), factor(saturation))
-    if hue > 0:
-        x = _shift_hue(x, _uniform(m, -hue, hue, generator, device))
+        x = _blend(x, mean, contrast_f)
+    if saturation_f is not None:
+        x = _blend(x, rgb_to_grayscale(x), saturation_f)
+    if shift is not None:
+        x = _shift_hue(x, shift[mine])
     out = images.clone()
     out[chosen] = x
     return out
 
 
-def random_grayscale(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    select = _coin(images.shape[0], p, generator, images.device).to(images.dtype).view(-1, 1, 1, 1)
+def random_grayscale(images: torch.Tensor, p: float, generator: torch.Generator, shard: Shard) -> torch.Tensor:
+    select = shard.rows(coin(shard.total, p, generator, images.device)).to(images.dtype).view(-1, 1, 1, 1)
     return images * (1 - select) + rgb_to_grayscale(images) * select  # exact at select 0 and 1
 
 
 def gaussian_blur(
-    images: torch.Tensor, p: float, sigma: tuple[float, float], generator: torch.Generator
+    images: torch.Tensor, p: float, sigma: tuple[float, float], generator: torch.Generator, shard: Shard
 ) -> torch.Tensor:
     """Separable Gaussian blur with sigma ~ U(sigma) per sample, applied with probability ``p``.
 
@@ -171,8 +171,8 @@ def gaussian_blur(
     """
     n, c, height, width = images.shape
     device = images.device
-    select = _coin(n, p, generator, device)
-    sigmas = _uniform(n, *sigma, generator, device)
+    select = shard.rows(coin(shard.total, p, generator, device))
+    sigmas = shard.rows(uniform(shard.total, *sigma, generator, device))
     chosen = select.nonzero().squeeze(1)
     if chosen.numel() == 0:
         return images
@@ -189,8 +189,10 @@ def gaussian_blur(
     return out
 
 
-def random_solarize(images: torch.Tensor, p: float, generator: torch.Generator, threshold: float = 0.5) -> torch.Tensor:
-    select = _coin(images.shape[0], p, generator, images.device).view(-1, 1, 1, 1)
+def random_solarize(
+    images: torch.Tensor, p: float, generator: torch.Generator, shard: Shard, threshold: float = 0.5
+) -> torch.Tensor:
+    select = shard.rows(coin(shard.total, p, generator, images.device)).view(-1, 1, 1, 1)
     flip = (images >= threshold).to(images.dtype) * select.to(images.dtype)
     return images * (1 - flip) + (1.0 - images) * flip  # exact at flip 0 and 1
 

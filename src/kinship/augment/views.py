@@ -10,6 +10,7 @@ import torch
 
 from kinship.augment import ops
 from kinship.config import AugmentConfig
+from kinship.sampling import Shard
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -17,32 +18,40 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0)
 
 
-def augment(images: torch.Tensor, recipe: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """One random view per image: float images in [0, 1] -> normalised float views of ``crop_size``."""
+def augment(
+    images: torch.Tensor, recipe: AugmentConfig, generator: torch.Generator, shard: Shard | None = None
+) -> torch.Tensor:
+    """One random view per image: float images in [0, 1] -> normalised float views of ``crop_size``.
+
+    ``shard``: where these images sit in the global batch (default: they are the whole batch); the
+    random parameters are drawn for the global batch, so the view of an image does not depend on
+    how the batch is split across processes.
+    """
     n, _, height, width = images.shape
     device = images.device
-    boxes = ops.sample_crop_boxes(n, height, width, recipe.crop_scale, recipe.crop_ratio, generator, device)
-    flip = torch.rand(n, generator=generator, device=device) < recipe.flip_p
+    shard = shard or Shard.whole(n)
+    boxes = shard.rows(ops.sample_crop_boxes(shard.total, height, width, recipe.crop_scale, recipe.crop_ratio, generator, device))
+    flip = shard.rows(torch.rand(shard.total, generator=generator, device=device) < recipe.flip_p)
     x = ops.crop_resize_flip(images, boxes, recipe.crop_size, flip)
     if recipe.jitter_p > 0:
         x = ops.color_jitter(
-            x, recipe.jitter_p, recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue, generator
+            x, recipe.jitter_p, recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue, generator, shard
         )
     if recipe.grayscale_p > 0:
-        x = ops.random_grayscale(x, recipe.grayscale_p, generator)
+        x = ops.random_grayscale(x, recipe.grayscale_p, generator, shard)
     if recipe.blur_p > 0:
-        x = ops.gaussian_blur(x, recipe.blur_p, recipe.blur_sigma, generator)
+        x = ops.gaussian_blur(x, recipe.blur_p, recipe.blur_sigma, generator, shard)
     if recipe.solarize_p > 0:
-        x = ops.random_solarize(x, recipe.solarize_p, generator)
+        x = ops.random_solarize(x, recipe.solarize_p, generator, shard)
     return ops.normalize(x, recipe.mean, recipe.std).contiguous(memory_format=torch.channels_last)
 
 
 def make_views(
-    images: torch.Tensor, recipes: list[AugmentConfig], generator: torch.Generator
+    images: torch.Tensor, recipes: list[AugmentConfig], generator: torch.Generator, shard: Shard | None = None
 ) -> list[torch.Tensor]:
     """One view per recipe, all from the same uint8 batch (decoded to float once)."""
     x = to_float(images)
-    return [augment(x, recipe, generator) for recipe in recipes]
+    return [augment(x, recipe, generator, shard) for recipe in recipes]
 
 
 def center_view(images: torch.Tensor, recipe: AugmentConfig) -> torch.Tensor:

@@ -1,8 +1,10 @@
-from kinship.data.loader import Batch, BatchPlan, StreamingLoader, TensorLoader
-from kinship.data.store import DataError, ImageSet, load_split
+from kinship.data.handle import DataInfo, TrainData
+from kinship.data.loader import Batch, BatchPlan, LabeledPlan, StreamingLoader, TensorLoader
+from kinship.data.store import ImageSet, load_split
 from kinship.data.subsets import hide_unlabeled, labeled_subset
+from kinship.errors import DataError
 
 __all__ = [
-    "Batch", "BatchPlan", "DataError", "ImageSet", "StreamingLoader", "TensorLoader",
-    "hide_unlabeled", "labeled_subset", "load_split",
+    "Batch", "BatchPlan", "DataError", "DataInfo", "ImageSet", "LabeledPlan", "StreamingLoader", "TensorLoader",
+    "TrainData", "hide_unlabeled", "labeled_subset", "load_split",
 ]

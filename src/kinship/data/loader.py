@@ -5,6 +5,9 @@ so a resumed run replays it exactly. Global batch b of the epoch is ``perm[b*B:(
 process r takes its r-th slice: the concatenation over processes is the single-process batch,
 which is what makes N processes equal to one on the concatenated batch. The tail is dropped (a
 per-image cache must never see an image twice in one step).
+
+Semi-supervised methods also get a labeled batch at every step (:class:`LabeledPlan`): a function of
+(seed, step) that wraps around the labeled set as often as needed, sliced across processes the same way.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ from typing import Iterator
 
 import torch
 
-from kinship.data.store import ImageSet, read_image_file
+from kinship.data.store import ImageSet, read_image_file, read_image_files
+from kinship.errors import DataError
+from kinship.sampling import Shard
 
 
 @dataclass
@@ -22,17 +27,30 @@ class Batch:
     index: torch.Tensor  # int64 (B,), dataset indices
     images: torch.Tensor  # uint8 (B, 3, H, W)
     labels: torch.Tensor  # int64 (B,), -1 where the label is hidden or absent
+    shard: Shard | None = None  # where these rows sit in the global batch (None: they are all of it)
+    labeled: "Batch | None" = None  # the labeled stream's batch of this step, when the run has one
+
+    def __post_init__(self) -> None:
+        if self.shard is None:
+            self.shard = Shard.whole(len(self.index))
+
+
+def _split(global_batch: int, world: int, what: str) -> int:
+    if global_batch % world:
+        raise DataError(f"{what} {global_batch} is not divisible by the {world} processes")
+    return global_batch // world
 
 
 class BatchPlan:
     def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        if global_batch % world:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
+        self.local_batch = _split(global_batch, world, "train.batch_size")
         if size < global_batch:
-            raise ValueError(f"dataset of {size} images is smaller than one batch of {global_batch}")
+            raise DataError(
+                f"train.batch_size {global_batch} is larger than the {size} training images: lower it "
+                "(batches are drawn without repeats, the tail of each epoch is dropped)"
+            )
         self.size, self.global_batch, self.seed = size, global_batch, seed
         self.rank, self.world = rank, world
-        self.local_batch = global_batch // world
         self._epoch, self._perm = -1, torch.empty(0)
 
     @property
@@ -49,18 +67,74 @@ class BatchPlan:
         start = step * self.global_batch + self.rank * self.local_batch
         return self.permutation(epoch)[start : start + self.local_batch]
 
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.rank * self.local_batch, self.local_batch, self.global_batch)
+
+
+class LabeledPlan:
+    """The labeled stream: the global labeled batch of step s is positions [s B, (s + 1) B) of an
+    endless sequence of seeded shuffles of the labeled set (pass p shuffled by (seed, p)), so 40
+    labels feed a labeled batch of 64 as well as 4,000 do; process r takes its r-th slice."""
+
+    def __init__(self, labeled: torch.Tensor, global_batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        if len(labeled) == 0:
+            raise DataError("train.labeled_batch_size > 0 needs labeled training images, and this data has none")
+        self.local_batch = _split(global_batch, world, "train.labeled_batch_size")
+        self.labeled, self.global_batch, self.seed = labeled.cpu(), global_batch, seed
+        self.rank, self.world = rank, world
+        self._passes: dict[int, torch.Tensor] = {}
+
+    def permutation(self, number: int) -> torch.Tensor:
+        if number not in self._passes:
+            if len(self._passes) > 8:
+                self._passes.clear()
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + number) * 2 + 1)  # never an epoch's seed
+            self._passes[number] = torch.randperm(len(self.labeled), generator=g)
+        return self._passes[number]
+
+    def indices(self, step: int) -> torch.Tensor:
+        n = len(self.labeled)
+        positions = step * self.global_batch + self.rank * self.local_batch + torch.arange(self.local_batch)
+        out = torch.empty(self.local_batch, dtype=torch.long)
+        passes = positions.div(n, rounding_mode="floor")
+        for number in passes.unique().tolist():
+            here = passes == number
+            out[here] = self.labeled[self.permutation(number)[positions[here] % n]]
+        return out
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.rank * self.local_batch, self.local_batch, self.global_batch)
+
 
 class TensorLoader:
     """Batches from an in-memory :class:`ImageSet` (on the training device), from ``start_step`` on."""
 
-    def __init__(self, data: ImageSet, plan: BatchPlan, labels: torch.Tensor | None = None) -> None:
-        self.data, self.plan = data, plan
+    def __init__(
+        self, data: ImageSet, plan: BatchPlan, labels: torch.Tensor | None = None, labeled_plan: LabeledPlan | None = None
+    ) -> None:
+        self.data, self.plan, self.labeled_plan = data, plan, labeled_plan
         self.labels = data.labels if labels is None else labels.to(data.labels.device)
+
+    def read(self, index: torch.Tensor) -> Batch:
+        index = index.to(self.data.images.device)
+        return Batch(index, self.data.images[index], self.labels[index])
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         for step in range(start_step, self.plan.steps_per_epoch):
-            index = self.plan.indices(epoch, step).to(self.data.images.device)
-            yield Batch(index, self.data.images[index], self.labels[index])
+            batch = self.read(self.plan.indices(epoch, step))
+            batch.shard = self.plan.shard
+            batch.labeled = labeled_batch(self, self.labeled_plan, epoch * self.plan.steps_per_epoch + step)
+            yield batch
+
+
+def labeled_batch(loader: "TensorLoader | StreamingLoader", plan: LabeledPlan | None, global_step: int) -> Batch | None:
+    if plan is None:
+        return None
+    batch = loader.read(plan.indices(global_step))
+    batch.shard = plan.shard
+    return batch
 
 
 class _FileDataset(torch.utils.data.Dataset):
@@ -81,15 +155,27 @@ class StreamingLoader:
     """
 
     def __init__(
-        self, files: list[Path], labels: torch.Tensor, size: int, plan: BatchPlan, device: torch.device, workers: int
+        self, files: list[Path], labels: torch.Tensor, size: int, plan: BatchPlan, device: torch.device, workers: int,
+        labeled_plan: LabeledPlan | None = None,
     ) -> None:
         self.dataset, self.labels, self.plan, self.device, self.workers = _FileDataset(files, size), labels, plan, device, workers
+        self.labeled_plan = labeled_plan
+
+    def read(self, index: torch.Tensor) -> Batch:
+        """Decode the images of ``index`` here, on a thread pool (the labeled stream's small batches)."""
+        files = [self.dataset.files[i] for i in index.tolist()]
+        images = read_image_files(files, self.dataset.size).to(self.device)
+        index = index.to(self.device)
+        return Batch(index, images, self.labels.to(self.device)[index])
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        batches = [self.plan.indices(epoch, s).tolist() for s in range(start_step, self.plan.steps_per_epoch)]
+        steps = range(start_step, self.plan.steps_per_epoch)
+        batches = [self.plan.indices(epoch, s).tolist() for s in steps]
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=batches, num_workers=self.workers, pin_memory=self.device.type == "cuda"
         )
-        for indices, images in zip(batches, loader):
+        for step, indices, images in zip(steps, batches, loader):
             index = torch.tensor(indices, device=self.device)
-            yield Batch(index, images.to(self.device, non_blocking=True), self.labels.to(self.device)[index])
+            labeled = labeled_batch(self, self.labeled_plan, epoch * self.plan.steps_per_epoch + step)
+            yield Batch(index, images.to(self.device, non_blocking=True), self.labels.to(self.device)[index],
+                        self.plan.shard, labeled)

@@ -17,15 +17,12 @@ import torch
 from PIL import Image
 
 from kinship.config import DataConfig
+from kinship.errors import DataError
 
 
 # torchvision 0.29 deprecates its image decoders in favour of torchcodec; they still work, and are
 # the fastest batched JPEG decoder on torch 2.11 (the GPU machines) through 2.14.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
-
-
-class DataError(RuntimeError):
-    """Missing, unreadable or inconsistent data; the message names the file or index."""
 
 
 @dataclass

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import torch
 
+from kinship.errors import DataError
+
 
 def labeled_subset(labels: torch.Tensor, per_class: int = 0, fraction: float = 0.0, seed: int = 0) -> torch.Tensor:
     """Sorted indices of a class-stratified labeled subset (exactly ``per_class`` or ``round(fraction * n_c)``)."""
     if (per_class > 0) == (fraction > 0):
-        raise ValueError("give exactly one of per_class > 0 and fraction > 0")
+        raise DataError("give exactly one of per_class > 0 and fraction > 0")
     labels = labels.cpu()
     g = torch.Generator().manual_seed(seed)
     chosen = []
@@ -18,7 +20,7 @@ def labeled_subset(labels: torch.Tensor, per_class: int = 0, fraction: float = 0
         members = (labels == c).nonzero().squeeze(1)
         take = per_class if per_class > 0 else round(fraction * len(members))
         if take > len(members):
-            raise ValueError(f"class {c} has {len(members)} images, fewer than the {take} labels asked for")
+            raise DataError(f"class {c} has {len(members)} images, fewer than the {take} labels asked for")
         chosen.append(members[torch.randperm(len(members), generator=g)[:take]])
     return torch.cat(chosen).sort().values
 
@@ -38,8 +40,6 @@ def corrupt_labels(labels: torch.Tensor, rate: float, num_classes: int, seed: in
 def map_labels(labels: torch.Tensor, path: Path, num_classes: int) -> torch.Tensor:
     """Labels through a JSON list ``[parent of class 0, parent of class 1, ...]`` (e.g. CIFAR-100's 20
     super-classes, ImageNet's 93 coarse classes of CMSF Table 5)."""
-    from kinship.data.store import DataError
-
     if not path.is_file():
         raise DataError(f"data.label_map: file not found: {path}")
     mapping = json.loads(path.read_text())

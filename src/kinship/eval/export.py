@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kinship.config import RunConfig, apply_overrides, build_config
-from kinship.eval.suite import load_pretrained, read_checkpoint
-from kinship.methods import DataInfo
+from kinship import checkpoint
+from kinship.assembly import build_config, load_pretrained
+from kinship.config import RunConfig, apply_overrides
+from kinship.data import DataInfo
 from kinship.models.backbones import ResNetBackbone
-from kinship.train import checkpoint
 
 
 def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
@@ -42,7 +42,7 @@ def loading_instructions(config: RunConfig, path: Path) -> str:
 def export_backbone(checkpoint_path: str | Path, out: str | Path, overrides: list[str] = ()) -> str:
     """Write the evaluation backbone of a pre-training checkpoint to ``out``; returns how to load it."""
     checkpoint_path, out = Path(checkpoint_path), Path(out)
-    state = read_checkpoint(checkpoint_path)
+    state = checkpoint.read_checkpoint(checkpoint_path)
     config = build_config(apply_overrides(state["config"], list(overrides)))
     placeholder = DataInfo(size=0, num_classes=0, image_size=config.data.image_size)  # used only by pre-data_info checkpoints
     method = load_pretrained(checkpoint_path, state, config, placeholder, torch.device("cpu"))

@@ -16,10 +16,12 @@ from torch import nn
 from tqdm import tqdm
 
 from kinship.augment.views import augment, to_float
+from kinship.blocks.features import extract_features
 from kinship.blocks.knn import topk_accuracy
 from kinship.config import AugmentConfig
-from kinship.eval.features import extract_features
+from kinship.errors import NonFiniteLossError
 from kinship.eval.linear import Standardizer
+from kinship.optim import cosine_ramp, scaled_lr, training_step
 
 
 class Classifier(nn.Module):
@@ -75,10 +77,9 @@ def train_classifier(
     """SGD with cross-entropy on augmented views; learning rates are given at batch 256 and scaled
     linearly. Cosine over all steps, or x0.1 at each epoch in ``milestones``. Returns epoch losses."""
     device = images.device
-    scale = batch_size / 256
-    groups = [{"params": list(model.head.parameters()), "base_lr": lr_head * scale}]
+    groups = [{"params": list(model.head.parameters()), "base_lr": scaled_lr(lr_head, batch_size, 256)}]
     if model.train_backbone:
-        groups.append({"params": list(model.backbone.parameters()), "base_lr": lr_backbone * scale})
+        groups.append({"params": list(model.backbone.parameters()), "base_lr": scaled_lr(lr_backbone, batch_size, 256)})
     optimizer = torch.optim.SGD(groups, lr=0.0, momentum=momentum, weight_decay=weight_decay)
     n = images.shape[0]
     batches = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size) if min(s + batch_size, n) - s >= 2]
@@ -91,24 +92,18 @@ def train_classifier(
         order = torch.randperm(n, generator=order_gen).to(device)
         epoch_loss = torch.zeros((), device=device)
         for start, stop in batches:
-            if milestones:
-                factor = 0.1 ** sum(epoch >= m for m in milestones)
-            else:
-                factor = 0.5 * (1 + math.cos(math.pi * step / total))
+            factor = 0.1 ** sum(epoch >= m for m in milestones) if milestones else cosine_ramp(step, total, 1.0, 0.0)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             idx = order[start:stop]
             views = augment(to_float(images[idx]), recipe, generator)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = F.cross_entropy(model(views).float(), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, _ = training_step(optimizer, lambda: (F.cross_entropy(model(views).float(), labels[idx]), {}),
+                                    device.type if autocast else None)
             epoch_loss += loss.detach()
             step += 1
         losses.append(epoch_loss.item() / len(batches))
         if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"{desc}: loss is {losses[-1]} in epoch {epoch + 1}; lower the learning rate")
+            raise NonFiniteLossError(f"{desc}: loss is {losses[-1]} in epoch {epoch + 1}; lower the learning rate")
     model.eval()
     return losses
 

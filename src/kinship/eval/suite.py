@@ -12,7 +12,6 @@ import copy
 import datetime
 import hashlib
 import json
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,21 +19,20 @@ from typing import Any, Callable
 
 import torch
 
+from kinship import checkpoint
+from kinship.assembly import RunData, build_config, load_pretrained, load_run_data
+from kinship.blocks.features import extract_features
 from kinship.blocks.kmeans import assign, kmeans
 from kinship.blocks.knn import knn_accuracy
-from kinship.config import ConfigError, RunConfig, apply_overrides, build_config, to_dict
-from kinship.data import DataError, labeled_subset
+from kinship.config import apply_overrides, to_dict
+from kinship.data import labeled_subset
 from kinship.data.subsets import save_indices
+from kinship.errors import ConfigError, DataError
 from kinship.eval import plots
-from kinship.eval.features import extract_features
 from kinship.eval.finetune import Classifier, classifier_accuracy, random_head, train_classifier, train_recipe
 from kinship.eval.linear import Standardizer, linear_probe
 from kinship.eval.metrics import class_cosines, clustering_scores, neighbour_purity
-from kinship.methods import DataInfo, Method
 from kinship.runtime import environment, resolve_device, tune_cpu_allocator, use_bf16
-from kinship.train import checkpoint
-from kinship.train.checkpoint import CheckpointError
-from kinship.train.trainer import RunData, build_method, load_run_data
 
 PROTOCOLS = ("knn", "linear", "finetune", "clustering", "purity", "tsne", "curves")
 
@@ -45,41 +43,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def read_checkpoint(path: Path) -> dict:
-    """The checkpoint's dict, or a CheckpointError that says what the file is instead."""
-    try:
-        state = checkpoint.load(path)
-    except FileNotFoundError:
-        raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(state, dict) or "config" not in state or "method" not in state:
-        raise CheckpointError(
-            f"{path} is not a kinship pre-training checkpoint (it has no 'config' and 'method' entries); "
-            "`kinship eval` and `kinship export` take the last.pt of a `kinship pretrain` run folder"
-        )
-    return state
-
-
-def load_pretrained(path: Path, state: dict, config: RunConfig, info: DataInfo, device: torch.device) -> Method:
-    """The method of ``config`` with the checkpoint's weights, in eval mode, or a CheckpointError naming the mismatch."""
-    if "data_info" in state:  # the shapes of the method's state follow the data it was trained on
-        info = DataInfo(**state["data_info"])
-    try:
-        method = build_method(config, info)
-        method.load_state_dict(state["method"])
-    except (RuntimeError, KeyError, ValueError) as exc:
-        trained = state["config"].get("model", {})
-        raise CheckpointError(
-            f"checkpoint {path} does not fit the model of this config: it was trained with method "
-            f"'{state['config']['method']['name']}', backbone {trained.get('backbone')} (width {trained.get('width')}, "
-            f"cifar_stem {trained.get('cifar_stem')}); this config asks for method '{config.method.name}', backbone "
-            f"{config.model.backbone} (width {config.model.width}, cifar_stem {config.model.cifar_stem}). "
-            + " ".join(line.strip() for line in str(exc).splitlines()[:2])
-        ) from exc
-    return method.to(device).eval()
 
 
 def check_labels(data: RunData) -> None:
@@ -117,7 +80,7 @@ class Evaluation:
     ) -> None:
         tune_cpu_allocator()
         self.path = Path(checkpoint_path)
-        state = read_checkpoint(self.path)
+        state = checkpoint.read_checkpoint(self.path)
         self.config = build_config(apply_overrides(state["config"], list(overrides)))
         unknown = sorted(set(self.config.eval.protocols) - set(PROTOCOLS))
         if unknown:
@@ -129,7 +92,7 @@ class Evaluation:
         self.autocast = use_bf16(self.config.train.precision, self.device)
         self.data = load_run_data(self.config, self.device, None)
         check_labels(self.data)
-        self.method = load_pretrained(self.path, state, self.config, self.data.info, self.device)
+        self.method = load_pretrained(self.path, state, self.config, self.data.handle.info, self.device)
         self.backbone, self.recipe = self.method.eval_backbone, self.method.eval_recipe
         self.sha256 = file_sha256(self.path)
         self.num_classes = int(max(self.data.bank.labels.max(), self.data.test.labels.max())) + 1

@@ -1,5 +1,5 @@
 """Method registry: ``method.name`` in a config -> the method class (whose ``Config`` parses its section)."""
-from kinship.methods.base import DataInfo, Method, StepInfo
+from kinship.methods.base import DataInfo, Method, Refresh, StepInfo, TrainData
 from kinship.methods.byol import BYOL
 from kinship.methods.cmsf import CMSF, MSF
 from kinship.methods.mira import MIRA
@@ -8,4 +8,4 @@ from kinship.methods.swav import SwAV
 
 METHODS: dict[str, type[Method]] = {"byol": BYOL, "mocov2": MoCoV2, "msf": MSF, "cmsf": CMSF, "swav": SwAV, "mira": MIRA}
 
-__all__ = ["METHODS", "DataInfo", "Method", "StepInfo"]
+__all__ = ["METHODS", "DataInfo", "Method", "Refresh", "StepInfo", "TrainData"]

@@ -1,10 +1,20 @@
 """The contract between the trainer and a method.
 
 A method is an ``nn.Module`` that owns its networks and all of its cross-sample state (queues,
-banks, caches, centres) as parameters or buffers, so that ``state_dict`` is the whole state a
-resumed run needs. Each step the trainer calls ``views(batch, step)`` (augmentation, outside any
-autograd or DDP wrapper), then ``forward(views, batch, step)`` for a loss and logs, steps the
-optimizer, then ``after_step``; ``on_epoch_start`` / ``on_epoch_end`` frame each epoch.
+banks, caches, centres, tables) as parameters or buffers, so that ``state_dict`` is the whole state
+a resumed run needs; state that spans samples is kept identical on every process (gathered or
+all-reduced). It is built with its config section, a backbone and the :class:`TrainData` handle.
+
+Each step the trainer calls ``views(batch, step)`` (augmentation, outside any autograd or DDP
+wrapper), then ``forward(views, batch, step)`` for a loss and logs, steps the optimizer, then
+``after_step`` (EMA targets live there). Besides, a method may declare
+
+- ``scan_epochs``: leading epochs whose steps run ``forward`` under ``no_grad`` with no optimizer
+  step and no ``after_step`` (``step.update`` is False); the learning-rate schedule starts after them;
+- ``refreshes()``: work due every N epochs or steps (a k-means over the whole data set, a prototype
+  refresh), run by :meth:`refresh` on every process before the step at which it is due, exactly
+  once per due position, also across a resume;
+- ``on_epoch_end``: per-epoch metrics for ``metrics.jsonl``.
 """
 from __future__ import annotations
 
@@ -14,32 +24,57 @@ import torch
 from torch import nn
 
 from kinship.config import AugmentConfig, MethodConfig
-from kinship.data.loader import Batch
+from kinship.data import Batch, DataInfo, TrainData
 
-
-@dataclass
-class DataInfo:
-    size: int  # training images
-    num_classes: int
-    image_size: int
+__all__ = ["Batch", "DataInfo", "Method", "Refresh", "StepInfo", "TrainData"]
 
 
 @dataclass
 class StepInfo:
-    epoch: int
-    step: int  # global optimizer step, from 0
+    epoch: int  # counting scan epochs
+    step: int  # global step, from 0, counting scan steps
     total_steps: int
-    generator: torch.Generator  # augmentation draws of this process at this step
+    generator: torch.Generator  # this step's random draws, seeded by (seed, step): the same on every process
     shared_seed: int  # identical on every process at this step (e.g. shuffle-BN permutation)
     steps_per_epoch: int = 1
+    update: bool = True  # False in a scan epoch: forward under no_grad, no optimizer step
+
+    @property
+    def step_in_epoch(self) -> int:
+        return self.step - self.epoch * self.steps_per_epoch
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """Work a method asks for every ``every`` epochs (at the epoch's first step) or steps, from
+    ``start`` on (in the same unit)."""
+
+    name: str
+    every: int
+    unit: str = "epoch"  # epoch | step
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.unit not in ("epoch", "step") or self.start < 0:
+            raise ValueError(f"refresh '{self.name}': every >= 1, unit epoch or step and start >= 0, got {self}")
+
+    def due(self, epoch: int, step_in_epoch: int, global_step: int) -> bool:
+        if self.unit == "step":
+            return global_step >= self.start and (global_step - self.start) % self.every == 0
+        return step_in_epoch == 0 and epoch >= self.start and (epoch - self.start) % self.every == 0
 
 
 class Method(nn.Module):
     Config: type[MethodConfig] = MethodConfig
 
-    def __init__(self, config: MethodConfig, backbone: nn.Module, data: DataInfo) -> None:
+    def __init__(self, config: MethodConfig, backbone: nn.Module, data: TrainData) -> None:
         super().__init__()
-        self.config, self.backbone, self.data_info = config, backbone, data
+        self.config, self.backbone = config, backbone
+        self.data = data  # not a module: the trainer's handle, never saved
+
+    @property
+    def data_info(self) -> DataInfo:
+        return self.data.info
 
     @property
     def eval_backbone(self) -> nn.Module:
@@ -57,6 +92,16 @@ class Method(nn.Module):
         """Crop size and normalisation of the evaluation view."""
         raise NotImplementedError
 
+    @property
+    def scan_epochs(self) -> int:
+        return 0
+
+    @property
+    def unused_parameters(self) -> bool:
+        """True if some steps leave trainable parameters without a gradient (prototypes frozen in
+        the first epochs): DDP then finds them at every step, and leaves them untouched."""
+        return False
+
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         """The augmented views of ``batch`` this method trains on."""
         raise NotImplementedError
@@ -69,8 +114,13 @@ class Method(nn.Module):
     def after_step(self, step: StepInfo) -> None:
         """Called after each optimizer step (EMA updates live here)."""
 
-    def on_epoch_start(self, epoch: int) -> None:
-        pass
+    def refreshes(self) -> list[Refresh]:
+        return []
 
-    def on_epoch_end(self, epoch: int) -> None:
-        pass
+    def refresh(self, name: str, step: StepInfo) -> dict | None:
+        """Run the refresh ``name`` due before ``step``; may return metrics for ``metrics.jsonl``."""
+        raise NotImplementedError(f"{type(self).__name__} declares refresh '{name}' but does not implement it")
+
+    def on_epoch_end(self, epoch: int) -> dict | None:
+        """Called on every process after the last step of ``epoch``; may return metrics."""
+        return None

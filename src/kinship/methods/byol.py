@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from kinship.augment.views import make_views
-from kinship.blocks.ema import cosine_ramp, ema_update, make_target
-from kinship.config import AugmentConfig, MethodConfig
-from kinship.data.loader import Batch
+from kinship.blocks.ema import EMATarget
+from kinship.config import AugmentConfig, MethodConfig, RunConfig, check
 from kinship.losses import byol_loss
-from kinship.methods.base import DataInfo, Method, StepInfo
+from kinship.methods.base import Batch, Method, StepInfo, TrainData
 from kinship.models.heads import mlp
+from kinship.optim import cosine_ramp
 
 
 @dataclass
@@ -34,22 +34,26 @@ class BYOLConfig(MethodConfig):
     view1: AugmentConfig = field(default_factory=lambda: AugmentConfig(blur_p=0.0, solarize_p=0.0))
     view2: AugmentConfig = field(default_factory=lambda: AugmentConfig(blur_p=0.0, solarize_p=0.2))
 
+    def validate(self, run: RunConfig) -> None:
+        check(0 <= self.momentum_base <= self.momentum_final <= 1,
+              f"method.momentum_base <= momentum_final must lie in [0, 1], got {self.momentum_base}, {self.momentum_final}")
+
 
 class BYOL(Method):
     Config = BYOLConfig
 
-    def __init__(self, config: BYOLConfig, backbone: nn.Module, data: DataInfo) -> None:
+    def __init__(self, config: BYOLConfig, backbone: nn.Module, data: TrainData) -> None:
         super().__init__(config, backbone, data)
         self.projector = mlp(backbone.feature_dim, config.projector_hidden, config.projector_dim)
         self.predictor = mlp(config.projector_dim, config.predictor_hidden, config.projector_dim)
-        self.target = make_target(nn.Sequential(backbone, self.projector))
+        self.target = EMATarget(backbone, self.projector)
 
     @property
     def eval_recipe(self) -> AugmentConfig:
         return self.config.view1
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
-        return make_views(batch.images, [self.config.view1, self.config.view2], step.generator)
+        return make_views(batch.images, [self.config.view1, self.config.view2], step.generator, batch.shard)
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         v1, v2 = views
@@ -69,5 +73,4 @@ class BYOL(Method):
         return cosine_ramp(step.step, step.total_steps, self.config.momentum_base, self.config.momentum_final)
 
     def after_step(self, step: StepInfo) -> None:
-        online = nn.Sequential(self.backbone, self.projector)
-        ema_update(self.target, online, self.momentum(step))
+        self.target.update(self.momentum(step))

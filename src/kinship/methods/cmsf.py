@@ -25,22 +25,21 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from kinship.augment.views import make_views
 from kinship.blocks.cache import SampleCache
-from kinship.blocks.ema import ema_update, make_target
+from kinship.blocks.ema import EMATarget
 from kinship.blocks.knn import masked_topk
 from kinship.blocks.multicrop import forward_crops
 from kinship.blocks.queue import FifoQueue
-from kinship.config import AugmentConfig, ConfigError, MethodConfig
-from kinship.data.loader import Batch
+from kinship.config import AugmentConfig, ConfigError, MethodConfig, RunConfig, check, check_choice
 from kinship.losses import mean_shift_loss
-from kinship.methods.base import DataInfo, Method, StepInfo
+from kinship.methods.base import Batch, Method, StepInfo, TrainData
 from kinship.models.heads import mlp
-from kinship.runtime import all_gather_cat, is_distributed, rank
+from kinship.optim import training_step
+from kinship.runtime import all_gather_cat, broadcast_module, rank
 
 CONSTRAINTS = ("none", "self", "supervised", "semi")
 
@@ -79,6 +78,16 @@ class CMSFConfig(MethodConfig):
         default_factory=lambda: AugmentConfig(crop_size=16, crop_scale=(0.05, 0.14), saturation=0.4, hue=0.1, blur_p=0.0)
     )
 
+    def validate(self, run: RunConfig) -> None:
+        check_choice("method.constraint", self.constraint, CONSTRAINTS)
+        check_choice("method.target_view", self.target_view, ("weak", "strong"))
+        check_choice("method.constraint_view", self.constraint_view, ("cached", "third_aug"))
+        check(not self.top_all or self.constraint in ("supervised", "semi"),
+              "method.top_all is the label-constrained variant: use it with constraint supervised or semi")
+        check(self.topk >= 1 and self.topk_constraint >= 1 and self.bank_size >= 1,
+              "method.topk, topk_constraint and bank_size must be >= 1")
+        check(0 <= self.momentum <= 1, f"method.momentum must be in [0, 1], got {self.momentum}")
+
 
 @dataclass
 class MSFConfig(CMSFConfig):
@@ -103,24 +112,22 @@ def crop_mean_loss(predictions: list[torch.Tensor], neighbour_mean: torch.Tensor
 class CMSF(Method):
     Config = CMSFConfig
 
-    def __init__(self, config: CMSFConfig, backbone: nn.Module, data: DataInfo) -> None:
+    def __init__(self, config: CMSFConfig, backbone: nn.Module, data: TrainData) -> None:
         super().__init__(config, backbone, data)
-        if config.constraint not in CONSTRAINTS:
-            raise ConfigError(f"method.constraint must be one of {', '.join(CONSTRAINTS)}, got '{config.constraint}'")
-        if config.top_all and config.constraint not in ("supervised", "semi"):
-            raise ConfigError("method.top_all is the label-constrained variant: use it with constraint supervised or semi")
-        if config.target_view not in ("weak", "strong"):
-            raise ConfigError(f"method.target_view must be weak or strong, got '{config.target_view}'")
-        if config.constraint_view not in ("cached", "third_aug"):
-            raise ConfigError(f"method.constraint_view must be cached or third_aug, got '{config.constraint_view}'")
         if data.size and config.bank_size >= data.size:
-            # one image would hold several slots; its copies all map to one cached w (spec "more traps")
+            # one image would hold several slots, and its copies would all map to one cached w
             raise ConfigError(f"method.bank_size {config.bank_size} must be smaller than the {data.size} training images")
+        if config.constraint == "supervised" and data.labels is not None and (data.labels < 0).any():
+            hidden = int((data.labels < 0).sum())
+            raise ConfigError(
+                f"method.constraint 'supervised' needs a label for every training image, and {hidden} of {data.size} "
+                "are hidden (data.labeled_per_class / labeled_fraction, or an unlabeled split): use constraint 'semi'"
+            )
         feat = backbone.feature_dim
         hidden, dim = config.hidden or 2 * feat, config.dim or max(feat // 4, 16)
         self.projector = mlp(feat, hidden, dim)
         self.predictor = mlp(dim, hidden, dim)
-        self.target = make_target(nn.Sequential(backbone, self.projector))
+        self.target = EMATarget(backbone, self.projector)
         # bank M: target embeddings, the label used by the constraint (-1: none) and the dataset index
         self.bank = FifoQueue(config.bank_size, dim, init="zeros", columns=("label", "index"))
         if config.constraint == "self":
@@ -147,7 +154,8 @@ class CMSF(Method):
         cfg = self.config
         target = cfg.weak if cfg.target_view == "weak" else cfg.strong
         third = [target] if cfg.constraint == "self" and cfg.constraint_view == "third_aug" else []
-        return make_views(batch.images, [target, cfg.strong, *third, *[cfg.local] * cfg.local_crops], step.generator)
+        recipes = [target, cfg.strong, *third, *[cfg.local] * cfg.local_crops]
+        return make_views(batch.images, recipes, step.generator, batch.shard)
 
     def predict(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return F.normalize(self.predictor(self.projector(self.backbone(x))).to(dtype), dim=1)
@@ -256,10 +264,7 @@ class CMSF(Method):
         which must be known. semi: the label if known, else the classifier's pseudo-label when
         max p >= tau (boundary included), else -1 ("no label").
         """
-        constraint = self.config.constraint
-        if constraint == "supervised" and (labels < 0).any():
-            raise ValueError("constraint 'supervised' needs a label for every training image; use 'semi' for partial labels")
-        if constraint != "semi":
+        if self.config.constraint != "semi":
             return labels, torch.ones(len(labels), device=u.device, dtype=u.dtype)
         probs = self.classifier(u).to(u.dtype).softmax(dim=1)
         confidence, guess = probs.max(dim=1)
@@ -270,12 +275,11 @@ class CMSF(Method):
 
     # -- the pseudo-label classifier (semi) ----------------------------------------------------
     def after_step(self, step: StepInfo) -> None:
-        ema_update(self.target, nn.Sequential(self.backbone, self.projector), self.config.momentum)
+        self.target.update(self.config.momentum)
         if self.config.constraint == "semi":
-            in_epoch = step.step - step.epoch * step.steps_per_epoch + 1
             rounds = self.config.classifier_rounds
             due = {math.ceil(step.steps_per_epoch * (r + 1) / rounds) for r in range(rounds)}
-            if in_epoch in due:
+            if step.step_in_epoch + 1 in due:
                 self.train_classifier(step.shared_seed)
 
     @torch.enable_grad()
@@ -298,19 +302,13 @@ class CMSF(Method):
                 order = torch.randperm(len(x), generator=g).to(x.device)
                 for start in range(0, len(x), 256):
                     batch = order[start : start + 256]
-                    if len(batch) < 2:
-                        continue
-                    loss = F.cross_entropy(self.classifier(x[batch]), y[batch])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    if len(batch) >= 2:
+                        training_step(optimizer, lambda: (F.cross_entropy(self.classifier(x[batch]), y[batch]), {}))
             self.classifier.eval()
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
-        if is_distributed():
-            for tensor in list(self.classifier.parameters()) + list(self.classifier.buffers()):
-                dist.broadcast(tensor.data, src=0)
+        broadcast_module(self.classifier)
 
 
 class MSF(CMSF):

@@ -19,13 +19,14 @@ from torch import nn
 
 from kinship.augment.views import make_views
 from kinship.blocks.assignment import mira_targets
-from kinship.blocks.ema import cosine_ramp, ema_update, make_target
+from kinship.blocks.ema import EMATarget
 from kinship.blocks.multicrop import forward_crops
-from kinship.config import AugmentConfig, MethodConfig
-from kinship.data.loader import Batch
+from kinship.config import AugmentConfig, MethodConfig, RunConfig, check
 from kinship.losses import swapped_prediction_loss
-from kinship.methods.base import DataInfo, Method, StepInfo
+from kinship.methods.base import Batch, Method, StepInfo, TrainData
 from kinship.models.heads import PrototypeHead, mlp
+from kinship.optim import cosine_ramp
+from kinship.runtime import section
 
 
 @dataclass
@@ -49,16 +50,22 @@ class MIRAConfig(MethodConfig):
     view2: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=(0.2, 1.0), blur_p=0.0, solarize_p=0.2))
     local: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_size=16, crop_scale=(0.05, 0.14), blur_p=0.0))
 
+    def validate(self, run: RunConfig) -> None:
+        check(0 <= self.beta_start < 1 and 0 <= self.beta_end < 1, "method.beta_start and beta_end must lie in [0, 1)")
+        check(self.tau_teacher > 0 and self.tau_student > 0, "method.tau_teacher and tau_student must be > 0")
+        check(self.prototypes >= 1 and self.iterations >= 1, "method.prototypes and method.iterations must be >= 1")
+        check(0 <= self.momentum_base <= 1, f"method.momentum_base must be in [0, 1], got {self.momentum_base}")
+
 
 class MIRA(Method):
     Config = MIRAConfig
 
-    def __init__(self, config: MIRAConfig, backbone: nn.Module, data: DataInfo) -> None:
+    def __init__(self, config: MIRAConfig, backbone: nn.Module, data: TrainData) -> None:
         super().__init__(config, backbone, data)
         self.projector = mlp(backbone.feature_dim, config.hidden, config.dim, layers=3)
         self.head = PrototypeHead(config.dim, config.prototypes)
         if config.ema_teacher:
-            self.teacher = make_target(nn.Sequential(backbone, self.projector))
+            self.teacher = EMATarget(backbone, self.projector)
 
     @property
     def eval_backbone(self) -> nn.Module:
@@ -68,13 +75,17 @@ class MIRA(Method):
     def eval_recipe(self) -> AugmentConfig:
         return self.config.view1
 
+    @property
+    def unused_parameters(self) -> bool:
+        return self.config.freeze_prototypes_epochs > 0
+
     def cluster_scores(self, features: torch.Tensor) -> torch.Tensor:
         projector = self.teacher[1] if self.config.ema_teacher else self.projector
         return self.head(projector(features), frozen=True)
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         cfg = self.config
-        return make_views(batch.images, [cfg.view1, cfg.view2, *[cfg.local] * cfg.local_crops], step.generator)
+        return make_views(batch.images, [cfg.view1, cfg.view2, *[cfg.local] * cfg.local_crops], step.generator, batch.shard)
 
     def beta(self, step: StepInfo) -> float:
         return cosine_ramp(step.step, step.total_steps, self.config.beta_start, self.config.beta_end)
@@ -87,7 +98,8 @@ class MIRA(Method):
             teacher = self.teacher if cfg.ema_teacher else nn.Sequential(self.backbone, self.projector)
             teacher_logits = self.head(teacher(torch.cat(views[:2])), frozen=True)  # the solver upcasts bf16 to fp32
             beta = self.beta(step)
-            targets = [mira_targets(t, cfg.tau_teacher, beta, cfg.iterations) for t in teacher_logits.chunk(2)]
+            with section("solver"):
+                targets = [mira_targets(t, cfg.tau_teacher, beta, cfg.iterations) for t in teacher_logits.chunk(2)]
         loss = swapped_prediction_loss(targets, logits, cfg.tau_student)
         marginal = torch.cat(targets).mean(0)
         return loss, {"beta": beta, "target_entropy": -(marginal * marginal.clamp_min(1e-12).log()).sum()}
@@ -96,5 +108,4 @@ class MIRA(Method):
         # applied after the optimizer step; the code applies it before the next teacher forward: the
         # same teacher weights at every forward
         if self.config.ema_teacher:
-            m = cosine_ramp(step.step, step.total_steps, self.config.momentum_base, 1.0)
-            ema_update(self.teacher, nn.Sequential(self.backbone, self.projector), m)
+            self.teacher.update(cosine_ramp(step.step, step.total_steps, self.config.momentum_base, 1.0))

@@ -16,12 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kinship.augment.views import make_views
-from kinship.blocks.ema import ema_update, make_target
+from kinship.blocks.ema import EMATarget
 from kinship.blocks.queue import FifoQueue
-from kinship.config import AugmentConfig, MethodConfig
-from kinship.data.loader import Batch
+from kinship.config import AugmentConfig, MethodConfig, RunConfig, check
 from kinship.losses import info_nce_with_queue
-from kinship.methods.base import DataInfo, Method, StepInfo
+from kinship.methods.base import Batch, Method, StepInfo, TrainData
 from kinship.models.heads import mlp
 from kinship.runtime import all_gather_cat, rank, world_size
 
@@ -41,6 +40,11 @@ class MoCoV2Config(MethodConfig):
     augment: AugmentConfig = field(
         default_factory=lambda: AugmentConfig(crop_scale=(0.08, 1.0), saturation=0.4, hue=0.1, blur_p=0.0)
     )
+
+    def validate(self, run: RunConfig) -> None:
+        check(self.queue_size >= 1, f"method.queue_size must be >= 1, got {self.queue_size}")
+        check(0 <= self.momentum <= 1, f"method.momentum must be in [0, 1], got {self.momentum}")
+        check(self.temperature > 0, f"method.temperature must be > 0, got {self.temperature}")
 
 
 def shuffled_forward(encoder: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -62,11 +66,16 @@ def shuffled_forward(encoder: nn.Module, x: torch.Tensor, seed: int) -> torch.Te
 class MoCoV2(Method):
     Config = MoCoV2Config
 
-    def __init__(self, config: MoCoV2Config, backbone: nn.Module, data: DataInfo) -> None:
+    def __init__(self, config: MoCoV2Config, backbone: nn.Module, data: TrainData) -> None:
         super().__init__(config, backbone, data)
         hidden = config.head_hidden or backbone.feature_dim
         self.head = mlp(backbone.feature_dim, hidden, config.dim, batch_norm=False)
-        self.key_encoder = make_target(nn.Sequential(backbone, self.head))
+        self.key_encoder = EMATarget(backbone, self.head)
+        # moco/builder.py moves the key encoder before encoding each step's keys, the first step
+        # included; here each step's move is made in the previous step's after_step, and the first
+        # one now (a copy moved toward itself: equal up to rounding), so the key encoder passes
+        # through the official code's sequence of weights, bit for bit.
+        self.key_encoder.update(config.momentum)
         self.queue = FifoQueue(config.queue_size, config.dim)
 
     @property
@@ -79,17 +88,21 @@ class MoCoV2(Method):
         return F.normalize(keys.to(self.queue.rows.dtype), dim=1)  # fp32 logits under autocast
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
-        return make_views(batch.images, [self.config.augment, self.config.augment], step.generator)
+        return make_views(batch.images, [self.config.augment, self.config.augment], step.generator, batch.shard)
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         x1, x2 = views
-        # Momentum update of the key encoder first, as in moco/builder.py.
-        ema_update(self.key_encoder, nn.Sequential(self.backbone, self.head), self.config.momentum)
         queries = F.normalize(self.head(self.backbone(torch.cat([x1, x2]) if self.config.symmetric else x1)), dim=1)
-        keys = self.encode_keys(x2, step.shared_seed)
-        negatives = self.queue.rows.clone()
+        keys = [self.encode_keys(x2, step.shared_seed)]
         if self.config.symmetric:
-            keys = torch.cat([keys, self.encode_keys(x1, step.shared_seed + 1)])
-        loss = info_nce_with_queue(queries.to(keys.dtype), keys, negatives, self.config.temperature)
-        self.queue.push(keys)  # after the logits: a batch never sees its own keys as negatives
+            keys.append(self.encode_keys(x1, step.shared_seed + 1))
+        loss = info_nce_with_queue(queries.to(keys[0].dtype), torch.cat(keys), self.queue.rows.clone(), self.config.temperature)
+        # after the logits (a batch never sees its own keys as negatives), one view at a time: the
+        # queue then holds [keys of view 2 of every process, keys of view 1 ...], the order of one
+        # process fed the global batch
+        for view_keys in keys:
+            self.queue.push(view_keys)
         return loss * (2 if self.config.symmetric else 1), {}
+
+    def after_step(self, step: StepInfo) -> None:
+        self.key_encoder.update(self.config.momentum)  # the weights the next step's keys use

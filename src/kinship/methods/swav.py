@@ -22,12 +22,11 @@ from kinship.augment.views import make_views
 from kinship.blocks.assignment import sinkhorn
 from kinship.blocks.multicrop import forward_crops
 from kinship.blocks.queue import FifoQueue
-from kinship.config import AugmentConfig, MethodConfig
-from kinship.data.loader import Batch
+from kinship.config import AugmentConfig, MethodConfig, RunConfig, check
 from kinship.losses import swapped_prediction_loss
-from kinship.methods.base import DataInfo, Method, StepInfo
+from kinship.methods.base import Batch, Method, StepInfo, TrainData
 from kinship.models.heads import PrototypeHead, mlp
-from kinship.runtime import rank, world_size
+from kinship.runtime import rank, section, world_size
 
 
 @dataclass
@@ -50,11 +49,16 @@ class SwAVConfig(MethodConfig):
     local: AugmentConfig = field(default_factory=lambda: AugmentConfig(
         crop_size=16, crop_scale=(0.05, 0.14), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.0))
 
+    def validate(self, run: RunConfig) -> None:
+        check(self.prototypes >= 1 and self.sinkhorn_iterations >= 1, "method.prototypes and sinkhorn_iterations must be >= 1")
+        check(self.epsilon > 0 and self.temperature > 0, "method.epsilon and method.temperature must be > 0")
+        check(self.queue_size >= 0, f"method.queue_size must be >= 0, got {self.queue_size}")
+
 
 class SwAV(Method):
     Config = SwAVConfig
 
-    def __init__(self, config: SwAVConfig, backbone: nn.Module, data: DataInfo) -> None:
+    def __init__(self, config: SwAVConfig, backbone: nn.Module, data: TrainData) -> None:
         super().__init__(config, backbone, data)
         self.projector = mlp(backbone.feature_dim, config.hidden, config.dim)
         self.head = PrototypeHead(config.dim, config.prototypes)
@@ -65,12 +69,16 @@ class SwAV(Method):
     def eval_recipe(self) -> AugmentConfig:
         return self.config.global_crop
 
+    @property
+    def unused_parameters(self) -> bool:
+        return self.config.freeze_prototypes_epochs > 0
+
     def cluster_scores(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.projector(features), frozen=True)
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         cfg = self.config
-        return make_views(batch.images, [cfg.global_crop] * 2 + [cfg.local] * cfg.local_crops, step.generator)
+        return make_views(batch.images, [cfg.global_crop] * 2 + [cfg.local] * cfg.local_crops, step.generator, batch.shard)
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         cfg = self.config
@@ -85,7 +93,8 @@ class SwAV(Method):
                 if queue is not None and queue.filled == queue.size:  # SwAV uses the queue once it is full
                     share = torch.tensor_split(queue.rows, world_size())[rank()]
                     scores = torch.cat([self.head(share, frozen=True).to(scores.dtype), scores])
-                codes.append(sinkhorn(scores, cfg.epsilon, cfg.sinkhorn_iterations)[-len(embeddings[s]):])
+                with section("solver"):
+                    codes.append(sinkhorn(scores, cfg.epsilon, cfg.sinkhorn_iterations)[-len(embeddings[s]):])
                 if queue is not None:
                     queue.push(embeddings[s].detach())  # the rows of every process
         return swapped_prediction_loss(codes, logits, cfg.temperature), {}

@@ -71,3 +71,13 @@ def build_backbone(name: str, cifar_stem: bool = True, width: int = 32, stem_pad
     if name == "convnet":
         return ConvNet(width)
     raise ValueError(f"unknown backbone '{name}' (choose resnet18, resnet34, resnet50 or convnet)")
+
+
+def remove_batch_norm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm inside ``module`` replaced by an identity, in place (``model.norm: none``)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, nn.Identity())
+        else:
+            remove_batch_norm(child)
+    return module

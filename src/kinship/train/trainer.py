@@ -1,9 +1,16 @@
 """One trainer for every method: data on the device, DDP, schedules, exact resume, k-NN monitor.
 
-Exactness of resume rests on three facts: the batch order is a function of (seed, epoch); the
-augmentation generator is re-seeded from (seed, rank, global step) at every step; and every
-piece of state (weights, optimizer, the method's queues and caches, position, RNG) is in the
-checkpoint. So 2 epochs straight and 1 + resume + 1 run the same computation.
+Exactness of resume rests on four facts: the batch order (and the labeled stream) is a function of
+(seed, epoch, step); the augmentation generator is re-seeded from (seed, global step) at every
+step, identically on every process; refreshes are due at fixed positions and run exactly once per
+position; and every piece of state (weights, optimizer, the method's queues, caches and tables,
+position, refresh record, partial loss sums, RNG) is in the checkpoint. So a run stopped anywhere,
+at an epoch boundary or mid-epoch, and resumed computes what the straight run computes.
+
+Checkpoints are written every ``train.checkpoint_every`` epochs, and besides every
+``checkpoint_every_steps`` steps or ``checkpoint_every_min`` minutes for jobs interrupted more often
+than an epoch lasts; always to a temporary file renamed into place, so a kill at any moment leaves
+the previous checkpoint intact, and ``--resume`` on a folder without one starts the run.
 """
 from __future__ import annotations
 
@@ -21,21 +28,18 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from kinship import checkpoint
+from kinship.assembly import RunData, build_method, load_run_data, make_loader
+from kinship.blocks.features import extract_features, pixel_features
 from kinship.blocks.knn import knn_accuracy
 from kinship.config import RunConfig, save_config, to_dict
-from kinship.data import (
-    Batch, BatchPlan, DataError, ImageSet, StreamingLoader, TensorLoader, hide_unlabeled, labeled_subset, load_split,
-)
-from kinship.data.store import list_image_folder, read_image_files
-from kinship.data.subsets import corrupt_labels, map_labels, save_indices
-from kinship.eval.features import extract_features, pixel_features
-from kinship.methods import METHODS, DataInfo, Method, StepInfo
-from kinship.models.backbones import build_backbone
+from kinship.data import BatchPlan
+from kinship.errors import CheckpointError, NonFiniteLossError
+from kinship.methods import Method, StepInfo
+from kinship.optim import build_optimizer, learning_rate, scaled_lr, set_learning_rate, training_step
 from kinship.runtime import (
-    init_distributed, is_distributed, rank, resolve_device, tune_cpu_allocator, use_bf16, world_size,
+    agree, all_reduce, init_distributed, is_distributed, rank, resolve_device, tune_cpu_allocator, use_bf16, world_size,
 )
-from kinship.train import checkpoint
-from kinship.train.optim import build_optimizer, learning_rate, set_learning_rate
 
 
 def no_buffer_sync() -> dict[str, bool]:
@@ -47,78 +51,43 @@ def no_buffer_sync() -> dict[str, bool]:
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
-
-
 @dataclass
 class Position:
-    epoch: int = 0  # epoch being (or about to be) trained
+    epoch: int = 0  # epoch being (or about to be) trained, scan epochs included
     step_in_epoch: int = 0
     global_step: int = 0
 
 
 @dataclass
-class RunData:
-    info: DataInfo
-    labels: torch.Tensor  # train labels on the device, -1 outside the labeled subset
-    bank: ImageSet  # k-NN bank: train images (or a subset) with ground-truth labels, on the device
-    test: ImageSet  # on the device
-    train: ImageSet | None = None  # the whole train split on the device (None when streaming)
-    files: list[Path] | None = None  # streaming: the train image files
+class Schedule:
+    """Step counts of a run: ``scan_epochs`` without updates, then ``train.epochs`` of training."""
+
+    steps_per_epoch: int
+    scan_epochs: int
+    train_epochs: int
+
+    @property
+    def epochs(self) -> int:
+        return self.scan_epochs + self.train_epochs
+
+    @property
+    def scan_steps(self) -> int:
+        return self.scan_epochs * self.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
 
 
-def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None) -> RunData:
-    """Decode the train and test splits once; hide labels outside the labeled subset, if any."""
-    dc = config.data
-    if dc.streaming:
-        if dc.name != "imagefolder":
-            raise DataError("data.streaming is for data.name: imagefolder")
-        files, file_labels, classes = list_image_folder(Path(dc.path).expanduser())
-        gt = torch.tensor(file_labels, dtype=torch.int64)
-        train = None
-    else:
-        train = load_split(dc, "train")
-        files, gt, classes = None, train.labels.clone(), train.classes
-    labels = gt
-    num_classes = max(len(classes), int(gt.max()) + 1)
-    if dc.label_map:  # train on coarser labels (each class mapped to its parent)
-        labels = map_labels(gt, Path(dc.label_map).expanduser(), num_classes)
-        num_classes = int(labels.max()) + 1
-    if dc.label_noise > 0:  # the method trains on corrupted labels; k-NN and evaluation use the true ones
-        labels = corrupt_labels(labels, dc.label_noise, num_classes, config.train.seed)
-    if dc.labeled_per_class or dc.labeled_fraction:
-        labeled = labeled_subset(gt, dc.labeled_per_class, dc.labeled_fraction, config.train.seed)
-        labels = hide_unlabeled(labels, labeled)
-        if out_dir is not None and rank() == 0:
-            save_indices(labeled, out_dir / "labeled_indices.json")
-    # k-NN bank: the whole train split, or a seeded subset (always a subset when streaming)
-    limit = config.eval.knn_train_limit or (10_000 if dc.streaming else 0)
-    keep = None
-    if 0 < limit < len(gt):
-        keep = torch.randperm(len(gt), generator=torch.Generator().manual_seed(config.train.seed))[:limit].sort().values
-    if train is None:
-        bank_files = files if keep is None else [files[i] for i in keep.tolist()]
-        bank_images = read_image_files(bank_files, dc.image_size, dc.decode_threads).to(device)
-    else:
-        train = train.to(device)  # once: the bank shares (or indexes) these device tensors
-        bank_images = train.images if keep is None else train.images[keep.to(device)]
-    bank = ImageSet(bank_images, (gt if keep is None else gt[keep]).to(device), classes)
-    test = load_split(dc, "test")
-    info = DataInfo(size=len(gt), num_classes=num_classes, image_size=bank.images.shape[-1])
-    return RunData(info, labels.to(device), bank, test.to(device), train, files)
-
-
-def make_loader(data: RunData, plan: BatchPlan, device: torch.device, workers: int) -> TensorLoader | StreamingLoader:
-    if data.train is not None:
-        return TensorLoader(data.train, plan, data.labels)
-    return StreamingLoader(data.files, data.labels.cpu(), data.info.image_size, plan, device, workers)
-
-
-def build_method(config: RunConfig, info: DataInfo) -> Method:
-    m = config.model
-    backbone = build_backbone(m.backbone, m.cifar_stem, m.width, m.stem_padding)
-    return METHODS[config.method.name](config.method, backbone, info)
+def plain(value: Any) -> Any:
+    """Metrics as JSON values: tensors become numbers or lists."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 def knn_eval(method: Method, data: RunData, config: RunConfig, autocast: bool) -> dict[str, float]:
@@ -154,17 +123,23 @@ class Trainer:
         self.autocast = use_bf16(self.config.train.precision, self.device)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.ckpt_path = self.out_dir / "last.pt"
+        self.refreshes: dict[str, dict[str, int]] = {}  # name -> {"count", "step" of the last run}
+        self.loss_sum = torch.zeros((), device=self.device)  # this process's losses since the last log line
+        self.loss_count = 0
 
     # -- bookkeeping -------------------------------------------------------------------------
     def write_metrics(self, record: dict) -> None:
         if self.is_main:
             with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(plain(record)) + "\n")
 
     def metrics_lines(self) -> int:
         return len(self.metrics_path.read_text().splitlines()) if self.metrics_path.exists() else 0
 
     def save(self, method: Method, optimizer: torch.optim.Optimizer, pos: Position) -> None:
+        """Called on every process: the partial loss sum is the global one (all-reduced)."""
+        loss_sum = all_reduce(self.loss_sum.detach().clone())
+        self.last_save = time.time()
         if not self.is_main:
             return
         state = {
@@ -172,6 +147,8 @@ class Trainer:
             "method": method.state_dict(),
             "optimizer": optimizer.state_dict(),
             "position": [pos.epoch, pos.step_in_epoch, pos.global_step],
+            "refreshes": self.refreshes,
+            "loss_accumulator": [loss_sum.cpu(), self.loss_count],
             "metrics_lines": self.metrics_lines(),
             "torch_rng": torch.get_rng_state(),
             "world_size": world_size(),
@@ -180,13 +157,32 @@ class Trainer:
         checkpoint.save_atomic(state, self.ckpt_path)
 
     def restore(self, method: Method, optimizer: torch.optim.Optimizer) -> Position:
-        state = checkpoint.load(self.ckpt_path, self.device)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = checkpoint.read_checkpoint(self.ckpt_path, self.device)
+        saved_world = state.get("world_size", 1)
+        if saved_world != world_size() and not self.config.train.allow_resharding:
+            raise CheckpointError(
+                f"{self.ckpt_path} was written by {saved_world} process(es) and this run has {world_size()}: resume "
+                f"with {saved_world} (torchrun --nproc_per_node={saved_world}) to continue exactly, or set "
+                "train.allow_resharding=true to continue on this number (per-process BN statistics then see other shards)"
+            )
+        changed = changed_settings(state["config"], to_dict(self.config))
+        if changed:
+            self.log("resuming with changed settings: " + ", ".join(changed))
+        try:
+            method.load_state_dict(state["method"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(
+                f"{self.ckpt_path} does not fit this run's method '{self.config.method.name}' "
+                f"(backbone {self.config.model.backbone}): {str(exc).splitlines()[0]}"
+            ) from exc
         torch.set_rng_state(state["torch_rng"].cpu())
+        self.refreshes = {name: dict(record) for name, record in state.get("refreshes", {}).items()}
+        loss_sum, self.loss_count = state.get("loss_accumulator", [torch.zeros(()), 0])
+        self.loss_sum = (loss_sum if self.is_main else torch.zeros(())).to(self.device)  # summed over processes at the next log
         if self.is_main and self.metrics_path.exists():  # drop lines written after the checkpoint
             lines = self.metrics_path.read_text().splitlines()[: state["metrics_lines"]]
-            self.metrics_path.write_text("".join(line + "\n" for line in lines))
+            checkpoint.write_text_atomic("".join(line + "\n" for line in lines), self.metrics_path)
             for line in lines:  # baselines and k-NN figures logged before the checkpoint
                 record = json.loads(line)
                 self.summary.update({k: v for k, v in record.items() if k.startswith("knn_")})
@@ -195,31 +191,31 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------
     def fit(self) -> dict:
         config, device = self.config, self.device
-        torch.manual_seed(config.train.seed + rank())
-        start_time = time.time()
+        torch.manual_seed(config.train.seed)
+        self.start_time = self.last_save = time.time()
         data = load_run_data(config, device, self.out_dir)
-        method = build_method(config, data.info).to(device)
+        method = build_method(config, data.handle).to(device)
         if config.train.channels_last:
             method = method.to(memory_format=torch.channels_last)
         if is_distributed() and device.type == "cuda" and config.train.sync_bn:
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         model: nn.Module = method
         if is_distributed():
-            model = nn.parallel.DistributedDataParallel(method, **no_buffer_sync())
+            model = nn.parallel.DistributedDataParallel(
+                method, find_unused_parameters=method.unused_parameters, **no_buffer_sync())
         step_fn = torch.compile(model) if config.train.compile else model
         optimizer = build_optimizer(method, config.optim, config.train.batch_size)
-        plan = BatchPlan(data.info.size, config.train.batch_size, config.train.seed, rank(), world_size())
-        loader = make_loader(data, plan, device, config.data.workers)
-        total_steps = config.train.epochs * plan.steps_per_epoch
-        warmup_steps = round(config.optim.warmup_epochs * plan.steps_per_epoch)
-        base_lr = config.optim.lr * config.train.batch_size / config.optim.lr_batch
+        plan = BatchPlan(data.handle.size, config.train.batch_size, config.train.seed, rank(), world_size())
+        loader = make_loader(data, config, plan, device)
+        schedule = Schedule(plan.steps_per_epoch, method.scan_epochs, config.train.epochs)
 
-        if self.resume:
-            if not self.ckpt_path.is_file():
-                raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path}")
+        checkpoint.remove_stale_temporaries(self.ckpt_path)
+        if self.resume and self.ckpt_path.is_file():
             pos = self.restore(method, optimizer)
-            self.log(f"resumed from {self.ckpt_path} at epoch {pos.epoch}, step {pos.global_step}")
+            self.log(f"resumed from {self.ckpt_path} at epoch {pos.epoch + 1}, step {pos.global_step}")
         else:
+            if self.resume:
+                self.log(f"--resume: no checkpoint in {self.out_dir} yet, starting the run")
             pos = Position()
             if self.is_main:
                 self.metrics_path.unlink(missing_ok=True)
@@ -228,76 +224,128 @@ class Trainer:
                     self.baselines(method, data)
 
         generator = torch.Generator(device=device)
-        stopped_early = False
-        while pos.epoch < config.train.epochs and not stopped_early:
-            method.on_epoch_start(pos.epoch)
+        stopping = False
+        while pos.epoch < schedule.epochs and not stopping:
             bar = tqdm(
-                total=plan.steps_per_epoch, initial=pos.step_in_epoch, desc=f"epoch {pos.epoch + 1}/{config.train.epochs}",
+                total=schedule.steps_per_epoch, initial=pos.step_in_epoch, desc=f"epoch {pos.epoch + 1}/{schedule.epochs}",
                 disable=not (self.is_main and config.train.progress), leave=False, dynamic_ncols=True,
             )
-            loss_sum, loss_count, tick = torch.zeros((), device=device), 0, time.time()
+            tick, save_at_epoch_end = time.time(), False
             for batch in loader.epoch(pos.epoch, pos.step_in_epoch):
-                lr = learning_rate(pos.global_step, total_steps, warmup_steps, base_lr, config.optim.final_lr_ratio)
-                set_learning_rate(optimizer, lr)
-                generator.manual_seed((config.train.seed * 7919 + rank()) * 1_000_003 + pos.global_step)
-                info = StepInfo(pos.epoch, pos.global_step, total_steps, generator, config.train.seed * 1_000_003 + pos.global_step,
-                                plan.steps_per_epoch)
-                loss, logs = self.train_step(method, step_fn, optimizer, batch, info)
-                method.after_step(info)
+                generator.manual_seed(config.train.seed * 7919 * 1_000_003 + pos.global_step)
+                info = StepInfo(pos.epoch, pos.global_step, schedule.total_steps, generator,
+                                config.train.seed * 1_000_003 + pos.global_step, schedule.steps_per_epoch,
+                                update=pos.epoch >= schedule.scan_epochs)
+                self.run_refreshes(method, info)
+                lr = 0.0
+                if info.update:
+                    lr = learning_rate(pos.global_step - schedule.scan_steps, schedule.total_steps - schedule.scan_steps,
+                                       round(config.optim.warmup_epochs * schedule.steps_per_epoch),
+                                       scaled_lr(config.optim.lr, config.train.batch_size, config.optim.lr_batch),
+                                       config.optim.final_lr_ratio)
+                    set_learning_rate(optimizer, lr)
+                loss, logs = self.step(method, step_fn, optimizer, batch, info)
                 pos.global_step += 1
                 pos.step_in_epoch += 1
-                loss_sum += loss.detach().float()
-                loss_count += 1
+                self.loss_sum += loss.detach().float()
+                self.loss_count += 1
                 bar.update(1)
-                if pos.step_in_epoch % config.train.log_every == 0 or pos.step_in_epoch == plan.steps_per_epoch:
-                    mean_loss = (loss_sum / loss_count).item()
-                    self.check_finite(mean_loss, pos)
-                    elapsed = time.time() - tick
-                    record = {"epoch": pos.epoch + 1, "step": pos.global_step, "loss": mean_loss, "lr": lr,
-                              "img_per_s": loss_count * config.train.batch_size / max(elapsed, 1e-9)}
-                    record.update({k: float(v) for k, v in logs.items()})
-                    self.write_metrics(record)
+                if pos.step_in_epoch % config.train.log_every == 0 or pos.step_in_epoch == schedule.steps_per_epoch:
+                    mean_loss = self.log_losses(pos, lr, logs, time.time() - tick, info.update)
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
-                    loss_sum.zero_()
-                    loss_count, tick = 0, time.time()
-                if config.train.time_limit_min > 0 and time.time() - start_time > 60 * config.train.time_limit_min:
-                    stopped_early = True
+                    tick = time.time()
+                stopping, save_now = self.interruptions(pos)
+                if pos.step_in_epoch == schedule.steps_per_epoch:
+                    save_at_epoch_end = save_now  # after on_epoch_end below
+                    continue
+                if stopping:
+                    self.monitor(method, data, pos)
+                if save_now or stopping:
+                    self.save(method, optimizer, pos)
+                if stopping:
                     break
             bar.close()
-            if not stopped_early:
-                method.on_epoch_end(pos.epoch)
+            if pos.step_in_epoch == schedule.steps_per_epoch:  # the epoch is complete
+                metrics = method.on_epoch_end(pos.epoch)
+                if metrics:
+                    self.write_metrics({"epoch": pos.epoch + 1, "step": pos.global_step, **metrics})
                 pos.epoch += 1
                 pos.step_in_epoch = 0
-                stopped_early = pos.epoch == config.train.stop_after_epochs < config.train.epochs
-            last = pos.epoch == config.train.epochs or stopped_early
-            if last or pos.epoch % max(1, config.eval.knn_every) == 0:
-                self.monitor(method, data, pos)
-            if last or pos.epoch % max(1, config.train.checkpoint_every) == 0:
-                self.save(method, optimizer, pos)
+                stopping = stopping or pos.epoch == config.train.stop_after_epochs < schedule.epochs
+                last = pos.epoch == schedule.epochs or stopping
+                if last or pos.epoch % max(1, config.eval.knn_every) == 0:
+                    self.monitor(method, data, pos)
+                if last or save_at_epoch_end or pos.epoch % max(1, config.train.checkpoint_every) == 0:
+                    self.save(method, optimizer, pos)
             if is_distributed():
                 dist.barrier()
 
-        self.summary.update(minutes=(time.time() - start_time) / 60, epochs_done=pos.epoch, stopped_early=stopped_early)
+        self.summary.update(minutes=(time.time() - self.start_time) / 60, epochs_done=pos.epoch,
+                            steps_done=pos.global_step, stopped_early=pos.epoch < schedule.epochs)
         if self.is_main:
             self.write_metrics({"summary": self.summary})
         return self.summary
 
-    def train_step(self, method: Method, step_fn: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, info: StepInfo):
+    def step(self, method: Method, step_fn: nn.Module, optimizer: torch.optim.Optimizer, batch, info: StepInfo):
+        """One step: augment, then an optimizer step (or, in a scan epoch, the forward alone)."""
         views = method.views(batch, info)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss, logs = step_fn(views, batch, info)
-        if self.device.type == "cpu":  # free to check every step on CPU (no device sync)
-            self.check_finite(loss.item(), Position(info.epoch, -1, info.step))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        check = (lambda loss: self.check_finite(loss.item(), info.epoch, info.step)) if self.device.type == "cpu" else None
+        if info.update:
+            loss, logs = training_step(optimizer, lambda: step_fn(views, batch, info),
+                                       self.device.type if self.autocast else None, check)
+            method.after_step(info)
+            return loss, logs
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss, logs = method(views, batch, info)  # no DDP wrapper: nothing to reduce
+        if check is not None:
+            check(loss)
         return loss, logs
 
-    def check_finite(self, loss: float, pos: Position) -> None:
+    def run_refreshes(self, method: Method, info: StepInfo) -> None:
+        """The method's refreshes due at this position, each once: the record (in the checkpoint)
+        says which ran, so a resumed run neither repeats nor skips one."""
+        for refresh in method.refreshes():
+            record = self.refreshes.get(refresh.name, {"count": 0, "step": -1})
+            if refresh.due(info.epoch, info.step_in_epoch, info.step) and record["step"] < info.step:
+                metrics = method.refresh(refresh.name, info) or {}
+                self.refreshes[refresh.name] = {"count": record["count"] + 1, "step": info.step}
+                self.write_metrics({"epoch": info.epoch + 1, "step": info.step, "refresh": refresh.name,
+                                    "refresh_count": record["count"] + 1, **metrics})
+
+    def log_losses(self, pos: Position, lr: float, logs: dict, seconds: float, update: bool) -> float:
+        """The mean loss over all processes since the last line, written to metrics.jsonl."""
+        total = all_reduce(self.loss_sum.clone())
+        mean_loss = (total / (self.loss_count * world_size())).item()
+        self.check_finite(mean_loss, pos.epoch, pos.global_step - 1)
+        record = {"epoch": pos.epoch + 1, "step": pos.global_step, "loss": mean_loss, "lr": lr,
+                  "img_per_s": self.loss_count * self.config.train.batch_size / max(seconds, 1e-9)}
+        if not update:
+            record["scan"] = True
+        record.update({k: float(v) for k, v in logs.items()})
+        self.write_metrics(record)
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        return mean_loss
+
+    def interruptions(self, pos: Position) -> tuple[bool, bool]:
+        """(stop now, checkpoint now) after a step. Step counts decide alike on every process;
+        decisions from the clock are agreed (one all-reduce, only when a clock option is set)."""
+        t = self.config.train
+        stop = t.stop_after_steps > 0 and pos.global_step >= t.stop_after_steps
+        save = t.checkpoint_every_steps > 0 and pos.global_step % t.checkpoint_every_steps == 0
+        if t.time_limit_min > 0 or t.checkpoint_every_min > 0:
+            now = time.time()
+            out_of_time = t.time_limit_min > 0 and now - self.start_time > 60 * t.time_limit_min
+            save_due = t.checkpoint_every_min > 0 and now - self.last_save > 60 * t.checkpoint_every_min
+            out_of_time, save_due = agree([out_of_time, save_due], self.device)
+            stop, save = stop or out_of_time, save or save_due
+        return stop, save
+
+    def check_finite(self, loss: float, epoch: int, step: int) -> None:
         if not math.isfinite(loss):
             kept = f"the last good checkpoint {self.ckpt_path} is kept" if self.ckpt_path.exists() else "no checkpoint had been written yet"
             raise NonFiniteLossError(
-                f"loss is {loss} at step {pos.global_step} (epoch {pos.epoch + 1}); training stopped, {kept}. "
+                f"loss is {loss} at step {step} (epoch {epoch + 1}); training stopped, {kept}. "
                 "Lower optim.lr, add warm-up (optim.warmup_epochs) or use train.precision: fp32."
             )
 
@@ -316,3 +364,15 @@ class Trainer:
         self.summary.update(knn_top1=acc["top1"], knn_top5=acc["top5"])
         self.write_metrics({"epoch": pos.epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"]})
         self.log(f"epoch {pos.epoch}: k-NN top-1 {acc['top1']:.2f}% top-5 {acc['top5']:.2f}%")
+
+
+def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every config value that differs (nested sections flattened)."""
+    out = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_settings(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a} -> {b}")
+    return out

@@ -1,7 +1,9 @@
-"""Optimizers (SGD, LARS, AdamW) and the per-step warm-up + cosine learning-rate schedule."""
+"""Optimizers (SGD, LARS, AdamW), the learning-rate rules (linear scaling, warm-up + cosine) and the
+one training step that the trainer, the benchmark, fine-tuning and method-internal classifiers share."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -48,8 +50,13 @@ def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
 
 
+def scaled_lr(lr: float, batch: int, reference_batch: int) -> float:
+    """The linear scaling rule (Goyal et al., 2017): ``lr`` is given at ``reference_batch``."""
+    return lr * batch / reference_batch
+
+
 def build_optimizer(model: nn.Module, config: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
-    lr = config.lr * global_batch / config.lr_batch
+    lr = scaled_lr(config.lr, global_batch, config.lr_batch)
     groups = parameter_groups(model, config)
     if config.name == "sgd":
         for g in groups:
@@ -62,15 +69,42 @@ def build_optimizer(model: nn.Module, config: OptimConfig, global_batch: int) ->
     return torch.optim.AdamW(groups, lr=lr, betas=config.betas, weight_decay=config.weight_decay)
 
 
+def cosine_ramp(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
+    """A cosine from ``base`` at step 0 to ``final`` at step K: final - (final - base) (cos(pi k / K) + 1) / 2.
+
+    The learning rate after warm-up, BYOL's target momentum (tau_0 -> 1), MIRA's momentum and beta
+    (0.7 -> 2/3), fine-tuning's decay to 0."""
+    if total_steps <= 0:
+        return base
+    progress = min(step, total_steps) / total_steps
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
 def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_ratio: float) -> float:
     """Linear warm-up from 0 over ``warmup_steps``, then cosine from ``base_lr`` to ``base_lr * final_ratio``."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    final = base_lr * final_ratio
-    return final + (base_lr - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cosine_ramp(step - warmup_steps, max(1, total_steps - warmup_steps), base_lr, base_lr * final_ratio)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def training_step(
+    optimizer: torch.optim.Optimizer,
+    compute_loss: Callable[[], tuple[torch.Tensor, dict]],
+    autocast_device: str | None = None,
+    check_loss: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """One optimizer step: the loss (under bf16 autocast on ``autocast_device`` when given), an
+    optional check of it before anything changes, then zero_grad, backward, step."""
+    with torch.autocast(autocast_device or "cpu", dtype=torch.bfloat16, enabled=autocast_device is not None):
+        loss, logs = compute_loss()
+    if check_loss is not None:
+        check_loss(loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logs

@@ -1,0 +1,127 @@
+"""Assembly: a run's config, data, method and checkpoint put together one way, for the trainer, the
+evaluation suite, export, the benchmark and the command line.
+
+This is the one module that knows both the method registry and the data pipeline; everything
+below it (blocks, models, augment, data, methods) imports nothing from here or above.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kinship.checkpoint import read_checkpoint
+from kinship.config import MethodConfig, RunConfig, parse_config, read_values
+from kinship.data import BatchPlan, DataInfo, ImageSet, LabeledPlan, StreamingLoader, TensorLoader, TrainData
+from kinship.data import hide_unlabeled, labeled_subset, load_split
+from kinship.data.store import list_image_folder, read_image_files
+from kinship.data.subsets import corrupt_labels, map_labels, save_indices
+from kinship.errors import CheckpointError, DataError
+from kinship.methods import METHODS, Method
+from kinship.models.backbones import build_backbone, remove_batch_norm
+from kinship.runtime import rank, use_bf16, world_size
+
+__all__ = ["RunData", "build_config", "build_method", "load_config", "load_pretrained", "load_run_data", "make_loader",
+           "read_checkpoint"]
+
+
+def method_configs() -> dict[str, type[MethodConfig]]:
+    return {name: method.Config for name, method in METHODS.items()}
+
+
+def build_config(values: dict) -> RunConfig:
+    """A nested dict (from YAML) as a validated :class:`RunConfig`, the method section included."""
+    return parse_config(values, method_configs())
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """A YAML config file (or none) with ``--set key=value`` overrides, validated."""
+    return build_config(read_values(path, overrides))
+
+
+@dataclass
+class RunData:
+    handle: TrainData  # what the method sees (labels it may train on, images, embed_all)
+    bank: ImageSet  # k-NN bank: train images (or a subset) with ground-truth labels, on the device
+    test: ImageSet  # on the device
+    train: ImageSet | None = None  # the whole train split on the device, true labels (None when streaming)
+
+
+def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None) -> RunData:
+    """Decode the train and test splits once; hide labels outside the labeled subset, if any."""
+    dc = config.data
+    if dc.streaming:
+        if dc.name != "imagefolder":
+            raise DataError("data.streaming is for data.name: imagefolder")
+        files, file_labels, classes = list_image_folder(Path(dc.path).expanduser())
+        gt = torch.tensor(file_labels, dtype=torch.int64)
+        train = None
+    else:
+        train = load_split(dc, "train")
+        files, gt, classes = None, train.labels.clone(), train.classes
+    labels = gt
+    num_classes = max(len(classes), int(gt.max()) + 1)
+    if dc.label_map:  # train on coarser labels (each class mapped to its parent)
+        labels = map_labels(gt, Path(dc.label_map).expanduser(), num_classes)
+        num_classes = int(labels.max()) + 1
+    if dc.label_noise > 0:  # the method trains on corrupted labels; k-NN and evaluation use the true ones
+        labels = corrupt_labels(labels, dc.label_noise, num_classes, config.train.seed)
+    if dc.labeled_per_class or dc.labeled_fraction:
+        labeled = labeled_subset(gt, dc.labeled_per_class, dc.labeled_fraction, config.train.seed)
+        labels = hide_unlabeled(labels, labeled)
+        if out_dir is not None and rank() == 0:
+            save_indices(labeled, out_dir / "labeled_indices.json")
+    # k-NN bank: the whole train split, or a seeded subset (always a subset when streaming)
+    limit = config.eval.knn_train_limit or (10_000 if dc.streaming else 0)
+    keep = None
+    if 0 < limit < len(gt):
+        keep = torch.randperm(len(gt), generator=torch.Generator().manual_seed(config.train.seed))[:limit].sort().values
+    if train is None:
+        bank_files = files if keep is None else [files[i] for i in keep.tolist()]
+        bank_images = read_image_files(bank_files, dc.image_size, dc.decode_threads).to(device)
+    else:
+        train = train.to(device)  # once: the bank and the method's handle share (or index) these tensors
+        bank_images = train.images if keep is None else train.images[keep.to(device)]
+    bank = ImageSet(bank_images, (gt if keep is None else gt[keep]).to(device), classes)
+    test = load_split(dc, "test")
+    info = DataInfo(size=len(gt), num_classes=num_classes, image_size=bank.images.shape[-1])
+    handle = TrainData(info, labels.to(device), gt.to(device), None if train is None else train.images, files,
+                       use_bf16(config.train.precision, device), dc.decode_threads)
+    return RunData(handle, bank, test.to(device), train)
+
+
+def make_loader(data: RunData, config: RunConfig, plan: BatchPlan, device: torch.device) -> TensorLoader | StreamingLoader:
+    """The unlabeled stream over the whole train split and, with ``train.labeled_batch_size``, the labeled one."""
+    labeled_plan = None
+    if config.train.labeled_batch_size:
+        labeled_plan = LabeledPlan(data.handle.labeled, config.train.labeled_batch_size, config.train.seed, rank(), world_size())
+    if data.train is not None:
+        return TensorLoader(data.train, plan, data.handle.labels, labeled_plan)
+    return StreamingLoader(data.handle.files, data.handle.labels.cpu(), data.handle.image_size, plan, device,
+                           config.data.workers, labeled_plan)
+
+
+def build_method(config: RunConfig, data: TrainData) -> Method:
+    m = config.model
+    method = METHODS[config.method.name](config.method, build_backbone(m.backbone, m.cifar_stem, m.width, m.stem_padding), data)
+    return remove_batch_norm(method) if m.norm == "none" else method
+
+
+def load_pretrained(path: Path, state: dict, config: RunConfig, info: DataInfo, device: torch.device) -> Method:
+    """The method of ``config`` with the checkpoint's weights, in eval mode, or a CheckpointError naming the mismatch."""
+    if "data_info" in state:  # the shapes of the method's state follow the data it was trained on
+        info = DataInfo(**state["data_info"])
+    try:
+        method = build_method(config, TrainData.describe(info))
+        method.load_state_dict(state["method"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        trained = state["config"].get("model", {})
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model of this config: it was trained with method "
+            f"'{state['config']['method']['name']}', backbone {trained.get('backbone')} (width {trained.get('width')}, "
+            f"cifar_stem {trained.get('cifar_stem')}); this config asks for method '{config.method.name}', backbone "
+            f"{config.model.backbone} (width {config.model.width}, cifar_stem {config.model.cifar_stem}). "
+            + " ".join(line.strip() for line in str(exc).splitlines()[:2])
+        ) from exc
+    return method.to(device).eval()

@@ -1,0 +1,62 @@
+"""Frozen-network feature extraction: one deterministic view per image, in chunks, BN in eval mode.
+
+Used by the k-NN monitor, the evaluation suite and the data handle's ``embed_all`` (which shards it
+across processes). ``images`` is anything with ``len`` and slicing that yields uint8 (n, 3, H, W)
+batches on the network's device: a tensor, or a reader that decodes files chunk by chunk.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kinship.augment.views import center_view
+from kinship.config import AugmentConfig
+
+View = AugmentConfig | Callable[[torch.Tensor], torch.Tensor]
+
+
+class ImageSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: slice) -> torch.Tensor: ...
+
+
+def apply_view(view: View, images: torch.Tensor) -> torch.Tensor:
+    """A recipe's centre view (the evaluation view), or any function of the uint8 batch."""
+    return center_view(images, view) if isinstance(view, AugmentConfig) else view(images)
+
+
+@torch.no_grad()
+def extract_features(
+    network: nn.Module,
+    images: torch.Tensor | ImageSource,
+    view: View,
+    batch_size: int = 512,
+    autocast: bool = False,
+    progress: bool = False,
+    desc: str = "features",
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """uint8 images -> float32 outputs (N, D) of ``network`` in eval mode (a tuple when the network
+    returns several tensors, e.g. a projection and class logits from one pass)."""
+    was_training = network.training
+    network.eval()
+    try:
+        chunks: list = []
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+            batch = images[start : start + batch_size]
+            with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = network(apply_view(view, batch))
+            chunks.append(tuple(o.float() for o in out) if isinstance(out, tuple) else out.float())
+        if chunks and isinstance(chunks[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*chunks))
+        return torch.cat(chunks)
+    finally:
+        network.train(was_training)
+
+
+def pixel_features(images: torch.Tensor, recipe: AugmentConfig) -> torch.Tensor:
+    """Raw normalised pixels, flattened: the 'no learning at all' k-NN baseline."""
+    return center_view(images, recipe).flatten(1).float()

@@ -1,0 +1,119 @@
+"""What a method may see of its training data: the handle the trainer gives it at build time.
+
+Methods that look beyond their batch use it from their hooks: CLIM embeds the whole train split
+every few epochs and fetches each anchor's positives by index; SsCL reads the labeled images and
+refreshes class prototypes; CoKe keeps one label per image. ``embed_all`` runs a network over the
+whole split (or chosen indices) in eval mode without autograd, each process embedding its share,
+and gathers the rows so that every process holds the identical table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kinship.blocks.features import View, extract_features
+from kinship.data.store import read_image_files
+from kinship.errors import DataError
+from kinship.runtime import all_gather_cat, rank, world_size
+
+NO_DATA = "this method was built without training data (a checkpoint loaded for evaluation)"
+
+
+@dataclass
+class DataInfo:
+    """The shape of the training data that a method's state depends on (saved in checkpoints)."""
+
+    size: int  # training images
+    num_classes: int
+    image_size: int
+
+
+@dataclass
+class TrainData:
+    """The training split as a method sees it. ``labels`` are the labels the method may train on
+    (-1 where hidden: outside the labeled subset, or none); ``true_labels`` are for metrics only
+    (e.g. the purity of selected positives), never for training."""
+
+    info: DataInfo
+    labels: torch.Tensor | None = None  # int64 (N,) on the device
+    true_labels: torch.Tensor | None = None  # int64 (N,) on the device, -1 where unknown
+    images: torch.Tensor | None = None  # uint8 (N, 3, H, W) on the device; None when streaming
+    files: list[Path] | None = None  # streaming: the image files, decoded on demand
+    autocast: bool = False  # bf16 autocast for embed_all, as in training
+    decode_threads: int = 0
+
+    @staticmethod
+    def describe(info: DataInfo) -> "TrainData":
+        """A handle without images or labels: building a method to load a checkpoint into."""
+        return TrainData(info)
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def image_size(self) -> int:
+        return self.info.image_size
+
+    @property
+    def has_images(self) -> bool:
+        return self.images is not None or self.files is not None
+
+    @cached_property
+    def labeled(self) -> torch.Tensor:
+        """Sorted indices of the images whose training label is known."""
+        if self.labels is None:
+            raise DataError(NO_DATA)
+        return (self.labels >= 0).nonzero().squeeze(1)
+
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        """uint8 images (n, 3, H, W) of the dataset indices ``index``, on the device."""
+        if self.images is not None:
+            return self.images[index.to(self.images.device)]
+        if self.files is None:
+            raise DataError(NO_DATA)
+        device = self.labels.device if self.labels is not None else "cpu"
+        return read_image_files([self.files[i] for i in index.tolist()], self.image_size, self.decode_threads).to(device)
+
+    @torch.no_grad()
+    def embed_all(
+        self, network: nn.Module, view: View, index: torch.Tensor | None = None, batch_size: int = 512
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """``network`` (eval mode, no autograd) on ``view`` of every training image, or of ``index``:
+        (n, D) float32 rows in the order of ``index``, identical on every process. Each process
+        embeds a contiguous share and the shares are gathered in rank order."""
+        if not self.has_images:
+            raise DataError(NO_DATA)
+        device = self.labels.device if self.labels is not None else next(network.parameters()).device
+        index = torch.arange(self.size, device=device) if index is None else index.to(device)
+        world = world_size() if len(index) >= world_size() else 1  # fewer rows than processes: all on each
+        shares = torch.tensor_split(index, world)
+        mine = shares[rank() if world > 1 else 0]
+        local = extract_features(network, _Reader(self, mine), view, batch_size, self.autocast)
+        if world == 1:
+            return local
+        sizes = [len(s) for s in shares]
+        if isinstance(local, tuple):
+            return tuple(all_gather_cat(part, sizes) for part in local)
+        return all_gather_cat(local, sizes)
+
+
+class _Reader:
+    """Chunks of ``index``'s images, read when sliced (no copy of the whole share up front)."""
+
+    def __init__(self, data: TrainData, index: torch.Tensor) -> None:
+        self.data, self.index = data, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.data.read(self.index[rows])

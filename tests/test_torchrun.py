@@ -1,0 +1,79 @@
+"""Every registered method through the real command line under `torchrun --nproc_per_node=2` (gloo,
+CPU) against one process on the same global batches: the checkpoints agree entry by entry.
+
+What makes them comparable: the batch of every step is the same global batch split in two; the
+augmentation of every image is drawn for the global batch (the same numbers on any number of
+processes); every cross-sample state is gathered or all-reduced; and the model is BN-free
+(``model.norm: none``), since per-process batch statistics are the one thing that must differ.
+What still differs is rounding: DDP averages two half-batch gradients where one process takes the
+mean over the whole batch, so weights agree to float32 rounding accumulated over the steps, not
+bit for bit (the stated tolerance). No entry is excluded.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_run_config
+from kinship import checkpoint
+from kinship.assembly import build_config
+from kinship.methods import METHODS
+from kinship.train.trainer import Trainer
+
+TINY = {"hidden": 32, "dim": 16}
+AUG16 = {"crop_size": 16}
+VARIANTS = {  # name -> method section (and data section overrides)
+    "byol": {"name": "byol", "projector_hidden": 32, "predictor_hidden": 32, "projector_dim": 16, "view1": AUG16, "view2": AUG16},
+    "mocov2": {"name": "mocov2", "queue_size": 128, "augment": AUG16},
+    "mocov2-symmetric": {"name": "mocov2", "queue_size": 128, "symmetric": True, "augment": AUG16},
+    "msf": {"name": "msf", "bank_size": 128, **TINY, "weak": AUG16, "strong": AUG16},
+    "cmsf-self": {"name": "cmsf", "constraint": "self", "bank_size": 128, **TINY, "weak": AUG16, "strong": AUG16},
+    "cmsf-self-third_aug": {"name": "cmsf", "constraint": "self", "constraint_view": "third_aug", "bank_size": 128, **TINY,
+                            "weak": AUG16, "strong": AUG16},
+    "cmsf-supervised": {"name": "cmsf", "constraint": "supervised", "bank_size": 128, **TINY, "weak": AUG16, "strong": AUG16},
+    "cmsf-semi": {"name": "cmsf", "constraint": "semi", "bank_size": 128, **TINY, "weak": AUG16, "strong": AUG16},
+    "swav": {"name": "swav", "prototypes": 16, **TINY, "queue_size": 64, "queue_start_epoch": 1, "global_crop": AUG16},
+    "mira": {"name": "mira", "prototypes": 16, **TINY, "view1": AUG16, "view2": AUG16},
+}
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def run_config(name: str) -> dict:
+    values = tiny_run_config(**{"method": VARIANTS[name], "model.norm": "none", "train.batch_size": 32,
+                                "eval.baselines": False, "eval.knn_every": 100})
+    if name == "cmsf-semi":  # 16 labels per class: the pseudo-label classifier, trained and broadcast twice an epoch
+        values["data"]["labeled_per_class"] = 16
+    return values
+
+
+def test_every_registered_method_has_a_variant():
+    assert set(METHODS) <= {v["name"] for v in VARIANTS.values()}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_torchrun_two_processes_equal_one(tmp_path, name):
+    values = run_config(name)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(values))
+    Trainer(build_config(values), tmp_path / "one", log=lambda *_: None).fit()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "kinship.cli", "pretrain", "--config", str(config), "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = checkpoint.load(tmp_path / "one" / "last.pt"), checkpoint.load(tmp_path / "two" / "last.pt")
+    assert two["world_size"] == 2 and one["position"] == two["position"]
+    far = {}
+    for key, value in one["method"].items():
+        other = two["method"][key]
+        if value.dtype.is_floating_point:
+            if not torch.allclose(value, other, rtol=RTOL, atol=ATOL):
+                far[key] = (value - other).abs().max().item()
+        elif not torch.equal(value, other):  # pointers, indices, labels, counts: exactly
+            far[key] = "differs"
+    assert not far, far
+    for state_one, state_two in zip(one["optimizer"]["state"].values(), two["optimizer"]["state"].values()):
+        assert torch.allclose(state_one["momentum_buffer"], state_two["momentum_buffer"], rtol=RTOL, atol=ATOL)
