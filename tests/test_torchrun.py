@@ -7,7 +7,8 @@ processes); every cross-sample state is gathered or all-reduced; and the model i
 (``model.norm: none``), since per-process batch statistics are the one thing that must differ.
 What still differs is rounding: DDP averages two half-batch gradients where one process takes the
 mean over the whole batch, so weights agree to float32 rounding accumulated over the steps, not
-bit for bit (the stated tolerance). No entry is excluded.
+bit for bit (the tolerances below). No entry is excluded; integer entries (queue pointers, bank
+indices and labels, cache flags, counts) are equal exactly.
 """
 import os
 import subprocess
@@ -38,7 +39,10 @@ VARIANTS = {  # name -> method section (and data section overrides)
     "swav": {"name": "swav", "prototypes": 16, **TINY, "queue_size": 64, "queue_start_epoch": 1, "global_crop": AUG16},
     "mira": {"name": "mira", "prototypes": 16, **TINY, "view1": AUG16, "view2": AUG16},
 }
-RTOL, ATOL = 1e-4, 1e-5
+# measured on a 2-core CPU: method state at most 2.7e-7 apart (CMSF third_aug; MoCo 3e-11); the
+# optimizer's momentum buffers, sums of gradients that are differences of large terms, 2.6e-5
+RTOL, ATOL = 1e-5, 1e-6
+MOMENTUM_ATOL = 1e-4
 
 
 def run_config(name: str) -> dict:
@@ -50,7 +54,8 @@ def run_config(name: str) -> dict:
 
 
 def test_every_registered_method_has_a_variant():
-    assert set(METHODS) <= {v["name"] for v in VARIANTS.values()}
+    library = set(METHODS) - {"probe"}  # "probe": the tests' own method (tests/probe.py), when imported
+    assert library <= {v["name"] for v in VARIANTS.values()}
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -76,4 +81,4 @@ def test_torchrun_two_processes_equal_one(tmp_path, name):
             far[key] = "differs"
     assert not far, far
     for state_one, state_two in zip(one["optimizer"]["state"].values(), two["optimizer"]["state"].values()):
-        assert torch.allclose(state_one["momentum_buffer"], state_two["momentum_buffer"], rtol=RTOL, atol=ATOL)
+        assert torch.allclose(state_one["momentum_buffer"], state_two["momentum_buffer"], rtol=0, atol=MOMENTUM_ATOL)
