@@ -54,6 +54,5 @@ def beta(n: int, a: float, b: float, generator: torch.Generator, device: torch.d
         raise ValueError(f"Beta parameters must be positive, got ({a}, {b})")
     x = gamma(torch.full((n,), float(a), device=device), generator)
     y = gamma(torch.full((n,), float(b), device=device), generator)
-    total = x + y
-    # both gammas underflow to 0 only for tiny a, b: the mass then sits at the ends, as Beta's
-    return torch.where(total > 0, x / total.clamp_min(torch.finfo(total.dtype).tiny), (x >= y).to(total.dtype))
+    # x + y underflows to 0 only for tiny a and b, where Beta's mass sits at the ends: 0 then
+    return x / (x + y).clamp_min(torch.finfo(x.dtype).tiny)
