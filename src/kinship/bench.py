@@ -9,7 +9,7 @@ import torch
 
 from kinship.assembly import build_config, build_method
 from kinship.config import apply_overrides
-from kinship.data import BatchPlan, DataInfo, ImageSet, TensorLoader, TrainData
+from kinship.data import BatchPlan, ImageSet, TensorLoader, TrainData
 from kinship.methods import StepInfo
 from kinship.optim import build_optimizer, training_step
 from kinship.runtime import environment, resolve_device, timed_sections, tune_cpu_allocator, use_bf16
@@ -27,8 +27,7 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
     n = max(batch * 4, 16384)  # more images than a memory bank holds
     data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                     torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)]).to(dev)
-    handle = TrainData(DataInfo(n, 10, 32), data.labels, data.labels, data.images)
-    model = build_method(config, handle).to(dev).to(memory_format=torch.channels_last)
+    model = build_method(config, TrainData.of(data)).to(dev).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config.optim, batch)
     step_fn = torch.compile(model) if compile else model
     autocast = use_bf16(precision, dev)

@@ -83,14 +83,13 @@ def cmd_views(args: argparse.Namespace) -> int:
     import torchvision
 
     from kinship.assembly import build_method, load_config
-    from kinship.data import Batch, DataInfo, TrainData, load_split
+    from kinship.data import Batch, TrainData, load_split
     from kinship.methods import StepInfo
 
     config = load_config(args.config, args.set)
     data = load_split(config.data, "train")
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.images]
-    handle = TrainData(DataInfo(len(data), len(data.classes), data.images.shape[-1]), data.labels, data.labels, data.images)
-    method = build_method(config, handle)
+    method = build_method(config, TrainData.of(data))
     batch = Batch(pick, data.images[pick], data.labels[pick])
     views = method.views(batch, StepInfo(0, 0, 1, torch.Generator().manual_seed(args.seed), args.seed))
     size = max(v.shape[-1] for v in views)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kinship.blocks.features import View, extract_features
-from kinship.data.store import read_image_files
+from kinship.data.store import ImageSet, read_image_files
 from kinship.errors import DataError
 from kinship.runtime import all_gather_cat, rank, world_size
 
@@ -50,6 +50,12 @@ class TrainData:
     def describe(info: DataInfo) -> "TrainData":
         """A handle without images or labels: building a method to load a checkpoint into."""
         return TrainData(info)
+
+    @staticmethod
+    def of(data: ImageSet) -> "TrainData":
+        """A handle on an in-memory image set whose labels are all known (views, benchmarks)."""
+        info = DataInfo(len(data), max(len(data.classes), int(data.labels.max()) + 1), data.images.shape[-1])
+        return TrainData(info, data.labels, data.labels, data.images)
 
     @property
     def size(self) -> int:

@@ -35,22 +35,29 @@ class Batch:
             self.shard = Shard.whole(len(self.index))
 
 
-def _split(global_batch: int, world: int, what: str) -> int:
-    if global_batch % world:
-        raise DataError(f"{what} {global_batch} is not divisible by the {world} processes")
-    return global_batch // world
+class _Split:
+    """A global batch of ``global_batch`` rows cut into equal slices, slice r for process r."""
+
+    def __init__(self, global_batch: int, rank: int, world: int, key: str) -> None:
+        if global_batch % world:
+            raise DataError(f"{key} {global_batch} is not divisible by the {world} processes")
+        self.global_batch, self.rank, self.world = global_batch, rank, world
+        self.local_batch = global_batch // world
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.rank * self.local_batch, self.local_batch, self.global_batch)
 
 
-class BatchPlan:
+class BatchPlan(_Split):
     def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        self.local_batch = _split(global_batch, world, "train.batch_size")
+        super().__init__(global_batch, rank, world, "train.batch_size")
         if size < global_batch:
             raise DataError(
                 f"train.batch_size {global_batch} is larger than the {size} training images: lower it "
                 "(batches are drawn without repeats, the tail of each epoch is dropped)"
             )
-        self.size, self.global_batch, self.seed = size, global_batch, seed
-        self.rank, self.world = rank, world
+        self.size, self.seed = size, seed
         self._epoch, self._perm = -1, torch.empty(0)
 
     @property
@@ -67,12 +74,8 @@ class BatchPlan:
         start = step * self.global_batch + self.rank * self.local_batch
         return self.permutation(epoch)[start : start + self.local_batch]
 
-    @property
-    def shard(self) -> Shard:
-        return Shard(self.rank * self.local_batch, self.local_batch, self.global_batch)
 
-
-class LabeledPlan:
+class LabeledPlan(_Split):
     """The labeled stream: the global labeled batch of step s is positions [s B, (s + 1) B) of an
     endless sequence of seeded shuffles of the labeled set (pass p shuffled by (seed, p)), so 40
     labels feed a labeled batch of 64 as well as 4,000 do; process r takes its r-th slice."""
@@ -80,9 +83,8 @@ class LabeledPlan:
     def __init__(self, labeled: torch.Tensor, global_batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
         if len(labeled) == 0:
             raise DataError("train.labeled_batch_size > 0 needs labeled training images, and this data has none")
-        self.local_batch = _split(global_batch, world, "train.labeled_batch_size")
-        self.labeled, self.global_batch, self.seed = labeled.cpu(), global_batch, seed
-        self.rank, self.world = rank, world
+        super().__init__(global_batch, rank, world, "train.labeled_batch_size")
+        self.labeled, self.seed = labeled.cpu(), seed
         self._passes: dict[int, torch.Tensor] = {}
 
     def permutation(self, number: int) -> torch.Tensor:
@@ -102,10 +104,6 @@ class LabeledPlan:
             here = passes == number
             out[here] = self.labeled[self.permutation(number)[positions[here] % n]]
         return out
-
-    @property
-    def shard(self) -> Shard:
-        return Shard(self.rank * self.local_batch, self.local_batch, self.global_batch)
 
 
 class TensorLoader:
