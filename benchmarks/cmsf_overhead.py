@@ -3,7 +3,7 @@
     python benchmarks/cmsf_overhead.py --backbone convnet --steps 30 --repeats 4 [--device cuda]
 
 Prints one JSON line per method: the median over repeats of the median step's images/s, and the
-ratio of BYOL-asym's images/s to it (the issue's target: at most 1.10); then the time of the
+ratio of BYOL-asym's images/s to it (target: at most 1.10); then the time of the
 neighbour search alone (bank similarity, top-k, constraint, gather) on a full bank.
 """
 from __future__ import annotations

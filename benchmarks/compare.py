@@ -1,17 +1,23 @@
 """Methods compared at equal budget: pre-train each (or reuse its finished run), evaluate, tabulate, plot.
 
     python benchmarks/compare.py --study cmsf --out runs/compare_cmsf [--set train.epochs=9 ...]
+    python benchmarks/compare.py --study pairs --seeds 0,1,2 --out runs/pairs [--only SwAV ...]
 
 A study is a list of (name, config, overrides); the shared ``--set`` overrides apply to every run
 (same data, backbone, epochs and batch). Each run is evaluated with k-NN (k=200/T=0.1 and
 k=20/T=0.07), the L-BFGS linear probe and neighbour purity (plus clustering where a study asks),
-and the results go to ``<out>/results.json``, ``<out>/results.md`` and ``<out>/results.png``.
+and the results go to ``<out>/results.json``, ``<out>/results.md`` and ``<out>/results.png``. With
+``--seeds`` every run is repeated with ``train.seed`` set to each seed (its own folder) and the
+table gives mean ± std (sample std) over the seeds. A finished run's row is kept in its folder
+(``row.json``), so separate processes can run the seeds of one study in parallel and a last call
+without ``--only`` tabulates them all.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -22,24 +28,38 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from kinship.assembly import load_config  # noqa: E402
 from kinship.eval.suite import Evaluation  # noqa: E402
+from kinship.runtime import resolve_device  # noqa: E402
 from kinship.train.trainer import Trainer  # noqa: E402
 
+BYOL_ASYM = ("BYOL-asym", "configs/cmsf_cpu.yaml", ["method.constraint=none", "method.topk=1"])  # k = 1: BYOL, one direction
+CMSF_SUP = ("CMSF-sup", "configs/cmsf_cpu.yaml", ["method.constraint=supervised", "method.topk=10"])
+SWAV = ("SwAV", "configs/swav_cpu.yaml", [])
+MIRA_NO_EMA = ("MIRA w/o EMA", "configs/mira_cpu.yaml", ["method.ema_teacher=false"])
 STUDIES = {
     "cmsf": [
-        ("BYOL-asym", "configs/cmsf_cpu.yaml", ["method.constraint=none", "method.topk=1"]),  # k = 1: BYOL, one direction
+        BYOL_ASYM,
         ("MSF", "configs/cmsf_cpu.yaml", ["method.constraint=none"]),
         ("CMSF-self", "configs/cmsf_cpu.yaml", []),
         ("CMSF-semi 10%", "configs/cmsf_cpu.yaml", ["method.constraint=semi", "method.topk=10", "data.labeled_fraction=0.1"]),
-        ("CMSF-sup", "configs/cmsf_cpu.yaml", ["method.constraint=supervised", "method.topk=10"]),
+        CMSF_SUP,
     ],
-    # seed 004 Table 8: SwAV vs MIRA without EMA differ only by the pseudo-labels; K = 10 makes the
+    # MIRA's Table 8: SwAV vs MIRA without EMA differ only by the pseudo-labels; K = 10 makes the
     # prototype head a 10-way clustering of CIFAR-10 (the K = 3000 head is not one)
     "swav_mira": [
-        ("SwAV", "configs/swav_cpu.yaml", []),
-        ("MIRA w/o EMA", "configs/mira_cpu.yaml", ["method.ema_teacher=false"]),
+        SWAV,
+        MIRA_NO_EMA,
         ("MIRA", "configs/mira_cpu.yaml", []),
         ("SwAV K=10", "configs/swav_cpu.yaml", ["method.prototypes=10"]),
         ("MIRA K=10", "configs/mira_cpu.yaml", ["method.prototypes=10"]),
+    ],
+    # the pairs whose order docs/results.md discusses, to be run with --seeds: MIRA w/o EMA vs SwAV,
+    # CMSF-sup vs BYOL-asym, MoCo v2 (the demo, without its time guard) vs BYOL-asym
+    "pairs": [
+        ("MoCo v2", "configs/demo.yaml", ["train.time_limit_min=0"]),
+        BYOL_ASYM,
+        CMSF_SUP,
+        SWAV,
+        MIRA_NO_EMA,
     ],
 }
 PROTOCOLS = ("knn", "linear", "purity", "clustering")
@@ -49,8 +69,13 @@ COLUMNS = [("k-NN k200", "knn_200"), ("k-NN k20", "knn_20"), ("linear", "linear"
            ("head K (occupied)", "head_k"), ("head ACC", "head_acc"), ("head NMI", "head_nmi"), ("head ARI", "head_ari")]
 
 
-def run_one(name: str, config_path: str, overrides: list[str], out: Path) -> dict:
+def run_one(name: str, config_path: str, overrides: list[str], out: Path, seed: int | None = None) -> dict:
     folder = out / re.sub(r"[^a-z0-9]+", "_", name.lower().replace("%", "pct")).strip("_")
+    if seed is not None:
+        folder = folder.with_name(f"{folder.name}_s{seed}")
+        overrides = [*overrides, f"train.seed={seed}"]
+    if (folder / "row.json").is_file():
+        return json.loads((folder / "row.json").read_text())
     config = load_config(config_path, overrides)
     tick = time.time()
     if not (folder / "last.pt").is_file() or json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1]).get("summary") is None:
@@ -59,7 +84,8 @@ def run_one(name: str, config_path: str, overrides: list[str], out: Path) -> dic
     evaluation = Evaluation(folder / "last.pt", folder, [], progress=False, log=lambda *_: None)
     results = {p: evaluation.run(p) for p in PROTOCOLS}
     summary = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["summary"]
-    row = {"name": name, "config": config_path, "overrides": overrides, "train_minutes": summary["minutes"],
+    row = {"name": name, "seed": config.train.seed, "device": str(resolve_device(config.train.device)), "config": config_path,
+           "overrides": overrides, "train_minutes": summary["minutes"],
            "epochs": summary["epochs_done"], "random_init_knn": summary.get("knn_random_init_top1"),
            "knn_200": results["knn"]["weighted"][1]["top1"], "knn_20": results["knn"]["weighted"][0]["top1"],
            "linear": results["linear"]["top1"], "purity_20": results["purity"]["purity"].get("20"),
@@ -69,17 +95,43 @@ def run_one(name: str, config_path: str, overrides: list[str], out: Path) -> dic
         row.update({f"{prefix}_{m}": r[m] for m in ("acc", "nmi", "ari")})
         if prefix == "head":
             row["head_k"] = f"{r['k']} ({r['occupied']})"
+    (folder / "row.json").write_text(json.dumps(row, indent=2))
     return row
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per name: mean and sample std of every numeric column over its seeds."""
+    merged = []
+    for name in dict.fromkeys(r["name"] for r in rows):
+        runs = [r for r in rows if r["name"] == name]
+        row = {"name": name, "seeds": [r["seed"] for r in runs], "epochs": runs[0]["epochs"],
+               "random_init_knn": runs[0]["random_init_knn"]}
+        for key in ["train_minutes"] + [k for _, k in COLUMNS]:
+            values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+            if values:
+                row[key] = statistics.mean(values)
+                row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        merged.append(row)
+    return merged
 
 
 def write(rows: list[dict], out: Path, title: str, command: str) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     columns = [(h, k) for h, k in COLUMNS if any(k in r for r in rows)]
-    cell = lambda v: "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [f"# {title}", "", f"`{command}`", "", "| method | epochs | train min | " + " | ".join(h for h, _ in columns) + " |",
-             "|---" * (len(columns) + 3) + "|"]
+    def cell(r: dict, key: str) -> str:
+        v = r.get(key)
+        if v is None:
+            return ""
+        if f"{key}_std" in r:
+            return f"{v:.2f} ± {r[key + '_std']:.2f}"
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    seeds = "seeds" in rows[0] if rows else False
+    lines = [f"# {title}", "", f"`{command}`", "", f"| method | {'seeds | ' if seeds else ''}epochs | train min | "
+             + " | ".join(h for h, _ in columns) + " |", "|---" * (len(columns) + 3 + seeds) + "|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['epochs']} | {r['train_minutes']:.1f} | " + " | ".join(cell(r.get(k)) for _, k in columns) + " |")
+        lines.append(f"| {r['name']} | {(' '.join(map(str, r['seeds'])) + ' | ') if seeds else ''}{r['epochs']} | "
+                     f"{r['train_minutes']:.1f} | " + " | ".join(cell(r, k) for _, k in columns) + " |")
     if rows and rows[0]["random_init_knn"] is not None:
         lines += ["", f"Random init, k-NN k200: {rows[0]['random_init_knn']:.2f}."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -90,7 +142,8 @@ def write(rows: list[dict], out: Path, title: str, command: str) -> None:
     bars = [(k, label) for k, label in bars if any(k in r for r in rows)]
     width = 0.8 / len(bars)
     for i, (key, label) in enumerate(bars):
-        ax.bar([j + (i - (len(bars) - 1) / 2) * width for j in range(len(rows))], [r.get(key, 0) for r in rows], width, label=label)
+        ax.bar([j + (i - (len(bars) - 1) / 2) * width for j in range(len(rows))], [r.get(key, 0) for r in rows], width,
+               yerr=[r.get(f"{key}_std", 0) for r in rows], capsize=2, label=label)
     if rows and rows[0]["random_init_knn"] is not None:
         ax.axhline(rows[0]["random_init_knn"], color="gray", ls="--", lw=1, label="random init k-NN")
     ax.set_xticks(range(len(rows)), names)
@@ -108,16 +161,21 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every run")
     parser.add_argument("--only", action="append", default=[], help="run only these names")
+    parser.add_argument("--seeds", default="", help="comma-separated train.seed values: each run once per seed, mean ± std")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or [None]
+    command = " ".join(["python benchmarks/compare.py", f"--study {args.study}", f"--out {args.out}"]
+                       + ([f"--seeds {args.seeds}"] if args.seeds else []))
     rows = []
     for name, config, overrides in STUDIES[args.study]:
         if args.only and name not in args.only:
             continue
-        rows.append(run_one(name, config, overrides + args.set, out))
-        write(rows, out, f"{args.study} study", "python benchmarks/compare.py " + " ".join(f"--{k} {v}" for k, v in [("study", args.study), ("out", args.out)]))
-        print(json.dumps(rows[-1]))
+        for seed in seeds:
+            rows.append(run_one(name, config, overrides + args.set, out, seed))
+            write(over_seeds(rows) if args.seeds else rows, out, f"{args.study} study", command)
+            print(json.dumps(rows[-1]))
 
 
 if __name__ == "__main__":

@@ -59,9 +59,9 @@ class Probe(Method):
         return self.config.scan
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
-        views = make_views(batch.images, [self.config.augment], step.generator, batch.shard)
+        views = make_views(batch, [self.config.augment], step.generator)
         if batch.labeled is not None:
-            views += make_views(batch.labeled.images, [self.config.augment], step.generator, batch.labeled.shard)
+            views += make_views(batch.labeled, [self.config.augment], step.generator)
         return views
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:

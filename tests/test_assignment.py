@@ -1,4 +1,4 @@
-"""Assignment solvers: MIRA's fixed point and SwAV's Sinkhorn (mira.md §4, baselines.md §4)."""
+"""Assignment solvers: MIRA's fixed point (MIRA Eq. 5-7) and SwAV's Sinkhorn (main_swav.py: distributed_sinkhorn)."""
 import math
 
 import pytest
@@ -177,3 +177,26 @@ def test_prototype_head_gives_cosines_and_freezes():
     head(z).sum().backward()
     optimizer.step()
     assert not torch.equal(head.weight, before)
+
+
+SOLVERS = {"sinkhorn": lambda s: sinkhorn(s, 0.05, 3), "mira": lambda s: mira_targets(s, TAU, 2 / 3, 30)}
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_solver_and_prototype_head_under_bf16_autocast_match_fp64(name):
+    """The trainer's bf16 autocast must not reach the prototype head or the solvers: the targets of
+    unit embeddings (B, d) through the head and the solver stay within 1e-5 of the fp64 ones."""
+    from kinship.models.heads import PrototypeHead
+
+    torch.manual_seed(0)
+    head = PrototypeHead(32, 300)
+    z = torch.randn(256, 32) + 2 * head.weight.detach()[torch.randint(0, 300, (256,))]
+    solver = SOLVERS[name]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(z, frozen=True)
+        targets = solver(logits)
+        solver_alone = solver(skewed_logits().float())
+    expected = solver(head.double()(z.double(), frozen=True))
+    assert logits.dtype == targets.dtype == torch.float32
+    assert (targets - expected).abs().max() < 1e-5
+    assert (solver_alone - solver(skewed_logits())).abs().max() < 1e-5

@@ -7,6 +7,7 @@ import torchvision.transforms.v2.functional as TF
 from kinship.augment import ops
 from kinship.augment.views import make_views
 from kinship.config import AugmentConfig
+from kinship.data import Batch
 from kinship.sampling import Shard
 
 
@@ -14,9 +15,14 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def as_batch(images: torch.Tensor, aspect: torch.Tensor | None = None) -> Batch:
+    index = torch.arange(len(images))
+    return Batch(index, images, index, aspect=aspect)
+
+
 def test_crop_boxes_respect_scale_ratio_and_image():
     n, h, w = 20000, 32, 32
-    boxes = ops.sample_crop_boxes(n, h, w, (0.08, 1.0), (3 / 4, 4 / 3), gen(), torch.device("cpu"))
+    boxes = ops.sample_crop_boxes(Shard.whole(n), h, w, (0.08, 1.0), (3 / 4, 4 / 3), gen(), torch.device("cpu"))
     x0, y0, bw, bh = boxes.unbind(1)
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + bw <= w).all() and (y0 + bh <= h).all()
     area = bw * bh / (h * w)
@@ -30,7 +36,7 @@ def test_crop_boxes_respect_scale_ratio_and_image():
 
 
 def test_crop_positions_independent_per_sample():
-    boxes = ops.sample_crop_boxes(4000, 32, 32, (0.08, 0.3), (1.0, 1.0), gen(1), torch.device("cpu"))
+    boxes = ops.sample_crop_boxes(Shard.whole(4000), 32, 32, (0.08, 0.3), (1.0, 1.0), gen(1), torch.device("cpu"))
     x0 = boxes[:, 0]
     assert len(torch.unique(x0)) > 10
     corr = torch.corrcoef(torch.stack([x0[:-1], x0[1:]]))[0, 1]
@@ -46,7 +52,7 @@ def test_flip_rate_and_full_crop_is_identity_or_mirror():
     assert torch.allclose(out[flip], images[flip].flip(-1), atol=1e-5)
     recipe = AugmentConfig(crop_size=8, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0, grayscale_p=0,
                            mean=(0, 0, 0), std=(1, 1, 1))
-    (views,) = make_views((images * 255).round().to(torch.uint8), [recipe], gen(3))
+    (views,) = make_views(as_batch((images * 255).round().to(torch.uint8)), [recipe], gen(3))
     original = (images * 255).round() / 255
     same = (views - original).abs().amax(dim=(1, 2, 3)) < 1e-4
     mirrored = (views - original.flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-4
@@ -103,9 +109,40 @@ def test_blur_keeps_constants_and_smooths():
 def test_views_are_seeded_and_shaped():
     images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
     recipes = [AugmentConfig(crop_size=24, blur_p=0.5, solarize_p=0.2), AugmentConfig(crop_size=16)]
-    a = make_views(images, recipes, gen(7))
-    b = make_views(images, recipes, gen(7))
+    a = make_views(as_batch(images), recipes, gen(7))
+    b = make_views(as_batch(images), recipes, gen(7))
     assert [v.shape for v in a] == [(32, 3, 24, 24), (32, 3, 16, 16)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    c = make_views(images, recipes, gen(8))
+    c = make_views(as_batch(images), recipes, gen(8))
     assert not torch.equal(a[0], c[0])
+
+
+def test_crops_of_images_stored_as_squares_have_the_original_geometry_and_reach_every_border():
+    """An ImageFolder image is stored whole, squeezed to a square, with its original width / height:
+    crops are then sampled in the original's geometry (area and aspect as torchvision on the file)."""
+    n, size = 20000, 64
+    aspect = torch.full((n,), 2.0)  # originals twice as wide as high
+    boxes = ops.sample_crop_boxes(Shard.whole(n), size, size, (0.08, 1.0), (3 / 4, 4 / 3), gen(4), torch.device("cpu"), aspect)
+    x0, y0, w, h = boxes.unbind(1)
+    original_aspect = (w / size * 2.0) / (h / size)
+    assert original_aspect.min() >= 0.75 * 0.9 and original_aspect.max() <= 4 / 3 * 1.1
+    assert (w * h / size**2).min() >= 0.08 - 0.03
+    assert x0.min() == 0 and y0.min() == 0 and (x0 + w).max() == size and (y0 + h).max() == size
+    # the ratio range cannot hold a 2:1 original whole: the fallback is the central 4:3 crop
+    full = ops.sample_crop_boxes(Shard.whole(4), size, size, (1.0, 1.0), (3 / 4, 4 / 3), gen(5), torch.device("cpu"), aspect[:4])
+    assert torch.equal(full[0], torch.tensor([10.0, 0.0, 43.0, 64.0]))  # 64 * (4/3) / 2 = 42.7 px wide, centred
+
+
+def test_evaluation_view_is_resize_then_center_crop_of_the_original():
+    """Resize(256) + CenterCrop(224) of a 512 x 256 original stored as a 64 px square: the crop keeps
+    224/512 of the width and 224/256 of the height, centred."""
+    boxes = ops.center_crop_boxes(2, 64, 64, 224, 256, torch.tensor([2.0, 0.5]), torch.device("cpu"))
+    assert torch.allclose(boxes[0], torch.tensor([(64 - 28) / 2, (64 - 56) / 2, 28.0, 56.0]))
+    assert torch.allclose(boxes[1], torch.tensor([(64 - 56) / 2, (64 - 28) / 2, 56.0, 28.0]))
+    images = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+    images[..., 30:34, 30:34] = 255
+    recipe = AugmentConfig(crop_size=224, eval_resize=256, mean=(0, 0, 0), std=(1, 1, 1))
+    from kinship.augment.views import center_view
+
+    view = center_view(images, recipe, torch.tensor([1.0]))
+    assert view.shape == (1, 3, 224, 224) and view[0, 0, 112, 112] > 0.9 and view[0, 0, 0, 0] < 0.1

@@ -34,7 +34,32 @@ def test_unknown_key_exits_2_with_message(tmp_path, capsys):
 def test_missing_dataset_exits_2(tmp_path, capsys):
     values = tiny_run_config()
     values["data"] = {"name": "cifar10-npz", "path": str(tmp_path / "nope.npz")}
-    fails(capsys, ["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r")], "dataset file not found")
+    fails(capsys, ["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r")], "dataset file not found",
+          f"kinship pack-npz cifar10 --root data/torchvision --download --out {tmp_path / 'nope.npz'}")
+
+
+def test_pack_npz_from_an_image_folder_is_read_back_like_the_shared_file(tmp_path, capsys):
+    from kinship.data.store import load_npz, read_image_files
+
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 3), ("val", 2)):
+        for label in ("b_cat", "a_dog"):
+            (tmp_path / "folder" / split / label).mkdir(parents=True)
+            for i in range(count):
+                ramp = torch.linspace(0, 1, 28).view(1, 28, 1) * torch.linspace(0, 1, 20).view(20, 1, 1)
+                pixels = (255 * (0.2 + 0.6 * ramp * torch.rand(1, 1, 3, generator=g))).to(torch.uint8).numpy()  # smooth
+                Image.fromarray(pixels).save(tmp_path / "folder" / split / label / f"{i}.png")
+    out = tmp_path / "packed.npz"
+    assert main(["pack-npz", str(tmp_path / "folder"), "--image-size", "16", "--out", str(out), "--quality", "95"]) == 0
+    assert "6 train and 4 test images, 2 classes, 16 px" in capsys.readouterr().out
+    train = load_npz(out, "train", 1)
+    assert train.classes == ["a_dog", "b_cat"] and train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    files = sorted((tmp_path / "folder" / "train").rglob("*.png"))
+    original, aspect = read_image_files(files, 16, 1)
+    assert train.images.shape == (6, 3, 16, 16) and torch.allclose(train.aspect, torch.full((6,), 28 / 20))
+    assert torch.equal(aspect, train.aspect)
+    assert (train.images.float() - original.float()).abs().mean() < 2  # JPEG at quality 95
+    assert len(load_npz(out, "test", 1)) == 4
 
 
 def test_method_options_are_checked_before_any_data_is_read(tmp_path, capsys):
@@ -115,3 +140,13 @@ def test_views_picture(tmp_path):
     assert main(["views", "--config", write_config(tmp_path), "--out", str(out), "--images", "4"]) == 0
     with Image.open(out) as im:
         assert im.size == (3 * 18 + 2, 4 * 18 + 2)  # original + 2 views, 4 rows, 16 px tiles, 2 px padding
+
+
+def test_a_log_file_gets_one_line_per_epoch_and_no_progress_bar(tmp_path, capsys):
+    """Output that is not a terminal (pytest captures it, as a job log would) carries no carriage
+    returns from progress bars; the trainer prints a line per epoch instead."""
+    values = tiny_run_config(**{"train.progress": True})
+    assert main(["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r")]) == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch ") and "img/s" in line] == ["epoch 1/2", "epoch 2/2"]

@@ -1,4 +1,4 @@
-"""MSF and CMSF: the loss, the three constraints, the caches and the pseudo-labels (spec cmsf.md §4)."""
+"""MSF and CMSF: the loss, the three constraints, the caches, the pseudo-labels and the purity metric."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -273,3 +273,27 @@ def test_coarse_labels_from_a_label_map(tmp_path):
     mapping.write_text("[0, 1]")
     with pytest.raises(DataError, match="expected a list of 4"):
         load_run_data(config, torch.device("cpu"), None)
+
+
+def test_purity_is_measured_with_the_ground_truth_not_the_constraint_labels(monkeypatch):
+    from kinship.data import DataInfo, TrainData
+
+    truth = torch.arange(200) % 3
+    noisy = corrupt_labels(truth, 0.5, 3, seed=0)
+    torch.manual_seed(0)
+    config = build_config({"method": {"name": "cmsf", "constraint": "supervised", "topk": 10, "bank_size": BANK,
+                                      "hidden": 32, "dim": D}})
+    method = CMSF(config.method, ConvNet(8), TrainData(DataInfo(200, 3, 16), noisy, truth)).double()
+    g = torch.Generator().manual_seed(0)
+    for s in range(6):
+        index = torch.randperm(200, generator=g)[:B]
+        step(method, index, noisy[index], s, s)
+    calls = spy_topk(monkeypatch)
+    index = torch.arange(150, 150 + B)
+    _, logs = step(method, index, noisy[index], 7, 7)
+    (_, _, slots, selected), = calls
+    neighbours = method.bank.column("index")[slots]
+    assert ((method.bank.column("label")[slots] == noisy[index].unsqueeze(1)) | (selected == 0)).all()  # 100% by the stored labels
+    expected = ((truth[neighbours] == truth[index].unsqueeze(1)).double() * selected).sum() / selected.sum()
+    assert logs["purity"].item() == pytest.approx(expected.item())
+    assert expected < 0.9

@@ -40,6 +40,25 @@ def test_overrides_and_int_to_float(tmp_path):
     assert config.train.epochs == 3 and config.optim.lr == 1.0 and config.method.view2.solarize_p == 0.5
 
 
+def test_a_section_overrides_only_the_keys_it_names(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method:\n  name: mira\n  local: {mean: [0.485, 0.456, 0.406]}\n"
+                    "  view2: {blur_p: 0.1}\neval:\n  linear: {epochs: 5}\n")
+    config = load_config(path, ["method.view1.crop_size=24"])
+    local = config.method.local
+    assert local.mean == (0.485, 0.456, 0.406)
+    assert local.crop_size == 16 and local.crop_scale == (0.05, 0.14)  # MIRA's local-crop defaults kept
+    assert config.method.view2.blur_p == 0.1 and config.method.view2.solarize_p == 0.2  # MIRA's view2 default
+    assert config.method.view1.crop_size == 24 and config.method.view1.crop_scale == (0.2, 1.0)
+    assert config.eval.linear.epochs == 5 and config.eval.linear.milestones == [15, 30]
+
+
+def test_imagenet_presets_have_96_px_local_crops_with_imagenet_statistics():
+    for name in ("cmsf_imagenet_resnet50", "mira_imagenet_resnet50", "mira_imagenet100_resnet18"):
+        local = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml", []).method.local
+        assert local.crop_size == 96 and local.mean == (0.485, 0.456, 0.406) and local.std == (0.229, 0.224, 0.225), name
+
+
 def _jpeg(color) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), color).save(buf, format="JPEG")
@@ -109,3 +128,49 @@ def test_every_preset_loads_and_builds_its_method(path):
     method = build_method(config, data_handle(50_000, 100, 32)).eval()
     with torch.no_grad():
         assert method.eval_backbone(torch.zeros(2, 3, 32, 32)).shape == (2, method.backbone.feature_dim)
+
+
+def test_image_folder_images_are_stored_whole_with_their_aspect_ratio(tmp_path):
+    """Random-resized crops must be able to reach the borders: the store keeps the whole image."""
+    pixels = np.zeros((40, 80, 3), dtype=np.uint8)
+    pixels[:, :8] = 255  # a white band at the left border, outside any centre square
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    image, aspect = read_image_file(tmp_path / "wide.png", 32)
+    assert image.shape == (3, 32, 32) and aspect == 2.0
+    assert image[:, :, :2].float().mean() > 200 and image[:, :, 8:].float().mean() < 20
+
+
+def test_imagenet_presets_evaluate_on_resize_256_center_crop_224():
+    from kinship.assembly import build_method
+    from conftest import data_handle
+
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("*imagenet*.yaml")):
+        config = load_config(path, [])
+        method = build_method(config, data_handle(200_000, 1000, 256))
+        assert (method.eval_recipe.crop_size, method.eval_recipe.eval_resize) == (224, 256), path.name
+        assert config.data.image_size == 256, path.name
+
+
+def test_mira_imagenet_preset_zero_initialises_residual_branches_and_warms_up_from_0_3():
+    from kinship.models.backbones import build_backbone
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "mira_imagenet_resnet50.yaml", [])
+    assert config.model.zero_init_residual and config.optim.warmup_start_lr == 0.3
+    blocks = [m for m in build_backbone("resnet18", zero_init_residual=True).modules() if hasattr(m, "bn2")]
+    assert blocks and all(torch.count_nonzero(b.bn2.weight) == 0 for b in blocks)  # each block starts as identity
+    with pytest.raises(ConfigError, match="zero_init_residual applies to ResNet"):
+        build_config({"method": {"name": "byol"}, "model": {"backbone": "convnet", "zero_init_residual": True}})
+
+
+def test_moco_cifar_preset_matches_the_moco_cifar_demo():
+    from kinship.assembly import build_method
+    from kinship.models.backbones import SplitBatchNorm2d
+    from conftest import data_handle
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "mocov2_cifar10_resnet18.yaml", [])
+    method = build_method(config, data_handle(50_000, 10, 32))
+    norms = [m for m in method.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(isinstance(m, SplitBatchNorm2d) and m.splits == 8 for m in norms)  # both encoders
+    assert isinstance(method.head, torch.nn.Sequential) and [type(m) for m in method.head] == [torch.nn.Linear]
+    with pytest.raises(ConfigError, match="multiple of model.bn_splits"):
+        build_config({"method": {"name": "mocov2"}, "model": {"norm": "split"}, "train": {"batch_size": 100}})

@@ -9,12 +9,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import data_handle
-from kinship.assembly import build_config
+from kinship.assembly import build_config, build_method
 from kinship.data import Batch
 from kinship.methods import METHODS, StepInfo
 from kinship.methods.cmsf import CMSF
-from kinship.methods.mocov2 import MoCoV2
-from kinship.train.trainer import no_buffer_sync
+from kinship.methods.mocov2 import MoCoV2, shuffled_forward
+from kinship.train.trainer import no_buffer_sync, synchronised_batch_norm
 
 BATCH, DIM = 8, 12
 
@@ -256,3 +256,37 @@ def test_prototype_methods_equal_single_process(name):
         for key, value in single.state_dict().items():
             assert torch.allclose(got[rank]["state"][key].double(), value.double(), atol=1e-10), (name, key)
     assert expected[0] != expected[-1]
+
+
+def _shuffle_bn_worker(rank: int, port: int, out: dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    key_encoder = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(3 * 4 * 4, momentum=1.0)).double()  # running = last batch
+    half = BATCH // 2
+    shuffled_forward(key_encoder, inputs()[0][rank * half : (rank + 1) * half], seed=7)
+    out[rank] = key_encoder[1].running_mean.clone()
+    dist.destroy_process_group()
+
+
+def test_moco_key_encoder_batch_norm_sees_only_its_own_shuffled_shard():
+    """Under DDP, MoCo keeps per-process BN (no SyncBN): each process normalises the keys of its
+    share of the shuffled global batch with that share's statistics alone."""
+    running_means = spawn_two(_shuffle_bn_worker)
+    everything = inputs()[0].flatten(1)
+    perm = torch.randperm(BATCH, generator=torch.Generator().manual_seed(7))
+    for rank in (0, 1):
+        own = everything[perm[rank * BATCH // 2 : (rank + 1) * BATCH // 2]].mean(0)
+        assert torch.allclose(running_means[rank], own, atol=1e-12)
+        assert not torch.allclose(running_means[rank], everything.mean(0), atol=1e-3)
+
+
+def test_sync_bn_applies_to_every_method_but_moco_with_shuffle_bn():
+    def batch_norms(name: str, **method) -> set[type]:
+        config = build_config({"method": {"name": name, **method}, "model": {"backbone": "convnet", "width": 8}})
+        converted = synchronised_batch_norm(build_method(config, data_handle(64, 10, 16)), sync_bn=True)
+        return {type(m) for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+    assert batch_norms("mocov2") == {nn.BatchNorm2d}  # backbone and key encoder: per process
+    assert batch_norms("mocov2", shuffle_bn=False) == {nn.SyncBatchNorm}
+    assert batch_norms("byol") == {nn.SyncBatchNorm}

@@ -21,7 +21,7 @@ def test_permuted_perfect_clustering_scores_one():
 
 
 @pytest.mark.parametrize("y, p, acc, nmi, ari", [
-    ([0, 0, 1, 1], [0, 0, 0, 1], 75.0, 34.37, 0.0),  # CoKe spec, property 12
+    ([0, 0, 1, 1], [0, 0, 0, 1], 75.0, 34.37, 0.0),  # by hand
     ([0, 0, 0, 1, 1, 1, 2, 2, 2], [1, 1, 0, 2, 2, 2, 0, 0, 0], 88.89, 78.60, 64.29),
 ])
 def test_known_clustering_values(y, p, acc, nmi, ari):

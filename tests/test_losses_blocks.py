@@ -82,6 +82,9 @@ def test_multi_crop_forward_is_one_pass_per_resolution():
     for crop, out in zip(crops, outputs):
         assert torch.allclose(out, network(nn.functional.adaptive_avg_pool2d(crop, 2)), atol=1e-6)
     assert forward_crops(pool, []) == []
+    calls.clear()
+    assert all(torch.equal(a, b) for a, b in zip(forward_crops(pool, crops, per_crop=True), outputs))
+    assert calls == [4] * 5  # per crop: BN would see each view's own statistics
 
 
 def test_queue_fifo_wraps():
@@ -116,3 +119,39 @@ def test_learning_rate_warmup_and_cosine():
     assert learning_rate(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
     assert learning_rate(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
     assert learning_rate(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    # a warm-up that starts above 0 (MIRA's ImageNet code: from 0.3, unscaled)
+    assert learning_rate(0, 100, 10, 4.8, 0.0, start_lr=0.3) == pytest.approx(0.3 + 4.5 / 10)
+    assert learning_rate(9, 100, 10, 4.8, 0.0, start_lr=0.3) == pytest.approx(4.8)
+
+
+def test_lars_clipping_caps_each_layer_rate_at_the_global_rate():
+    from kinship.optim import LARS
+
+    def step(clip: bool, lr: float, grad_scale: float) -> float:
+        w = nn.Parameter(torch.ones(4, dtype=torch.float64))
+        w.grad = torch.full((4,), grad_scale, dtype=torch.float64)
+        LARS([{"params": [w]}], lr=lr, momentum=0.0, eta=0.02, clip=clip).step()
+        return (1 - w.detach().double()[0]).item()  # the step taken
+
+    trust = 0.02 * 2 / (2 * 1e-3)  # eta ||w|| / ||g||: 20 for a tiny gradient
+    assert step(False, 0.5, 1e-3) == pytest.approx(0.5 * trust * 1e-3)  # rate lr * trust
+    assert step(True, 0.5, 1e-3) == pytest.approx(0.5 * 1e-3)  # rate min(trust, lr) = lr
+    trust = 0.02 * 2 / (2 * 10.0)  # large gradient: trust 0.002
+    assert step(False, 0.5, 10.0) == pytest.approx(0.5 * trust * 10.0)
+    assert step(True, 0.5, 10.0) == pytest.approx(trust * 10.0)  # rate min(trust, lr) = trust
+
+
+def test_split_batch_norm_normalises_each_split_alone():
+    from kinship.models.backbones import SplitBatchNorm2d
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 4, 4) * torch.arange(1, 17).view(16, 1, 1, 1)
+    bn = SplitBatchNorm2d(3, splits=4, momentum=1.0)
+    out = bn(x)
+    for s in range(4):
+        reference = nn.BatchNorm2d(3, momentum=1.0)
+        assert torch.allclose(out[s::4], reference(x[s::4]), atol=1e-5)  # samples s, s + 4, ...
+    means = torch.stack([x[s::4].mean((0, 2, 3)) for s in range(4)]).mean(0)
+    assert torch.allclose(bn.running_mean, means, atol=1e-5)
+    bn.eval()
+    assert torch.allclose(bn(x), (x - bn.running_mean.view(1, 3, 1, 1)) / (bn.running_var.view(1, 3, 1, 1) + bn.eps).sqrt(), atol=1e-5)

@@ -5,6 +5,7 @@ import torch
 
 from kinship.augment.views import make_views
 from kinship.config import AugmentConfig
+from kinship.data import Batch
 from kinship.sampling import Shard, beta
 
 
@@ -31,9 +32,12 @@ def test_views_of_a_shard_are_the_rows_of_the_global_batch_views():
     """What two processes compute for their halves is what one process computes for the whole."""
     images = (torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
     recipes = [AugmentConfig(crop_size=12, blur_p=0.5, solarize_p=0.3), AugmentConfig(crop_size=8, jitter_p=0.5)]
-    whole = make_views(images, recipes, torch.Generator().manual_seed(9))
+    aspect = torch.linspace(0.5, 2.0, 12)  # images stored as squares, originally of these shapes
+    index = torch.arange(12)
+    whole = make_views(Batch(index, images, index, aspect=aspect), recipes, torch.Generator().manual_seed(9))
     for cut in (6, 5):  # equal halves, as the batch plan gives, and any other split
-        parts = [make_views(images[rows], recipes, torch.Generator().manual_seed(9), Shard(rows.start, len(range(12)[rows]), 12))
+        parts = [make_views(Batch(index[rows], images[rows], index[rows], Shard(rows.start, len(range(12)[rows]), 12), aspect=aspect[rows]),
+                            recipes, torch.Generator().manual_seed(9))
                  for rows in (slice(0, cut), slice(cut, 12))]
         for v, view in enumerate(whole):
             assert torch.equal(torch.cat([part[v] for part in parts]), view)

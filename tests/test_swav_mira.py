@@ -1,4 +1,4 @@
-"""SwAV and MIRA: swapped prediction, schedules, teacher, prototype freezing, queue (mira.md §4, baselines.md §4)."""
+"""SwAV and MIRA: swapped prediction, schedules, teacher, prototype freezing, queue, batch norm per view."""
 import math
 
 import torch
@@ -119,3 +119,40 @@ def test_bench_reports_the_solver_share():
                    overrides=["method.prototypes=30", "method.hidden=32", "method.dim=16"])
     assert 0 < result["solver_frac"] < 1
     assert "solver_frac" not in bench("byol", "cpu", "convnet", batch=32, steps=1, compute_only=True, warmup=1, width=8)
+
+
+def batch_norm_batches(method, *args) -> list[int]:
+    """The batch sizes that the backbones' first BN layer saw (student and teacher) in one forward."""
+    seen = []
+    for module in method.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.register_forward_pre_hook(lambda _, inputs: seen.append(len(inputs[0])))
+    method(*args)
+    return seen
+
+
+def test_mira_and_byol_forward_each_view_in_its_own_batch_norm_pass_by_default():
+    from kinship.methods.byol import BYOL
+
+    def byol(**extra):
+        torch.manual_seed(0)
+        config = build_config({"method": {"name": "byol", "projector_hidden": 16, "projector_dim": 8, "predictor_hidden": 16, **extra}})
+        return BYOL(config.method, ConvNet(8), data_handle(64, 4, 16))
+
+    info = StepInfo(1, 0, 10, None, 0, 1)
+    for method, shared in [(make("mira"), make("mira", per_view_bn=False)), (byol(), byol(per_view_bn=False))]:
+        assert set(batch_norm_batches(method, views(), batch(), info)) == {B}
+        assert set(batch_norm_batches(shared, views(), batch(), info)) == {2 * B}
+
+
+def test_swav_prototypes_stay_on_the_unit_sphere_under_weight_decay():
+    method = make("swav")
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5, weight_decay=0.1)
+    for s in range(3):
+        optimizer.zero_grad()
+        info = StepInfo(1, s, 10, None, 0, 1)
+        method(views(seed=s), batch(), info)[0].backward()
+        optimizer.step()
+        assert not torch.allclose(method.head.weight.norm(dim=1), torch.ones(12), atol=1e-4)  # decayed by the step
+        method.after_step(info)
+        assert torch.allclose(method.head.weight.norm(dim=1), torch.ones(12), atol=1e-6)

@@ -19,7 +19,7 @@ from kinship.data.store import list_image_folder, read_image_files
 from kinship.data.subsets import corrupt_labels, map_labels, save_indices
 from kinship.errors import CheckpointError, DataError
 from kinship.methods import METHODS, Method
-from kinship.models.backbones import build_backbone, remove_batch_norm
+from kinship.models.backbones import build_backbone, remove_batch_norm, split_batch_norm
 from kinship.runtime import rank, use_bf16, world_size
 
 __all__ = ["RunData", "build_config", "build_method", "load_config", "load_pretrained", "load_run_data", "make_loader",
@@ -79,15 +79,15 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         keep = torch.randperm(len(gt), generator=torch.Generator().manual_seed(config.train.seed))[:limit].sort().values
     if train is None:
         bank_files = files if keep is None else [files[i] for i in keep.tolist()]
-        bank_images = read_image_files(bank_files, dc.image_size, dc.decode_threads).to(device)
+        bank_images, bank_aspect = read_image_files(bank_files, dc.image_size, dc.decode_threads)
+        bank = ImageSet(bank_images, gt if keep is None else gt[keep], classes, bank_aspect).to(device)
     else:
         train = train.to(device)  # once: the bank and the method's handle share (or index) these tensors
-        bank_images = train.images if keep is None else train.images[keep.to(device)]
-    bank = ImageSet(bank_images, (gt if keep is None else gt[keep]).to(device), classes)
+        bank = train if keep is None else train[keep]  # ground-truth labels
     test = load_split(dc, "test")
     info = DataInfo(size=len(gt), num_classes=num_classes, image_size=bank.images.shape[-1])
     handle = TrainData(info, labels.to(device), gt.to(device), None if train is None else train.images, files,
-                       use_bf16(config.train.precision, device), dc.decode_threads)
+                       use_bf16(config.train.precision, device), dc.decode_threads, None if train is None else train.aspect)
     return RunData(handle, bank, test.to(device), train)
 
 
@@ -104,7 +104,10 @@ def make_loader(data: RunData, config: RunConfig, plan: BatchPlan, device: torch
 
 def build_method(config: RunConfig, data: TrainData) -> Method:
     m = config.model
-    method = METHODS[config.method.name](config.method, build_backbone(m.backbone, m.cifar_stem, m.width, m.stem_padding), data)
+    backbone = build_backbone(m.backbone, m.cifar_stem, m.width, m.stem_padding, m.zero_init_residual)
+    if m.norm == "split":
+        split_batch_norm(backbone, m.bn_splits)
+    method = METHODS[config.method.name](config.method, backbone, data)
     return remove_batch_norm(method) if m.norm == "none" else method
 
 

@@ -17,8 +17,11 @@ from kinship.runtime import environment, resolve_device, timed_sections, tune_cp
 
 def bench(method: str, device: str, backbone: str, batch: int, steps: int, compute_only: bool,
           compile: bool = False, precision: str = "auto", warmup: int = 3, width: int = 32,
-          overrides: list[str] = ()) -> dict:
-    tune_cpu_allocator()
+          overrides: list[str] = (), tune_allocator: bool = True, channels_last: bool = True) -> dict:
+    """``tune_allocator`` / ``channels_last`` False: measure what each of them is worth (the allocator
+    setting is per process: a run without it needs a process of its own)."""
+    if tune_allocator:
+        tune_cpu_allocator()
     dev = resolve_device(device)
     values = {"method": {"name": method}, "model": {"backbone": backbone, "width": width},
               "train": {"batch_size": batch, "compile": compile}}
@@ -27,7 +30,9 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
     n = max(batch * 4, 16384)  # more images than a memory bank holds
     data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                     torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)]).to(dev)
-    model = build_method(config, TrainData.of(data)).to(dev).to(memory_format=torch.channels_last)
+    model = build_method(config, TrainData.of(data)).to(dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config.optim, batch)
     step_fn = torch.compile(model) if compile else model
     autocast = use_bf16(precision, dev)
@@ -71,5 +76,6 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
     return {"method": method, "overrides": list(overrides), "backbone": backbone, "device": dev.type, "batch": batch,
             "mode": "compute_only" if compute_only else "pipeline", "img_per_s": round(batch / median, 1),
             "img_per_s_mean": round(batch * steps / sum(times), 1), "steps": steps, "compile": compile,
+            "channels_last": channels_last,
             "autocast_bf16": autocast, "env": environment(),
             **({"solver_frac": round(sections["solver"] / sum(times), 4)} if "solver" in sections else {})}

@@ -1,4 +1,4 @@
-"""``kinship`` command line: pretrain, eval, export, views, bench."""
+"""``kinship`` command line: pretrain, eval, export, views, pack-npz, bench."""
 from __future__ import annotations
 
 import argparse
@@ -105,11 +105,31 @@ def cmd_views(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack_npz(args: argparse.Namespace) -> int:
+    """The JPEG npz the CPU presets and the demo read, from a torchvision dataset or an ImageFolder."""
+    from kinship.config import DataConfig
+    from kinship.data.store import load_split, pack_npz
+
+    overrides = data_overrides(args.source)
+    values = dict(item.split("=", 1) for item in overrides)
+    name = values.get("data.name", args.source)
+    if name == "cifar10-npz":
+        raise ConfigError("pack-npz reads cifar10, cifar100, stl10 or an ImageFolder root, not an npz")
+    config = DataConfig(name=name, path=values.get("data.path", args.root), test_path=values.get("data.test_path", ""),
+                        download=args.download, image_size=args.image_size)
+    train, test = load_split(config, "train"), load_split(config, "test")
+    pack_npz(train, test, Path(args.out), args.quality)
+    print(f"wrote {args.out}: {len(train)} train and {len(test)} test images, {len(train.classes)} classes, "
+          f"{train.images.shape[-1]} px, JPEG quality {args.quality}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from kinship.bench import bench
 
     result = bench(args.method, args.device, args.backbone, args.batch, args.steps, args.compute_only,
-                   compile=args.compile, precision=args.precision, width=args.width, overrides=args.set)
+                   compile=args.compile, precision=args.precision, width=args.width, overrides=args.set,
+                   tune_allocator=not args.no_tune_allocator, channels_last=not args.no_channels_last)
     print(json.dumps(result))
     return 0
 
@@ -150,6 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(func=cmd_views)
 
+    n = sub.add_parser("pack-npz", help="write the JPEG npz the demo and CPU presets read, from torchvision data or an ImageFolder")
+    n.add_argument("source", help="cifar10, cifar100, stl10, or an ImageFolder root with train/ and val/ (or test/)")
+    n.add_argument("--root", default="data/torchvision", help="torchvision datasets: where they are (or go, with --download)")
+    n.add_argument("--download", action="store_true", help="torchvision datasets: download when missing")
+    n.add_argument("--image-size", type=int, default=32, help="STL-10 and ImageFolder: stored side length")
+    n.add_argument("--quality", type=int, default=75, help="JPEG quality (75: the shared CIFAR-10 file's, same size per image)")
+    n.add_argument("--out", required=True, help="the .npz to write")
+    n.set_defaults(func=cmd_pack_npz)
+
     b = sub.add_parser("bench", help="training throughput of one method, as one JSON line")
     b.add_argument("--method", required=True)
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -160,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--compute-only", action="store_true", help="fixed augmented views: model step only")
     b.add_argument("--compile", action="store_true")
     b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    b.add_argument("--no-tune-allocator", action="store_true", help="keep glibc's default malloc thresholds (to measure the tuning)")
+    b.add_argument("--no-channels-last", action="store_true", help="keep the default memory format (to measure channels_last)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. method.symmetric=false")
     b.set_defaults(func=cmd_bench)
 

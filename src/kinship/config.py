@@ -48,11 +48,15 @@ class ModelConfig:
     backbone: str = "resnet18"  # resnet18 | resnet50 | convnet
     cifar_stem: bool = True  # 3x3 stride-1 conv1, no max-pool (ResNets)
     stem_padding: int = 1  # of the CIFAR stem's conv1; MIRA's and solo-learn's code use 2 (34 x 34 maps)
+    zero_init_residual: bool = False  # ResNets: last BN of each residual block starts at 0 (MIRA's code)
     width: int = 32  # convnet base width
     # none: every BatchNorm of the method (backbone and heads) is an identity. Batch statistics are
     # the one thing that differs between N processes and one process fed the same global batch, so
     # a BN-free run is exactly reproducible across process counts (the distributed tests use it).
-    norm: str = "batch"  # batch | none
+    # split: the backbone's BN normalises each process's batch as `bn_splits` sub-batches (the MoCo
+    # CIFAR demo's SplitBatchNorm, 8 splits: one GPU imitating 8 GPUs' per-GPU statistics).
+    norm: str = "batch"  # batch | none | split
+    bn_splits: int = 8
 
 
 @dataclass
@@ -63,8 +67,10 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
+    warmup_start_lr: float = 0.0  # the warm-up's first rate, absolute (not scaled with the batch)
     final_lr_ratio: float = 0.0  # cosine ends at lr * final_lr_ratio
     lars_eta: float = 0.001
+    lars_clip: bool = False  # each layer's LARS rate min(trust, lr) instead of lr * trust (LARC clip, solo-learn clip_lr)
     exclude_bias_bn: bool = False  # no weight decay (and no LARS adaptation) on biases and norms
     betas: tuple[float, float] = (0.9, 0.999)  # adamw
 
@@ -121,7 +127,7 @@ class FinetuneEvalConfig:
 
     Defaults follow MIRA's semi-supervised protocol for 10 % labels (backbone lr 0.02, classifier
     lr 0.1, SGD, cosine, batch 256, 20 epochs) with random-resized-crop and flip only (CLIM). The
-    classifier starts from the frozen linear probe fitted on the same subset [PROP: "LP-FT"], with
+    classifier starts from the frozen linear probe fitted on the same subset ("LP-FT", kinship's choice), with
     CMSF's head (l2-norm, standardise, Linear), so the fine-tuning is measured against that probe.
     """
 
@@ -133,7 +139,7 @@ class FinetuneEvalConfig:
     lr_head: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
-    # [PROP] for 32-96 px images: RRC(0.5, 1) fine-tuned the demo to 63.4% at 10% labels where the
+    # for 32-96 px images: RRC(0.5, 1) fine-tuned the demo to 63.4% at 10% labels where the
     # ImageNet default RRC(0.08, 1) gave 60.3%; ImageNet presets set (0.08, 1)
     crop_scale: tuple[float, float] = (0.5, 1.0)
     head_init: str = "probe"  # probe | random (N(0, 0.01))
@@ -142,7 +148,7 @@ class FinetuneEvalConfig:
 
 @dataclass
 class EvalConfig:
-    knn_k: int = 200  # training monitor: weighted k-NN of the MoCo CIFAR demo (baselines.md, "k 200, T 0.1")
+    knn_k: int = 200  # training monitor: weighted k-NN of the MoCo CIFAR demo (k 200, T 0.1)
     knn_temperature: float = 0.1
     knn_every: int = 10  # epochs; the last epoch is always evaluated
     knn_train_limit: int = 0  # >0: size of the k-NN feature bank (a seeded subset of train)
@@ -180,6 +186,9 @@ class AugmentConfig:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
+    # the evaluation view: >0 Resize(eval_resize) of the shorter side + CenterCrop(crop_size), as
+    # the ImageNet papers' code (256, 224); 0: the whole image resized to crop_size (CIFAR, STL-10)
+    eval_resize: int = 0
     mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 
@@ -223,13 +232,14 @@ def _nearest(key: str, options: list[str], hint: bool = True) -> str:
     return f" (valid keys: {', '.join(sorted(options))})" if hint else ""
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check ``value`` against a type hint, converting only where no information is lost."""
+def _coerce(value: Any, hint: Any, where: str, default: Any = None) -> Any:
+    """Check ``value`` against a type hint, converting only where no information is lost. A mapping
+    for a dataclass section overrides the keys it names on ``default`` (the section's default)."""
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return _build(hint, value, where)
+        return _build(hint, value, where, default)
     if origin in (typing.Union, types.UnionType):
         errors = []
         for option in typing.get_args(hint):
@@ -280,16 +290,20 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
-def _build(cls: type, values: dict, where: str) -> Any:
+def _build(cls: type, values: dict, where: str, base: Any = None) -> Any:
+    """``cls`` with the keys of ``values`` set on ``base`` (default: ``cls()``); a nested section
+    merges into the base's section the same way, so the keys a YAML section leaves out keep their
+    defaults (e.g. MIRA's ``local:`` crop size when a preset sets only its normalisation)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    base = cls() if base is None else base
     kwargs = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
             raise ConfigError(f"unknown config key '{path}'{_nearest(key, names)}")
-        kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+        kwargs[key] = _coerce(value, hints[key], path, getattr(base, key))
+    return dataclasses.replace(base, **kwargs)
 
 
 def parse_config(values: dict, method_configs: Mapping[str, type[MethodConfig]]) -> RunConfig:
@@ -313,7 +327,10 @@ def validate(config: RunConfig) -> None:
     """Value checks that types alone cannot express."""
     checks = [
         (config.train.epochs >= 1, "train.epochs must be >= 1"),
-        (config.model.norm in ("batch", "none"), f"model.norm must be batch or none, got '{config.model.norm}'"),
+        (config.model.norm in ("batch", "none", "split"), f"model.norm must be batch, none or split, got '{config.model.norm}'"),
+        (config.model.norm != "split" or (config.model.bn_splits >= 1 and config.train.batch_size % config.model.bn_splits == 0),
+         f"model.norm split: train.batch_size ({config.train.batch_size}) must be a multiple of model.bn_splits ({config.model.bn_splits})"),
+        (not config.model.zero_init_residual or config.model.backbone.startswith("resnet"), "model.zero_init_residual applies to ResNet backbones only"),
         (min(config.train.checkpoint_every, config.train.checkpoint_every_steps, config.train.stop_after_steps,
              config.train.stop_after_epochs, config.train.labeled_batch_size) >= 0
          and min(config.train.checkpoint_every_min, config.train.time_limit_min) >= 0,
@@ -321,6 +338,7 @@ def validate(config: RunConfig) -> None:
         (config.train.log_every >= 1, "train.log_every must be >= 1"),
         (config.train.batch_size >= 2, "train.batch_size must be >= 2"),
         (config.optim.lr > 0, "optim.lr must be > 0"),
+        (config.optim.warmup_start_lr >= 0 and config.optim.warmup_epochs >= 0, "optim.warmup_start_lr and warmup_epochs must be >= 0"),
         (config.optim.name in ("sgd", "lars", "adamw"), f"optim.name must be sgd, lars or adamw, got '{config.optim.name}'"),
         (config.train.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got '{config.train.precision}'"),
         (config.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got '{config.train.device}'"),

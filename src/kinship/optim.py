@@ -15,11 +15,13 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratio eta * ||w|| / (||g|| + wd ||w||) (You et al., 2017).
 
     Groups with ``lars_exclude=True`` (biases, norms) get neither weight decay nor adaptation, as
-    in BYOL/SimCLR/SwAV.
+    in BYOL/SimCLR/SwAV. ``clip``: each layer's rate is min(trust, lr) instead of lr * trust (apex's
+    LARC in clip mode, which SwAV's code uses; solo-learn's ``clip_lr``).
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False))
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
+                 clip: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip, lars_exclude=False))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -32,6 +34,8 @@ class LARS(torch.optim.Optimizer):
                     g = g.add(p, alpha=group["weight_decay"])
                     w_norm, g_norm = torch.norm(p), torch.norm(g)
                     trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    if group["clip"]:
+                        trust = (trust / group["lr"]).clamp(max=1.0)
                     g = g.mul(trust)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
@@ -63,7 +67,8 @@ def build_optimizer(model: nn.Module, config: OptimConfig, global_batch: int) ->
             g.pop("lars_exclude", None)
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.name == "lars":
-        return LARS(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, eta=config.lars_eta)
+        return LARS(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, eta=config.lars_eta,
+                    clip=config.lars_clip)
     for g in groups:
         g.pop("lars_exclude", None)
     return torch.optim.AdamW(groups, lr=lr, betas=config.betas, weight_decay=config.weight_decay)
@@ -80,10 +85,13 @@ def cosine_ramp(step: int, total_steps: int, base: float, final: float = 1.0) ->
     return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
-def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_ratio: float) -> float:
-    """Linear warm-up from 0 over ``warmup_steps``, then cosine from ``base_lr`` to ``base_lr * final_ratio``."""
+def learning_rate(
+    step: int, total_steps: int, warmup_steps: int, base_lr: float, final_ratio: float, start_lr: float = 0.0
+) -> float:
+    """Linear warm-up from ``start_lr`` (reached just before step 0) to ``base_lr`` over ``warmup_steps``,
+    then cosine from ``base_lr`` to ``base_lr * final_ratio``."""
     if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+        return start_lr + (base_lr - start_lr) * (step + 1) / warmup_steps
     return cosine_ramp(step - warmup_steps, max(1, total_steps - warmup_steps), base_lr, base_lr * final_ratio)
 
 

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import os
 import platform
+import sys
 import time
 from collections import defaultdict
 from typing import Any, Iterator
@@ -13,6 +14,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from kinship.errors import ConfigError
 
@@ -25,8 +27,9 @@ def tune_cpu_allocator() -> bool:
     """Stop glibc from returning large activation buffers to the OS after every step.
 
     With its defaults, glibc serves each large tensor by a fresh mmap and unmaps it on free, so
-    every training step page-faults its activations back in; measured here that costs the small
-    CNN 2.8x and ResNet-18 1.2x on 2 cores. Raising both thresholds (same effect as the
+    every training step page-faults its activations back in; what that costs depends on the
+    machine (``kinship bench ... --no-tune-allocator`` measures it; figures in docs/benchmarks.md,
+    1.1x to 2.8x for the small CNN on 2 cores). Raising both thresholds (same effect as the
     MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ variables) keeps freed memory for reuse.
     Returns whether the call took effect (False off glibc).
     """
@@ -170,3 +173,14 @@ def environment() -> dict[str, Any]:
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+def interactive() -> bool:
+    """Whether progress bars go to a terminal (not a job log or a ``> file`` redirect)."""
+    return sys.stderr.isatty()
+
+
+def progress_bar(iterable: Any = None, enabled: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm bar, shown only when ``enabled`` and stderr is a terminal: in a file, its carriage-return
+    updates would pile up as one line of thousands; long jobs print a line per epoch there instead."""
+    return tqdm(iterable, disable=not (enabled and interactive()), leave=False, dynamic_ncols=True, **kwargs)

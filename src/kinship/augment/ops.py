@@ -17,27 +17,40 @@ from kinship.sampling import Shard, coin, uniform
 
 
 def sample_crop_boxes(
-    n: int,
+    shard: Shard,
     height: int,
     width: int,
     scale: tuple[float, float],
     ratio: tuple[float, float],
     generator: torch.Generator,
     device: torch.device,
+    aspect: torch.Tensor | None = None,
     attempts: int = 10,
 ) -> torch.Tensor:
-    """torchvision's RandomResizedCrop box sampler, vectorised: (n, 4) boxes (x0, y0, w, h) in pixels.
+    """torchvision's RandomResizedCrop box sampler, vectorised: (shard.size, 4) boxes (x0, y0, w, h) in
+    stored pixels for this shard's rows; the draws are made for the whole global batch.
 
     Each sample makes ``attempts`` draws of area fraction ~ U(scale) and log aspect ~ U(log ratio)
     and keeps its first box that fits; a sample with none falls back to the central crop with the
-    aspect ratio clamped to ``ratio``, as torchvision does.
+    aspect ratio clamped to ``ratio``, as torchvision does. Area and aspect are those of the
+    *original* image: ``aspect`` (shard.size,) holds each image's original width / height where the
+    store resized it to (height, width) regardless of its shape (ImageFolder data), so that crops
+    cover the whole image with the geometry torchvision would give on the file; None: the stored
+    shape is the original one.
     """
-    area = height * width
-    target_area = area * uniform(n * attempts, *scale, generator, device).view(n, attempts)
-    log_ratio = uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), generator, device).view(n, attempts)
-    aspect = torch.exp(log_ratio)
-    w = torch.round(torch.sqrt(target_area * aspect))
-    h = torch.round(torch.sqrt(target_area / aspect))
+    n = shard.total
+    area_fraction = shard.rows(uniform(n * attempts, *scale, generator, device).view(n, attempts))
+    crop_aspect = torch.exp(shard.rows(uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), generator, device).view(n, attempts)))
+    if aspect is None:
+        original = torch.full((shard.size, 1), width / height, device=device)
+        target_area = height * width * area_fraction
+        w = torch.round(torch.sqrt(target_area * crop_aspect))
+        h = torch.round(torch.sqrt(target_area / crop_aspect))
+    else:  # in units of the stored height: the original is (aspect * height) x height
+        original = aspect.to(device).float().view(-1, 1)
+        target_area = height * height * original * area_fraction
+        w = torch.round(torch.sqrt(target_area * crop_aspect) * width / (original * height))
+        h = torch.round(torch.sqrt(target_area / crop_aspect))
     fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
     first = torch.argmax(fits.int(), dim=1, keepdim=True)  # first fitting attempt (0 if none)
     w = w.gather(1, first).squeeze(1)
@@ -45,21 +58,28 @@ def sample_crop_boxes(
     any_fit = fits.any(dim=1)
 
     # Fallback: central crop of the whole image, aspect clamped into the ratio range.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(height * ratio[1]), height
-    else:
-        fw, fh = width, height
-    w = torch.where(any_fit, w, torch.full_like(w, fw))
-    h = torch.where(any_fit, h, torch.full_like(h, fh))
+    original = original.squeeze(1)
+    fw = torch.where(original > ratio[1], torch.round(width * ratio[1] / original), torch.full_like(original, width))
+    fh = torch.where(original < ratio[0], torch.round(height * original / ratio[0]), torch.full_like(original, height))
+    w = torch.where(any_fit, w, fw)
+    h = torch.where(any_fit, h, fh)
     # torchvision: top = randint(0, H - h + 1), left = randint(0, W - w + 1)
-    x0 = torch.floor(torch.rand(n, generator=generator, device=device) * (width - w + 1))
-    y0 = torch.floor(torch.rand(n, generator=generator, device=device) * (height - h + 1))
-    x0 = torch.where(any_fit, x0, torch.full_like(x0, (width - fw) // 2))
-    y0 = torch.where(any_fit, y0, torch.full_like(y0, (height - fh) // 2))
+    left = shard.rows(torch.rand(n, generator=generator, device=device))
+    top = shard.rows(torch.rand(n, generator=generator, device=device))
+    x0 = torch.where(any_fit, torch.floor(left * (width - w + 1)), torch.div(width - fw, 2, rounding_mode="floor"))
+    y0 = torch.where(any_fit, torch.floor(top * (height - h + 1)), torch.div(height - fh, 2, rounding_mode="floor"))
     return torch.stack([x0, y0, w, h], dim=1)
+
+
+def center_crop_boxes(n: int, height: int, width: int, crop: int, resize: int, aspect: torch.Tensor | None,
+                      device: torch.device) -> torch.Tensor:
+    """(n, 4) boxes of torchvision's Resize(resize) + CenterCrop(crop) (ImageNet evaluation: 256, 224)
+    in stored pixels: the shorter original side is ``resize`` px, the central ``crop`` px square kept."""
+    original = torch.full((n,), width / height, device=device) if aspect is None else aspect.to(device).float()
+    short = crop / resize  # the crop's share of the shorter side
+    w = width * torch.where(original >= 1, short / original, torch.full_like(original, short))
+    h = height * torch.where(original >= 1, torch.full_like(original, short), short * original)
+    return torch.stack([(width - w) / 2, (height - h) / 2, w, h], dim=1)
 
 
 def crop_resize_flip(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor) -> torch.Tensor:

@@ -2,23 +2,37 @@
 
 Both exponentiate the (B, K) matrix once and then only rescale its rows and columns, so that each
 iteration is two matrix-vector products (no exp/log of the matrix inside the loop: the log-space form
-took 18% of a small-CNN MIRA step, this one 3%). They run in fp32 (fp64 when given fp64), without
-gradient, and treat the batch of all processes as one: every sum over the batch is all-reduced and
+took 18% of a small-CNN MIRA step, this one 3%). They run in fp32 (fp64 when given fp64) with
+autocast switched off, so the trainer's bf16 autocast never reaches them (under CPU bf16 autocast
+MIRA's fixed point moved 1e-2 from its fp64 value, Sinkhorn's codes 4e-3), without gradient, and treat the batch of all processes as one: every sum over the batch is all-reduced and
 the batch size is counted, so N processes give the single-process result on the concatenated batch
 (also for unequal shards).
 
 - :func:`sinkhorn`: SwAV's equal-partition codes (Caron et al. 2020, Sinkhorn-Knopp).
 - :func:`mira_targets`: MIRA's mutual-information regularised pseudo-labels by the fixed point of
-  its Eq. 7 (seed 004, Prop. 1-3).
+  its Eq. 7 (Lee et al., NeurIPS 2022, Prop. 1-3).
 CoKe's constrained assignment will join them here.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 
 from kinship.runtime import all_reduce
+
+
+def full_precision(solver: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run ``solver(x, ...)`` with autocast off on ``x``'s device (its inputs are upcast by :func:`_working`)."""
+
+    @functools.wraps(solver)
+    def run(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return solver(x, *args, **kwargs)
+
+    return run
 
 
 def _working(x: torch.Tensor) -> torch.Tensor:
@@ -40,6 +54,7 @@ def _inverse_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x.reciprocal(), torch.zeros_like(x))
 
 
+@full_precision
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
     """SwAV's codes: scores (B, K) -> Q (B, K), each row a distribution, each prototype's column mass
@@ -62,17 +77,18 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
     return e * (b * a)[:, None] * c
 
 
+@full_precision
 @torch.no_grad()
 def mira_targets(logits: torch.Tensor, tau: float = 0.225, beta: float = 2 / 3, iterations: int = 30) -> torch.Tensor:
     """MIRA's pseudo-labels W (B, K) for teacher logits (B, K), beta in [0, 1).
 
     W minimises (1/B) sum_i KL(w_i || p_i) - beta I(Y_W; i), p_i = softmax(l_i / tau) (Eq. 1, 4). Its
     optimum satisfies w_ij ∝ u_j^(-beta/(1-beta)) p_ij^(1/(1-beta)) (Eq. 5) with u the fixed point of
-    Eq. 7, reached geometrically from u0 = (mean_i k_ij)^(1-beta), k = softmax(l / (tau (1-beta))) [C].
-    The marginal is over the global batch.
+    Eq. 7, reached geometrically from u0 = (mean_i k_ij)^(1-beta), k = softmax(l / (tau (1-beta))) (the
+    official code's start). The marginal is over the global batch.
 
     k's rows are softmax-stabilised and v = u^c is kept as a ratio to its largest value, both within
-    [0, 1]; a global factor on u leaves W unchanged (spec §1.3 "scale mode"). A prototype whose column
+    [0, 1]; a global factor on u leaves W unchanged (Eq. 5 is invariant to it). A prototype whose column
     of k underflows to zero everywhere (dead) gets weight 0 instead of u^c = inf.
     """
     if not 0.0 <= beta < 1.0:

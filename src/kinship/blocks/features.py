@@ -2,7 +2,8 @@
 
 Used by the k-NN monitor, the evaluation suite and the data handle's ``embed_all`` (which shards it
 across processes). ``images`` is anything with ``len`` and slicing that yields uint8 (n, 3, H, W)
-batches on the network's device: a tensor, or a reader that decodes files chunk by chunk.
+batches on the network's device: a tensor, or something whose slices carry ``.images`` and
+``.aspect`` (an image set, or a reader that decodes files chunk by chunk).
 """
 from __future__ import annotations
 
@@ -10,23 +11,29 @@ from typing import Callable, Protocol
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from kinship.augment.views import center_view
 from kinship.config import AugmentConfig
+from kinship.runtime import progress_bar
 
 View = AugmentConfig | Callable[[torch.Tensor], torch.Tensor]
+
+
+class Images(Protocol):
+    images: torch.Tensor  # uint8 (n, 3, H, W)
+    aspect: torch.Tensor | None  # float (n,): original width / height, where stored as squares
 
 
 class ImageSource(Protocol):
     def __len__(self) -> int: ...
 
-    def __getitem__(self, rows: slice) -> torch.Tensor: ...
+    def __getitem__(self, rows: slice) -> torch.Tensor | Images: ...
 
 
-def apply_view(view: View, images: torch.Tensor) -> torch.Tensor:
-    """A recipe's centre view (the evaluation view), or any function of the uint8 batch."""
-    return center_view(images, view) if isinstance(view, AugmentConfig) else view(images)
+def apply_view(view: View, images: torch.Tensor | Images) -> torch.Tensor:
+    """A recipe's evaluation view (:func:`center_view`), or any function of the uint8 batch."""
+    pixels, aspect = (images, None) if isinstance(images, torch.Tensor) else (images.images, images.aspect)
+    return center_view(pixels, view, aspect) if isinstance(view, AugmentConfig) else view(pixels)
 
 
 @torch.no_grad()
@@ -45,9 +52,10 @@ def extract_features(
     network.eval()
     try:
         chunks: list = []
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+        for start in progress_bar(range(0, len(images), batch_size), progress, desc=desc):
             batch = images[start : start + batch_size]
-            with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=autocast):
+            device = batch.device if isinstance(batch, torch.Tensor) else batch.images.device
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = network(apply_view(view, batch))
             chunks.append(tuple(o.float() for o in out) if isinstance(out, tuple) else out.float())
         if chunks and isinstance(chunks[0], tuple):
@@ -57,6 +65,6 @@ def extract_features(
         network.train(was_training)
 
 
-def pixel_features(images: torch.Tensor, recipe: AugmentConfig) -> torch.Tensor:
-    """Raw normalised pixels, flattened: the 'no learning at all' k-NN baseline."""
-    return center_view(images, recipe).flatten(1).float()
+def pixel_features(images: torch.Tensor | Images, recipe: AugmentConfig) -> torch.Tensor:
+    """Raw normalised pixels of the evaluation view, flattened: the 'no learning at all' k-NN baseline."""
+    return apply_view(recipe, images).flatten(1).float()

@@ -51,7 +51,7 @@ def weighted_knn_scores(
     """Class scores (Q, C): sum over the k nearest bank items of exp(sim / T), per class.
 
     ``temperature=None`` is the plain majority vote of CMSF/MSF ("NN", "20-NN"); ties between
-    classes go to the larger summed similarity (the spec's random tie-break, made deterministic).
+    classes go to the larger summed similarity (a deterministic tie-break where a random one would do).
     """
     queries, bank = F.normalize(queries.float(), dim=1), F.normalize(bank.float(), dim=1)
     sims, idx = topk_neighbors(queries, bank, k, chunk)

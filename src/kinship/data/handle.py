@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kinship.blocks.features import View, extract_features
+from kinship.data.loader import Batch
 from kinship.data.store import ImageSet, read_image_files
 from kinship.errors import DataError
 from kinship.runtime import all_gather_cat, rank, world_size
@@ -45,6 +46,7 @@ class TrainData:
     files: list[Path] | None = None  # streaming: the image files, decoded on demand
     autocast: bool = False  # bf16 autocast for embed_all, as in training
     decode_threads: int = 0
+    aspect: torch.Tensor | None = None  # float (N,): original width / height of images stored as squares
 
     @staticmethod
     def describe(info: DataInfo) -> "TrainData":
@@ -55,7 +57,7 @@ class TrainData:
     def of(data: ImageSet) -> "TrainData":
         """A handle on an in-memory image set whose labels are all known (views, benchmarks)."""
         info = DataInfo(len(data), max(len(data.classes), int(data.labels.max()) + 1), data.images.shape[-1])
-        return TrainData(info, data.labels, data.labels, data.images)
+        return TrainData(info, data.labels, data.labels, data.images, aspect=data.aspect)
 
     @property
     def size(self) -> int:
@@ -80,14 +82,17 @@ class TrainData:
             raise DataError(NO_DATA)
         return (self.labels >= 0).nonzero().squeeze(1)
 
-    def read(self, index: torch.Tensor) -> torch.Tensor:
-        """uint8 images (n, 3, H, W) of the dataset indices ``index``, on the device."""
-        if self.images is not None:
-            return self.images[index.to(self.images.device)]
-        if self.files is None:
+    def read(self, index: torch.Tensor) -> Batch:
+        """The images (uint8 (n, 3, H, W), on the device), training labels and aspect ratios of the
+        dataset indices ``index``."""
+        if self.labels is None or not self.has_images:
             raise DataError(NO_DATA)
-        device = self.labels.device if self.labels is not None else "cpu"
-        return read_image_files([self.files[i] for i in index.tolist()], self.image_size, self.decode_threads).to(device)
+        index = index.to(self.labels.device)
+        if self.images is not None:
+            aspect = None if self.aspect is None else self.aspect[index]
+            return Batch(index, self.images[index], self.labels[index], aspect=aspect)
+        images, aspect = read_image_files([self.files[i] for i in index.tolist()], self.image_size, self.decode_threads)
+        return Batch(index, images.to(index.device), self.labels[index], aspect=aspect.to(index.device))
 
     @torch.no_grad()
     def embed_all(
@@ -121,5 +126,5 @@ class _Reader:
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, rows: slice) -> torch.Tensor:
+    def __getitem__(self, rows: slice) -> Batch:
         return self.data.read(self.index[rows])

@@ -29,6 +29,7 @@ class Batch:
     labels: torch.Tensor  # int64 (B,), -1 where the label is hidden or absent
     shard: Shard | None = None  # where these rows sit in the global batch (None: they are all of it)
     labeled: "Batch | None" = None  # the labeled stream's batch of this step, when the run has one
+    aspect: torch.Tensor | None = None  # float (B,): original width / height of images stored as squares
 
     def __post_init__(self) -> None:
         if self.shard is None:
@@ -117,7 +118,8 @@ class TensorLoader:
 
     def read(self, index: torch.Tensor) -> Batch:
         index = index.to(self.data.images.device)
-        return Batch(index, self.data.images[index], self.labels[index])
+        aspect = None if self.data.aspect is None else self.data.aspect[index]
+        return Batch(index, self.data.images[index], self.labels[index], aspect=aspect)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         for step in range(start_step, self.plan.steps_per_epoch):
@@ -142,7 +144,7 @@ class _FileDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, float]:
         return read_image_file(self.files[i], self.size)
 
 
@@ -162,9 +164,9 @@ class StreamingLoader:
     def read(self, index: torch.Tensor) -> Batch:
         """Decode the images of ``index`` here, on a thread pool (the labeled stream's small batches)."""
         files = [self.dataset.files[i] for i in index.tolist()]
-        images = read_image_files(files, self.dataset.size).to(self.device)
+        images, aspect = read_image_files(files, self.dataset.size)
         index = index.to(self.device)
-        return Batch(index, images, self.labels.to(self.device)[index])
+        return Batch(index, images.to(self.device), self.labels.to(self.device)[index], aspect=aspect.to(self.device))
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         steps = range(start_step, self.plan.steps_per_epoch)
@@ -172,8 +174,8 @@ class StreamingLoader:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=batches, num_workers=self.workers, pin_memory=self.device.type == "cuda"
         )
-        for step, indices, images in zip(steps, batches, loader):
+        for step, indices, (images, aspect) in zip(steps, batches, loader):
             index = torch.tensor(indices, device=self.device)
             labeled = labeled_batch(self, self.labeled_plan, epoch * self.plan.steps_per_epoch + step)
             yield Batch(index, images.to(self.device, non_blocking=True), self.labels.to(self.device)[index],
-                        self.plan.shard, labeled)
+                        self.plan.shard, labeled, aspect.float().to(self.device))

@@ -1,7 +1,8 @@
 """Datasets as decoded uint8 tensors: images (N, 3, H, W) and labels (N,), decoded once, kept on device.
 
-Sources: the packed JPEG npz of ``shared/data``, torchvision CIFAR-10/100 and STL-10 (downloaded
-only when ``download`` is set), any ImageFolder, and a small synthetic set for tests. Label -1
+Sources: kinship's JPEG npz (``docs/data.md``; ``kinship pack-npz`` writes one), torchvision
+CIFAR-10/100 and STL-10 (downloaded only when ``download`` is set), any ImageFolder (each image whole,
+resized to a square, with its original aspect ratio), and a small synthetic set for tests. Label -1
 marks an unlabeled image (STL-10's unlabeled split).
 """
 from __future__ import annotations
@@ -30,6 +31,9 @@ class ImageSet:
     images: torch.Tensor  # uint8 (N, 3, H, W)
     labels: torch.Tensor  # int64 (N,), -1 = unlabeled
     classes: list[str]
+    # float (N,): each image's original width / height where it is stored resized to a square
+    # (ImageFolder); None: the stored shape is the original (CIFAR, STL-10)
+    aspect: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
@@ -40,12 +44,15 @@ class ImageSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def to(self, device: torch.device) -> "ImageSet":
-        return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+    def __getitem__(self, rows: slice | torch.Tensor) -> "ImageSet":
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(self.images.device)
+        aspect = None if self.aspect is None else self.aspect[rows]
+        return ImageSet(self.images[rows], self.labels[rows], self.classes, aspect)
 
-    def subset(self, indices: torch.Tensor) -> "ImageSet":
-        indices = indices.to(self.images.device)
-        return ImageSet(self.images[indices], self.labels[indices], self.classes)
+    def to(self, device: torch.device) -> "ImageSet":
+        aspect = None if self.aspect is None else self.aspect.to(device)
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes, aspect)
 
 
 def _threads(requested: int) -> int:
@@ -83,17 +90,44 @@ def decode_jpeg_buffers(buffers: np.ndarray, offsets: np.ndarray, threads: int, 
     return torch.stack(parts)
 
 
+PACK_HINT = ("build it from torchvision's CIFAR-10 download (170 MB, about a minute): "
+             "kinship pack-npz cifar10 --root data/torchvision --download --out {path}")
+
+
 def load_npz(path: Path, split: str, threads: int) -> ImageSet:
     if not path.is_file():
-        raise DataError(f"dataset file not found: {path} (see shared/data/README.md for the format)")
+        raise DataError(f"dataset file not found: {path}; {PACK_HINT.format(path=path)} "
+                        "(or set data.path to another copy; the format: docs/data.md)")
     try:
         data = np.load(path, allow_pickle=False)
         buffers, offsets, labels = data[f"{split}_jpeg"], data[f"{split}_offsets"], data[f"{split}_labels"]
         classes = [str(c) for c in data["classes"]]
+        aspect = torch.from_numpy(data[f"{split}_aspect"].astype(np.float32)) if f"{split}_aspect" in data else None
     except (KeyError, ValueError, OSError) as exc:
         raise DataError(f"{path} is not a kinship JPEG npz with a '{split}' split: {exc}") from None
     images = decode_jpeg_buffers(buffers, offsets, threads, f"the {split} split in {path}")
-    return ImageSet(images, torch.from_numpy(labels.astype(np.int64)), classes)
+    return ImageSet(images, torch.from_numpy(labels.astype(np.int64)), classes, aspect)
+
+
+def pack_npz(train: ImageSet, test: ImageSet, path: Path, quality: int = 75) -> None:
+    """Write two splits as kinship's JPEG npz (the format :func:`load_npz` reads): each split's images
+    ordered by class (stable), JPEG-encoded, concatenated with their offsets; written atomically."""
+    from torchvision.io import encode_jpeg
+
+    arrays: dict[str, np.ndarray] = {"classes": np.array(train.classes)}
+    for split, data in (("train", train), ("test", test)):
+        order = torch.argsort(data.labels, stable=True)
+        files = [f.numpy() for f in encode_jpeg(list(data.images[order].cpu()), quality=quality)]
+        arrays[f"{split}_jpeg"] = np.concatenate(files)
+        arrays[f"{split}_offsets"] = np.cumsum([0] + [len(f) for f in files]).astype(np.int64)
+        arrays[f"{split}_labels"] = data.labels[order].cpu().numpy().astype(np.int64)
+        if data.aspect is not None:  # images resized to squares: their original width / height
+            arrays[f"{split}_aspect"] = data.aspect[order].cpu().numpy().astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(temporary, path)
 
 
 def load_torchvision(name: str, root: Path, split: str, download: bool, image_size: int) -> ImageSet:
@@ -122,18 +156,16 @@ def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def read_image_file(path: Path, size: int) -> torch.Tensor:
-    """One image file -> uint8 (3, size, size): shorter side resized to ``size``, then center crop."""
+def read_image_file(path: Path, size: int) -> tuple[torch.Tensor, float]:
+    """One image file -> (uint8 (3, size, size), original width / height): the *whole* image resized
+    to a square, so that random-resized crops can reach its borders; the aspect ratio lets the crop
+    sampler and the evaluation view undo the squeeze (:mod:`kinship.augment.views`)."""
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
             w, h = img.size
-            scale = size / min(w, h)
-            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-            w, h = img.size
-            left, top = (w - size) // 2, (h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+            img = img.resize((size, size), Image.BILINEAR)
+            return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), w / h
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
@@ -159,15 +191,18 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, classes
 
 
-def read_image_files(files: list[Path], size: int, threads: int = 0) -> torch.Tensor:
-    """Decode image files on a thread pool (``threads`` 0: all cores) -> uint8 (N, 3, size, size)."""
+def read_image_files(files: list[Path], size: int, threads: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode image files on a thread pool (``threads`` 0: all cores) -> uint8 (N, 3, size, size) and
+    float (N,) original aspect ratios (:func:`read_image_file`)."""
     with ThreadPoolExecutor(_threads(threads)) as pool:
-        return torch.stack(list(pool.map(lambda p: read_image_file(p, size), files)))
+        images, aspect = zip(*pool.map(lambda p: read_image_file(p, size), files))
+    return torch.stack(images), torch.tensor(aspect, dtype=torch.float32)
 
 
 def load_image_folder(root: Path, size: int, threads: int) -> ImageSet:
     files, labels, classes = list_image_folder(root)
-    return ImageSet(read_image_files(files, size, threads), torch.tensor(labels, dtype=torch.int64), classes)
+    images, aspect = read_image_files(files, size, threads)
+    return ImageSet(images, torch.tensor(labels, dtype=torch.int64), classes, aspect)
 
 
 def synthetic(n: int, classes: int = 4, size: int = 16, seed: int = 0) -> ImageSet:
@@ -207,5 +242,5 @@ def load_split(config: DataConfig, split: str) -> ImageSet:
     limit = config.train_limit if split == "train" else config.test_limit
     if 0 < limit < len(images):
         g = torch.Generator().manual_seed(1234 if split == "train" else 4321)
-        images = images.subset(torch.randperm(len(images), generator=g)[:limit].sort().values)
+        images = images[torch.randperm(len(images), generator=g)[:limit].sort().values]
     return images

@@ -13,15 +13,16 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from kinship.augment.views import augment, to_float
 from kinship.blocks.features import extract_features
 from kinship.blocks.knn import topk_accuracy
 from kinship.config import AugmentConfig
+from kinship.data.store import ImageSet
 from kinship.errors import NonFiniteLossError
 from kinship.eval.linear import Standardizer
 from kinship.optim import cosine_ramp, scaled_lr, training_step
+from kinship.runtime import progress_bar
 
 
 class Classifier(nn.Module):
@@ -73,9 +74,11 @@ def train_classifier(
     autocast: bool = False,
     progress: bool = False,
     desc: str = "classifier",
+    aspect: torch.Tensor | None = None,
 ) -> list[float]:
     """SGD with cross-entropy on augmented views; learning rates are given at batch 256 and scaled
-    linearly. Cosine over all steps, or x0.1 at each epoch in ``milestones``. Returns epoch losses."""
+    linearly. Cosine over all steps, or x0.1 at each epoch in ``milestones``. Returns epoch losses.
+    ``aspect``: the images' original width / height where they are stored as squares."""
     device = images.device
     groups = [{"params": list(model.head.parameters()), "base_lr": scaled_lr(lr_head, batch_size, 256)}]
     if model.train_backbone:
@@ -88,7 +91,7 @@ def train_classifier(
     order_gen = torch.Generator().manual_seed(seed)
     losses, step = [], 0
     model.train()
-    for epoch in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+    for epoch in progress_bar(range(epochs), progress, desc=desc):
         order = torch.randperm(n, generator=order_gen).to(device)
         epoch_loss = torch.zeros((), device=device)
         for start, stop in batches:
@@ -96,7 +99,7 @@ def train_classifier(
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             idx = order[start:stop]
-            views = augment(to_float(images[idx]), recipe, generator)
+            views = augment(to_float(images[idx]), recipe, generator, aspect=None if aspect is None else aspect[idx])
             loss, _ = training_step(optimizer, lambda: (F.cross_entropy(model(views).float(), labels[idx]), {}),
                                     device.type if autocast else None)
             epoch_loss += loss.detach()
@@ -109,7 +112,8 @@ def train_classifier(
 
 
 def classifier_accuracy(
-    model: Classifier, images: torch.Tensor, labels: torch.Tensor, recipe: AugmentConfig, batch_size: int = 512, autocast: bool = False
+    model: Classifier, images: torch.Tensor | ImageSet, labels: torch.Tensor, recipe: AugmentConfig, batch_size: int = 512,
+    autocast: bool = False,
 ) -> dict[int, float]:
     """Top-1/top-5 (percent) on centre views, BN in eval mode: the class scores are the model's
     "features" in the evaluation's chunked extraction."""

@@ -3,7 +3,7 @@
 The fast CIFAR-scale protocol. Features are l2-normalised and then standardised with the train
 statistics (CMSF's linear protocol, after CompRess); the l2 coefficient is chosen on a seeded
 held-out part of the train set from a log grid and the model is refitted on the whole train set
-(the protocol of the MIRA seed's transfer table and of CMSF's spec for transfer). The problem is
+(the protocol of MIRA's transfer table). The problem is
 convex, so the result does not depend on initialisation or batch order: one number per checkpoint.
 The SGD probe with augmentation (ImageNet scale) is in :mod:`kinship.eval.finetune`.
 """
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from kinship.blocks.knn import topk_accuracy
+from kinship.runtime import progress_bar
 
 
 class Standardizer(nn.Module):
@@ -96,7 +96,7 @@ def linear_probe(
         n_val = max(1, int(round(val_fraction * len(x))))
         val, fit = order[:n_val], order[n_val:]
         best = -1.0
-        for l2 in tqdm(l2_grid, desc="linear probe: l2 search", disable=not progress, leave=False):
+        for l2 in progress_bar(l2_grid, progress, desc="linear probe: l2 search"):
             head = fit_softmax_regression(x[fit], train_y[fit], num_classes, l2, max_iter)
             acc = probe_accuracy(head, x[val], train_y[val])[1]
             val_top1[f"{l2:g}"] = acc

@@ -117,8 +117,8 @@ class Evaluation:
             self.log(f"features: cached {path} ({len(saved['train'])} train, {len(saved['test'])} test)")
             return self._features
         extract = dict(batch_size=self.config.eval.batch_size, autocast=self.autocast, progress=self.progress)
-        train = extract_features(self.backbone, self.data.bank.images, self.recipe, desc="features: train", **extract)
-        test = extract_features(self.backbone, self.data.test.images, self.recipe, desc="features: test", **extract)
+        train = extract_features(self.backbone, self.data.bank, self.recipe, desc="features: train", **extract)
+        test = extract_features(self.backbone, self.data.test, self.recipe, desc="features: test", **extract)
         with torch.no_grad():
             scores = self.method.cluster_scores(test)
         head_test, head_k = (None, 0) if scores is None else (scores.argmax(1), scores.shape[1])
@@ -154,15 +154,16 @@ class Evaluation:
         losses = train_classifier(
             model, self.data.bank.images, y_train, train_recipe(self.recipe, lc.crop_scale), lc.epochs, lc.batch_size,
             0.0, lc.lr, 0.9, lc.weight_decay, lc.milestones, self.config.train.seed, self.autocast, self.progress, "linear probe (sgd)",
+            self.data.bank.aspect,
         )
-        acc = classifier_accuracy(model, self.data.test.images, y_test, self.recipe, self.config.eval.batch_size, self.autocast)
+        acc = classifier_accuracy(model, self.data.test, y_test, self.recipe, self.config.eval.batch_size, self.autocast)
         return {"mode": "sgd", "top1": acc[1], "top5": acc[5], "epochs": lc.epochs, "final_loss": losses[-1]}
 
     def finetune(self) -> dict:
         fc = self.config.eval.finetune
         if self.data.train is None:
             raise DataError("semi-supervised fine-tuning needs the train split in memory; it is off with data.streaming")
-        images, labels = self.data.train.images, self.data.train.labels
+        labels = self.data.train.labels
         settings = [("fraction", v) for v in fc.fractions] + [("per_class", v) for v in fc.per_class]
         rows = []
         for kind, value in settings:
@@ -170,9 +171,9 @@ class Evaluation:
             tag = f"{100 * value:g}pct" if kind == "fraction" else f"{value}perclass"
             subset = labeled_subset(labels, value if kind == "per_class" else 0, value if kind == "fraction" else 0.0, fc.seed)
             save_indices(subset, self.out_dir / f"finetune_{tag}_indices.json")
-            sub = subset.to(self.device)
-            sub_images, sub_labels = images[sub], labels[sub]
-            feats = extract_features(self.backbone, sub_images, self.recipe, self.config.eval.batch_size, self.autocast)
+            sub = self.data.train[subset]
+            sub_labels = sub.labels
+            feats = extract_features(self.backbone, sub, self.recipe, self.config.eval.batch_size, self.autocast)
             test_feats = self.features().test
             probe, head, standardize = linear_probe(feats, sub_labels, test_feats, self.data.test.labels, self.num_classes,
                                                     tuple(self.config.eval.linear.l2_grid), self.config.eval.linear.val_fraction,
@@ -181,11 +182,11 @@ class Evaluation:
                 head = random_head(feats.shape[1], self.num_classes, self.device)
             model = Classifier(copy.deepcopy(self.backbone), standardize, copy.deepcopy(head).requires_grad_(True), train_backbone=True)
             losses = train_classifier(
-                model, sub_images, sub_labels, train_recipe(self.recipe, fc.crop_scale), fc.epochs, fc.batch_size,
+                model, sub.images, sub_labels, train_recipe(self.recipe, fc.crop_scale), fc.epochs, fc.batch_size,
                 fc.lr_backbone, fc.lr_head, fc.momentum, fc.weight_decay, None, fc.seed, self.autocast, self.progress,
-                f"fine-tune {tag}",
+                f"fine-tune {tag}", sub.aspect,
             )
-            acc = classifier_accuracy(model, self.data.test.images, self.data.test.labels, self.recipe,
+            acc = classifier_accuracy(model, self.data.test, self.data.test.labels, self.recipe,
                                       self.config.eval.batch_size, self.autocast)
             rows.append({"labels": tag, "images": len(subset), "frozen_probe_top1": probe["top1"], "frozen_probe_top5": probe["top5"],
                          "top1": acc[1], "top5": acc[5], "final_loss": losses[-1], "seconds": time.time() - tick})

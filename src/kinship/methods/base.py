@@ -97,6 +97,12 @@ class Method(nn.Module):
         return 0
 
     @property
+    def per_process_batch_norm(self) -> bool:
+        """True: keep BN per process under DDP (no SyncBN), e.g. where the method shuffles the batch
+        across processes so that BN cannot leak information between samples (MoCo's shuffle-BN)."""
+        return False
+
+    @property
     def unused_parameters(self) -> bool:
         """True if some steps leave trainable parameters without a gradient (prototypes frozen in
         the first epochs): DDP then finds them at every step, and leaves them untouched."""

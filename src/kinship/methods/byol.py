@@ -3,7 +3,9 @@
 online: backbone -> projector -> predictor;  target: EMA(backbone -> projector), no gradient.
     loss = l(t -> t') + l(t' -> t),   l = 2 - 2 cos(pred(online(t)), target(t'))
     tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, applied after the optimizer step.
-``symmetric: false`` keeps one direction only (BYOL-asym of the CMSF/MSF tables).
+``symmetric: false`` keeps one direction only (BYOL-asym of the CMSF/MSF tables). With ``per_view_bn``
+(default, as BYOL's code) each view goes through the online and the target network in its own pass,
+so BN statistics never mix the two asymmetric views; off, the symmetric loss forwards both in one.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import nn
 
 from kinship.augment.views import make_views
 from kinship.blocks.ema import EMATarget
+from kinship.blocks.multicrop import forward_crops
 from kinship.config import AugmentConfig, MethodConfig, RunConfig, check
 from kinship.losses import byol_loss
 from kinship.methods.base import Batch, Method, StepInfo, TrainData
@@ -30,6 +33,7 @@ class BYOLConfig(MethodConfig):
     momentum_base: float = 0.99  # 0.996 for 1000 ImageNet epochs
     momentum_final: float = 1.0
     symmetric: bool = True
+    per_view_bn: bool = True  # one forward pass (BN statistics) per view, as the official code
     # CIFAR recipe (solo-learn asymmetric.yaml): no blur, solarize 0 / 0.2. ImageNet: blur 1.0 / 0.1.
     view1: AugmentConfig = field(default_factory=lambda: AugmentConfig(blur_p=0.0, solarize_p=0.0))
     view2: AugmentConfig = field(default_factory=lambda: AugmentConfig(blur_p=0.0, solarize_p=0.2))
@@ -53,20 +57,15 @@ class BYOL(Method):
         return self.config.view1
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
-        return make_views(batch.images, [self.config.view1, self.config.view2], step.generator, batch.shard)
+        return make_views(batch, [self.config.view1, self.config.view2], step.generator)
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
-        v1, v2 = views
-        views = torch.cat([v1, v2]) if self.config.symmetric else v1
-        predictions = self.predictor(self.projector(self.backbone(views)))
+        cfg = self.config
+        online_views = views if cfg.symmetric else views[:1]
+        predictions = forward_crops(lambda x: self.predictor(self.projector(self.backbone(x))), online_views, cfg.per_view_bn)
         with torch.no_grad():
-            targets = self.target(torch.cat([v2, v1]) if self.config.symmetric else v2)
-        if self.config.symmetric:
-            p1, p2 = predictions.chunk(2)
-            z2, z1 = targets.chunk(2)
-            loss = byol_loss(p1, z2) + byol_loss(p2, z1)
-        else:
-            loss = byol_loss(predictions, targets)
+            targets = forward_crops(self.target, views[::-1] if cfg.symmetric else views[1:], cfg.per_view_bn)
+        loss = sum(byol_loss(p, z) for p, z in zip(predictions, targets))  # l(v1 -> v2) [+ l(v2 -> v1)]
         return loss, {"momentum": self.momentum(step)}
 
     def momentum(self, step: StepInfo) -> float:

@@ -1,13 +1,13 @@
 """MSF and CMSF: mean shift toward the nearest neighbours of the target in a memory bank.
 
 Mean Shift (MSF; Abbasi Koohpayegani et al., 2021) and Constrained Mean Shift (CMSF; Navaneet et
-al., 2022, seed 000). One step, after the paper's Sec. 2:
+al., 2022). One step, after the paper's Sec. 2:
 
     v = normalize(h(g(strong(x))))                    online prediction, with gradient
     u = normalize(f(weak(x)))                         target (EMA of g), no gradient
     M.enqueue(u of all processes)                     before the search: u_i is its own 1st neighbour
     S_i = top-k of <u_i, M_j> over j in C_i           C_i = M gives MSF; k = 1 gives BYOL-asym
-    L = mean_i (1/|S_i|) sum_{z in S_i} ||v_i - z||^2  Eq. (1); the mean over the batch as the code (P1)
+    L = mean_i (1/|S_i|) sum_{z in S_i} ||v_i - z||^2  Eq. (1); the mean over the batch, as the code
 
 The constraint C_i (``constraint``):
     none        MSF.
@@ -48,32 +48,32 @@ CONSTRAINTS = ("none", "self", "supervised", "semi")
 class CMSFConfig(MethodConfig):
     name: str = "cmsf"
     constraint: str = "self"  # none (= MSF) | self | supervised | semi
-    topk: int = 5  # k: self 5, supervised 10, semi 10 [PAPER Sec. 3]
+    topk: int = 5  # k: self 5, supervised 10, semi 10 (paper, Sec. 3)
     topk_constraint: int = 5  # k' of the self constraint (Table 3: 5 best of 5..80)
     top_all: bool = False  # supervised: S_i = C_i
-    bank_size: int = 8192  # |M|: ImageNet 128,000 [PAPER]; CIFAR 8,192 [PROP: < N, ~16% of the data]
-    momentum: float = 0.99  # constant [PAPER]
-    hidden: int = 0  # projector and predictor hidden width; 0: 2 x feature dim [CODE rule]
-    dim: int = 0  # embedding dim; 0: feature dim / 4 [CODE rule] (ResNet-50: 4096, 512)
-    confidence: float = 0.85  # tau of the semi-supervised pseudo-labels [PAPER]
-    classifier_rounds: int = 2  # semi: classifier trainings per epoch (middle and end) [PAPER]
-    classifier_passes: int = 10  # over the labeled cache, batch 256, SGD 0.01 / 0.9 / 1e-4 [CODE]
+    bank_size: int = 8192  # |M|: ImageNet 128,000 (paper); CIFAR 8,192 (kinship's choice: below N, ~16% of the data)
+    momentum: float = 0.99  # constant (paper)
+    hidden: int = 0  # projector and predictor hidden width; 0: 2 x feature dim (the official code's rule)
+    dim: int = 0  # embedding dim; 0: feature dim / 4 (the official code's rule) (ResNet-50: 4096, 512)
+    confidence: float = 0.85  # tau of the semi-supervised pseudo-labels (paper)
+    classifier_rounds: int = 2  # semi: classifier trainings per epoch (middle and end) (paper)
+    classifier_passes: int = 10  # over the labeled cache, batch 256, SGD 0.01 / 0.9 / 1e-4 (official code)
     classifier_lr: float = 0.01
     cache_confident: bool = False  # semi: also train the classifier on confident pseudo-labels (code's --cache_conf_unsup, off)
     target_view: str = "weak"  # weak: weak -> target, strong -> online (MSF's best "w/s"); strong: s/s
     # self: w_i from the previous visit ("cached") or from a third augmentation through the current
-    # target ("third_aug": similar accuracy, about 30% slower [PAPER Sec. 2.1])
+    # target ("third_aug": similar accuracy, about 30% slower (paper, Sec. 2.1))
     constraint_view: str = "cached"
-    local_crops: int = 0  # extra small crops for the online network only (ImageNet: 4 x 96 px) [PAPER Sec. 3]
-    # RRC(0.2, 1) for both [CODE]; strong: jitter (0.4, 0.4, 0.4, 0.1) p 0.8, gray 0.2. Blur p 0.5 on
-    # ImageNet, off at 32 px [PROP].
+    local_crops: int = 0  # extra small crops for the online network only (ImageNet: 4 x 96 px) (paper, Sec. 3)
+    # RRC(0.2, 1) for both (official code); strong: jitter (0.4, 0.4, 0.4, 0.1) p 0.8, gray 0.2. Blur p 0.5 on
+    # ImageNet, off at 32 px (kinship's choice).
     weak: AugmentConfig = field(
         default_factory=lambda: AugmentConfig(crop_scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
     )
     strong: AugmentConfig = field(
         default_factory=lambda: AugmentConfig(crop_scale=(0.2, 1.0), saturation=0.4, hue=0.1, blur_p=0.0)
     )
-    # SwAV's small-crop scale [PROP, cmsf.md 1.6]; 16 px at CIFAR's 32 (ImageNet: 96)
+    # SwAV's small-crop scale (kinship's choice); 16 px at CIFAR's 32 (ImageNet: 96)
     local: AugmentConfig = field(
         default_factory=lambda: AugmentConfig(crop_size=16, crop_scale=(0.05, 0.14), saturation=0.4, hue=0.1, blur_p=0.0)
     )
@@ -105,7 +105,7 @@ def rank_of_last(similarity: torch.Tensor, index: torch.Tensor, selected: torch.
 
 
 def crop_mean_loss(predictions: list[torch.Tensor], neighbour_mean: torch.Tensor) -> torch.Tensor:
-    """Eq. (1) averaged over the batch and, with equal weights, over the online crops [PROP 1.6]."""
+    """Eq. (1) averaged over the batch and, with equal weights, over the online crops (kinship's choice; the paper does not weight them)."""
     return sum(mean_shift_loss(v, neighbour_mean).mean() for v in predictions) / len(predictions)
 
 
@@ -136,7 +136,7 @@ class CMSF(Method):
                 self.cache = SampleCache(data.size, dim)  # P: each image's latest target embedding
         if config.constraint == "semi":
             self.labeled = SampleCache(data.size, dim)  # u and label of every labeled image seen
-            self.classifier = mlp(dim, 2 * dim, data.num_classes)  # [PAPER: 2-layer MLP; CODE: dims]
+            self.classifier = mlp(dim, 2 * dim, data.num_classes)  # (paper: a 2-layer MLP; widths from the official code)
             self.classifier.requires_grad_(False).eval()  # trained in its own rounds, not by the main optimizer
 
     @property
@@ -146,7 +146,7 @@ class CMSF(Method):
     def train(self, mode: bool = True) -> "CMSF":
         super().train(mode)
         if self.config.constraint == "semi":
-            self.classifier.eval()  # kept in eval mode during CMSF steps [PAPER]
+            self.classifier.eval()  # kept in eval mode during CMSF steps (paper)
         return self
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
@@ -155,7 +155,7 @@ class CMSF(Method):
         target = cfg.weak if cfg.target_view == "weak" else cfg.strong
         third = [target] if cfg.constraint == "self" and cfg.constraint_view == "third_aug" else []
         recipes = [target, cfg.strong, *third, *[cfg.local] * cfg.local_crops]
-        return make_views(batch.images, recipes, step.generator, batch.shard)
+        return make_views(batch, recipes, step.generator)
 
     def predict(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return F.normalize(self.predictor(self.projector(self.backbone(x))).to(dtype), dim=1)
@@ -187,7 +187,7 @@ class CMSF(Method):
                 cached = all_labels if cfg.cache_confident else all_gather_cat(batch.labels)
                 known = (cached >= 0).nonzero().squeeze(1)
                 self.labeled.exchange(all_index[known], all_u[known], cached[known])
-            self.bank.push_gathered(all_u, label=all_labels, index=all_index)  # before the search [PAPER]
+            self.bank.push_gathered(all_u, label=all_labels, index=all_index)  # before the search (paper)
 
             valid = self.bank.valid().unsqueeze(0)  # (1, M): a broadcast row, never a dense (B, M) mask
             similarity = u @ self.bank.rows.T  # (B, M) fp32: neighbours by the target u
@@ -203,39 +203,45 @@ class CMSF(Method):
             loss = crop_mean_loss(predictions, mean)
             logs = {"neighbours": allowed.sum(1).mean()}
         else:
-            mean, purity = self.neighbour_mean(*selection, constraint_labels)
-            loss = crop_mean_loss(predictions, mean)
-            logs = {"purity": purity}
-            if cfg.constraint == "self":  # equally weighted with plain MSF [PAPER Sec. 2.1; CODE 1/2]
-                msf_mean, logs["purity_msf"] = self.neighbour_mean(*msf, batch.labels)
-                msf_loss = crop_mean_loss(predictions, msf_mean)
+            loss = crop_mean_loss(predictions, self.neighbour_mean(*selection))
+            logs = self.purity(selection, batch.index, "purity")
+            if cfg.constraint == "self":  # equally weighted with plain MSF (paper Sec. 2.1; the official code's 1/2)
+                logs.update(self.purity(msf, batch.index, "purity_msf"))
+                msf_loss = crop_mean_loss(predictions, self.neighbour_mean(*msf))
                 loss = 0.5 * (loss + msf_loss)
                 logs["rank_of_last"] = rank_of_last(similarity, *selection, valid).median()  # Fig. 5's "m"
         if cfg.constraint == "semi":
             logs["confident"] = confident.mean()
         return loss, logs
 
-    def neighbour_mean(
-        self, index: torch.Tensor, selected: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def neighbour_mean(self, index: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         """The mean of the selected bank slots ``index`` (B, k) where ``selected`` is 1 (Eq. (1) needs
-        only that mean), and their purity."""
+        only that mean)."""
         neighbours = self.bank.rows[index]  # (B, k, d)
-        mean = (neighbours * selected.unsqueeze(-1)).sum(1) / selected.sum(1, keepdim=True).clamp_min(1)
-        return mean, self.purity_of(index, selected, labels)
+        return (neighbours * selected.unsqueeze(-1)).sum(1) / selected.sum(1, keepdim=True).clamp_min(1)
 
-    def purity_of(self, index: torch.Tensor, selected: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Share of selected neighbours whose bank label equals the query's (both known): Fig. 4's purity."""
-        bank_labels = self.bank.column("label")[index]
-        known = selected * (bank_labels >= 0).float() * (labels >= 0).float().unsqueeze(1)
-        same = (bank_labels == labels.unsqueeze(1)).float() * known
-        return same.sum() / known.sum().clamp_min(1)
+    def purity(self, selection: tuple[torch.Tensor, torch.Tensor], query_index: torch.Tensor, name: str) -> dict:
+        """{name: share of the selected neighbours whose true class is the query's} (Fig. 4's purity).
+
+        Measured with the ground-truth labels, as the official code does, not with the labels stored
+        in the bank: those are the constraint's own (pseudo or noisy) labels, so a supervised or
+        semi-supervised selection would be 100% pure by construction. Empty without true labels."""
+        truth = self.data.true_labels
+        if truth is None:
+            return {}
+        slots, selected = selection
+        bank_index = self.bank.column("index")[slots]  # (B, k) dataset index of each slot, -1 if empty
+        neighbour_truth = torch.where(bank_index >= 0, truth[bank_index.clamp_min(0)], -1)
+        query_truth = truth[query_index].unsqueeze(1)
+        known = selected * ((neighbour_truth >= 0) & (query_truth >= 0)).to(selected.dtype)
+        same = (neighbour_truth == query_truth).to(selected.dtype) * known
+        return {name: same.sum() / known.sum().clamp_min(1)}
 
     def self_constraint(self, w: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """C_i as slots (B, k') and a 1/0 mask: the k' slots of M' nearest to w_i (Sec. 2.1).
 
         A slot whose image had no previous visit holds a zero row in M' (the cache starts at zero);
-        it ranks after every other slot (the spec's distance +inf) but stays eligible, so k' >= |M|
+        it ranks after every other slot (as at distance +inf) but stays eligible, so k' >= |M|
         gives C_i = M, i.e. MSF.
         """
         previous = self.previous_bank
@@ -247,7 +253,7 @@ class CMSF(Method):
         msf: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """S^c_i: the top-k of <u_i, M_j> within C_i, searched among the k' candidates only (no dense
-        (B, M) mask); the MSF selection S^u_i where image i has no previous visit [PROP, P4]."""
+        (B, M) mask); the MSF selection S^u_i where image i has no previous visit (kinship's choice)."""
         candidates, eligible = self.self_constraint(w, valid)
         inner, selected = masked_topk(similarity.gather(1, candidates), eligible, self.config.topk)
         index = candidates.gather(1, inner)
@@ -260,7 +266,7 @@ class CMSF(Method):
     def query_labels(self, u: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The label each query's constraint uses (and that its bank slot stores), and 1/0 confidence.
 
-        none/self: the given labels, stored for the purity metric only. supervised: the given labels,
+        none/self: the given labels (stored, unused by the selection). supervised: the given labels,
         which must be known. semi: the label if known, else the classifier's pseudo-label when
         max p >= tau (boundary included), else -1 ("no label").
         """
@@ -284,7 +290,7 @@ class CMSF(Method):
 
     @torch.enable_grad()
     def train_classifier(self, seed: int) -> None:
-        """Warm-started SGD passes over the cached labeled embeddings (filled slots only) [CODE; PROP P8].
+        """Warm-started SGD passes over the cached labeled embeddings (filled slots only) (official code; warm-started across rounds: kinship's choice).
 
         Every process holds the same cache and draws the same order; rank 0's weights are then
         broadcast so that non-deterministic kernels cannot make the processes disagree.

@@ -1,14 +1,18 @@
-"""MIRA (Lee et al., NeurIPS 2022; seed 004): swapped prediction of mutual-information regularised
+"""MIRA (Lee et al., NeurIPS 2022): swapped prediction of mutual-information regularised
 pseudo-labels, computed by a fixed-point iteration on the teacher's prototype logits.
 
     s_v = head(g(f(crop_v)))                         cosine logits of the student, every crop
     t_g = head(g_t(f_t(crop_g)))                     EMA teacher, the 2 global crops, no gradient
     W_g = argmin (1/B) sum KL(w_i || softmax(t_i / tau_t)) - beta I(Y_W; i)   (Eq. 1-7, blocks.assignment)
     loss = mean_g mean_{v != g} CE(W_g, softmax(s_v / tau_s))                   (Eq. 8, code's normalisation)
-beta follows a cosine from 0.7 to 2/3 and the EMA momentum from m0 to 1 over all steps [P]; the teacher
-uses the student's prototypes (copied, not averaged [C]); the prototypes are frozen in epoch 0 [C].
-No equipartition, centering or queue: the MI term alone prevents collapse. The EMA backbone is the
-one evaluated (A.4.1).
+beta follows a cosine from 0.7 to 2/3 and the EMA momentum from m0 to 1 over all steps (A.4.1); the
+teacher uses the student's prototypes (copied, not averaged, as the official code); the prototypes are
+frozen in epoch 0 (the code's ``--freeze-head-epochs 1``). No equipartition, centering or queue: the
+MI term alone prevents collapse. The EMA backbone is the one evaluated (A.4.1).
+
+Batch norm: with ``per_view_bn`` (default, as the official code) each crop goes through the student
+and the teacher in its own pass, so BN never mixes the two asymmetric views; off, the global crops
+share one pass (and the local crops another), as SwAV's code groups them.
 """
 from __future__ import annotations
 
@@ -32,19 +36,20 @@ from kinship.runtime import section
 @dataclass
 class MIRAConfig(MethodConfig):
     name: str = "mira"
-    prototypes: int = 3000  # K [P]
+    prototypes: int = 3000  # K (A.4.1)
     dim: int = 256
-    hidden: int = 2048  # projector F-2048-2048-256 [P]
+    hidden: int = 2048  # projector F-2048-2048-256 (A.4.1)
     tau_student: float = 0.1
     tau_teacher: float = 0.225
-    beta_start: float = 0.7  # cosine 0.7 -> 2/3 per step [P, A.4.1]
+    beta_start: float = 0.7  # cosine 0.7 -> 2/3 per step (A.4.1)
     beta_end: float = 2 / 3
-    iterations: int = 30  # fixed-point iterations [P]
-    momentum_base: float = 0.99  # EMA m0 -> 1, cosine [P] (0.996 for 800 epochs)
+    iterations: int = 30  # fixed-point iterations (A.4.1)
+    momentum_base: float = 0.99  # EMA m0 -> 1, cosine (A.4.1; 0.996 for 800 epochs)
     ema_teacher: bool = True  # false: the student (without gradient) is its own teacher
-    freeze_prototypes_epochs: int = 1  # [C --freeze-head-epochs 1]
+    freeze_prototypes_epochs: int = 1  # the official code's --freeze-head-epochs 1
+    per_view_bn: bool = True  # one forward pass (BN statistics) per crop, as the official code
     local_crops: int = 0  # multi-crop: extra small crops predicting both targets (ImageNet: 6 x 96)
-    # CIFAR [P + C CIFARTransform]: RRC(0.2, 1), jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, no blur,
+    # CIFAR (A.4.1 and the official code's CIFARTransform): RRC(0.2, 1), jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, no blur,
     # solarize 0.2 on the second view. ImageNet: blur 1.0 / 0.1 and RRC(0.14, 1).
     view1: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=(0.2, 1.0), blur_p=0.0))
     view2: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=(0.2, 1.0), blur_p=0.0, solarize_p=0.2))
@@ -85,7 +90,7 @@ class MIRA(Method):
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         cfg = self.config
-        return make_views(batch.images, [cfg.view1, cfg.view2, *[cfg.local] * cfg.local_crops], step.generator, batch.shard)
+        return make_views(batch, [cfg.view1, cfg.view2, *[cfg.local] * cfg.local_crops], step.generator)
 
     def beta(self, step: StepInfo) -> float:
         return cosine_ramp(step.step, step.total_steps, self.config.beta_start, self.config.beta_end)
@@ -93,13 +98,13 @@ class MIRA(Method):
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         frozen = step.epoch < cfg.freeze_prototypes_epochs
-        logits = forward_crops(lambda x: self.head(self.projector(self.backbone(x)), frozen), views)
+        logits = forward_crops(lambda x: self.head(self.projector(self.backbone(x)), frozen), views, cfg.per_view_bn)
         with torch.no_grad():
             teacher = self.teacher if cfg.ema_teacher else nn.Sequential(self.backbone, self.projector)
-            teacher_logits = self.head(teacher(torch.cat(views[:2])), frozen=True)  # the solver upcasts bf16 to fp32
+            teacher_logits = forward_crops(lambda x: self.head(teacher(x), frozen=True), views[:2], cfg.per_view_bn)
             beta = self.beta(step)
             with section("solver"):
-                targets = [mira_targets(t, cfg.tau_teacher, beta, cfg.iterations) for t in teacher_logits.chunk(2)]
+                targets = [mira_targets(t, cfg.tau_teacher, beta, cfg.iterations) for t in teacher_logits]
         loss = swapped_prediction_loss(targets, logits, cfg.tau_student)
         marginal = torch.cat(targets).mean(0)
         return loss, {"beta": beta, "target_entropy": -(marginal * marginal.clamp_min(1e-12).log()).sum()}

@@ -5,7 +5,8 @@
     enqueue the keys of all processes AFTER the logits, so a batch never holds its own keys
     as negatives (MSF/CMSF enqueue before their search: the opposite order).
 Under DDP the key batch is shuffled across processes (shuffle-BN) so that BN statistics cannot
-leak which key matches which query; on one process that shuffle is a no-op (baselines.md §7).
+leak which key matches which query; on one process that shuffle is a no-op. With shuffle-BN, BN stays
+per process (no SyncBN, as ``moco/builder.py``): global statistics would undo the shuffle.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class MoCoV2Config(MethodConfig):
     temperature: float = 0.1
     dim: int = 128
     head_hidden: int = 0  # 0: the backbone's feature dimension (MoCo v2's 2048 -> 2048 -> 128)
+    head_layers: int = 2  # 1: one Linear (MoCo v1 and the MoCo CIFAR demo's fc head)
     symmetric: bool = False
     shuffle_bn: bool = True
     # "aug+" with the CIFAR demo's crop scale and no blur; ImageNet: crop (0.2, 1), blur p 0.5.
@@ -45,6 +47,7 @@ class MoCoV2Config(MethodConfig):
         check(self.queue_size >= 1, f"method.queue_size must be >= 1, got {self.queue_size}")
         check(0 <= self.momentum <= 1, f"method.momentum must be in [0, 1], got {self.momentum}")
         check(self.temperature > 0, f"method.temperature must be > 0, got {self.temperature}")
+        check(self.head_layers >= 1, f"method.head_layers must be >= 1, got {self.head_layers}")
 
 
 def shuffled_forward(encoder: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -69,7 +72,7 @@ class MoCoV2(Method):
     def __init__(self, config: MoCoV2Config, backbone: nn.Module, data: TrainData) -> None:
         super().__init__(config, backbone, data)
         hidden = config.head_hidden or backbone.feature_dim
-        self.head = mlp(backbone.feature_dim, hidden, config.dim, batch_norm=False)
+        self.head = mlp(backbone.feature_dim, hidden, config.dim, batch_norm=False, layers=config.head_layers)
         self.key_encoder = EMATarget(backbone, self.head)
         # moco/builder.py moves the key encoder before encoding each step's keys, the first step
         # included; here each step's move is made in the previous step's after_step, and the first
@@ -82,13 +85,17 @@ class MoCoV2(Method):
     def eval_recipe(self) -> AugmentConfig:
         return self.config.augment
 
+    @property
+    def per_process_batch_norm(self) -> bool:
+        return self.config.shuffle_bn
+
     def encode_keys(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         with torch.no_grad():
             keys = shuffled_forward(self.key_encoder, x, seed) if self.config.shuffle_bn else self.key_encoder(x)
         return F.normalize(keys.to(self.queue.rows.dtype), dim=1)  # fp32 logits under autocast
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
-        return make_views(batch.images, [self.config.augment, self.config.augment], step.generator, batch.shard)
+        return make_views(batch, [self.config.augment, self.config.augment], step.generator)
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         x1, x2 = views

@@ -38,12 +38,12 @@ class SwAVConfig(MethodConfig):
     temperature: float = 0.1
     epsilon: float = 0.05
     sinkhorn_iterations: int = 3
-    queue_size: int = 0  # batch-256 recipe: 3840 (from epoch 15 on ImageNet, 50 on CIFAR [SOLO])
+    queue_size: int = 0  # batch-256 recipe: 3840 (from epoch 15 on ImageNet, 50 on CIFAR (solo-learn))
     queue_start_epoch: int = 15
-    freeze_prototypes_epochs: int = 1  # ImageNet: one epoch of iterations; CIFAR [SOLO]: 2
+    freeze_prototypes_epochs: int = 1  # ImageNet: one epoch of iterations; CIFAR (solo-learn): 2
     local_crops: int = 0  # ImageNet: 6 x 96
     # colour distortion s = 1: jitter (0.8, 0.8, 0.8, 0.2) p 0.8, gray 0.2; blur p 0.5 on ImageNet, off
-    # at 32 px [PROP]; global RRC(0.14, 1), local RRC(0.05, 0.14)
+    # at 32 px (kinship's choice); global RRC(0.14, 1), local RRC(0.05, 0.14)
     global_crop: AugmentConfig = field(default_factory=lambda: AugmentConfig(
         crop_scale=(0.14, 1.0), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.0))
     local: AugmentConfig = field(default_factory=lambda: AugmentConfig(
@@ -78,7 +78,7 @@ class SwAV(Method):
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         cfg = self.config
-        return make_views(batch.images, [cfg.global_crop] * 2 + [cfg.local] * cfg.local_crops, step.generator, batch.shard)
+        return make_views(batch, [cfg.global_crop] * 2 + [cfg.local] * cfg.local_crops, step.generator)
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         cfg = self.config
@@ -88,13 +88,17 @@ class SwAV(Method):
         codes = []
         with torch.no_grad():
             for s in range(2):
-                scores = logits[s].detach()  # the solver upcasts bf16 to fp32 itself
+                scores = logits[s].detach()  # fp32: the head and the solver run outside autocast
                 queue = self.queues[s] if cfg.queue_size and step.epoch >= cfg.queue_start_epoch else None
                 if queue is not None and queue.filled == queue.size:  # SwAV uses the queue once it is full
                     share = torch.tensor_split(queue.rows, world_size())[rank()]
-                    scores = torch.cat([self.head(share, frozen=True).to(scores.dtype), scores])
+                    scores = torch.cat([self.head(share, frozen=True), scores])
                 with section("solver"):
                     codes.append(sinkhorn(scores, cfg.epsilon, cfg.sinkhorn_iterations)[-len(embeddings[s]):])
                 if queue is not None:
                     queue.push(embeddings[s].detach())  # the rows of every process
         return swapped_prediction_loss(codes, logits, cfg.temperature), {}
+
+    def after_step(self, step: StepInfo) -> None:
+        # main_swav.py normalises the prototypes before every step; weight decay would shrink them
+        self.head.renormalize_()

@@ -4,7 +4,10 @@ Every backbone maps images (B, 3, H, W) to features (B, D) and exposes ``feature
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -17,9 +20,9 @@ class ResNetBackbone(nn.Module):
     ``torchvision.models.resnet18()`` after the same two-line change (see ``kinship export``).
     """
 
-    def __init__(self, name: str, cifar_stem: bool, stem_padding: int = 1) -> None:
+    def __init__(self, name: str, cifar_stem: bool, stem_padding: int = 1, zero_init_residual: bool = False) -> None:
         super().__init__()
-        net = getattr(torchvision.models, name)(weights=None)
+        net = getattr(torchvision.models, name)(weights=None, zero_init_residual=zero_init_residual)
         if cifar_stem:
             net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=stem_padding, bias=False)
             net.maxpool = nn.Identity()
@@ -65,19 +68,61 @@ class ConvNet(nn.Module):
         return self.features(x)
 
 
-def build_backbone(name: str, cifar_stem: bool = True, width: int = 32, stem_padding: int = 1) -> nn.Module:
+def build_backbone(
+    name: str, cifar_stem: bool = True, width: int = 32, stem_padding: int = 1, zero_init_residual: bool = False
+) -> nn.Module:
     if name in ("resnet18", "resnet34", "resnet50"):
-        return ResNetBackbone(name, cifar_stem, stem_padding)
+        return ResNetBackbone(name, cifar_stem, stem_padding, zero_init_residual)
     if name == "convnet":
         return ConvNet(width)
     raise ValueError(f"unknown backbone '{name}' (choose resnet18, resnet34, resnet50 or convnet)")
 
 
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training batch is normalised as ``splits`` sub-batches, each with its own
+    statistics (samples i, i + splits, ... form one), and running statistics averaged over them:
+    the MoCo CIFAR demo's stand-in for the per-GPU BN of an 8-GPU run on one GPU."""
+
+    def __init__(self, num_features: int, splits: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.splits = splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if n % self.splits:
+            raise ValueError(f"split batch norm: the batch of {n} does not divide into {self.splits} splits")
+        mean, var = self.running_mean.repeat(self.splits), self.running_var.repeat(self.splits)
+        out = F.batch_norm(x.reshape(n // self.splits, c * self.splits, h, w), mean, var, self.weight.repeat(self.splits),
+                           self.bias.repeat(self.splits), True, self.momentum, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(mean.view(self.splits, c).mean(0))
+            self.running_var.copy_(var.view(self.splits, c).mean(0))
+            self.num_batches_tracked.add_(1)
+        return out.reshape(n, c, h, w)
+
+
+def _replace(module: nn.Module, kind: type, make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    for name, child in module.named_children():
+        if isinstance(child, kind):
+            setattr(module, name, make(child))
+        else:
+            _replace(child, kind, make)
+    return module
+
+
 def remove_batch_norm(module: nn.Module) -> nn.Module:
     """Every BatchNorm inside ``module`` replaced by an identity, in place (``model.norm: none``)."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(module, name, nn.Identity())
-        else:
-            remove_batch_norm(child)
-    return module
+    return _replace(module, nn.modules.batchnorm._BatchNorm, lambda _: nn.Identity())
+
+
+def split_batch_norm(module: nn.Module, splits: int) -> nn.Module:
+    """Every BatchNorm2d inside ``module`` replaced by a :class:`SplitBatchNorm2d`, in place."""
+
+    def split(bn: nn.BatchNorm2d) -> SplitBatchNorm2d:
+        new = SplitBatchNorm2d(bn.num_features, splits, eps=bn.eps, momentum=bn.momentum)
+        new.load_state_dict(bn.state_dict())
+        return new
+
+    return _replace(module, nn.BatchNorm2d, split)

@@ -22,8 +22,8 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = True, lay
 class PrototypeHead(nn.Module):
     """K prototypes on the unit sphere: cosine logits (B, K) in [-1, 1] for embeddings (B, d).
 
-    MIRA's weight-normalised Linear whose magnitude is fixed at 1 [C] (SwAV renormalises its
-    prototypes every step to the same effect): both the embedding and every prototype row are
+    MIRA's weight-normalised Linear whose magnitude is fixed at 1 (official code; SwAV renormalises its
+    prototypes every step, :meth:`renormalize_`, to the same effect): both the embedding and every prototype row are
     l2-normalised and the gradient flows through that normalisation. ``frozen=True`` gives the same
     logits with no gradient to the prototypes, so the optimizer leaves them untouched (no update, no
     momentum, no weight decay), as SwAV and MIRA do during their first epoch.
@@ -34,5 +34,14 @@ class PrototypeHead(nn.Module):
         self.weight = nn.Parameter(nn.functional.normalize(torch.randn(prototypes, dim), dim=1))
 
     def forward(self, z: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """Logits in fp32 (fp64 for fp64 inputs) with autocast off: they are divided by temperatures
+        as small as 0.05 before the solvers, where bf16's 3 significant digits would be 2e-3 off."""
         weight = self.weight.detach() if frozen else self.weight
-        return nn.functional.normalize(z, dim=1) @ nn.functional.normalize(weight, dim=1).T
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        with torch.autocast(z.device.type, enabled=False):
+            return nn.functional.normalize(z.to(dtype), dim=1) @ nn.functional.normalize(weight.to(dtype), dim=1).T
+
+    @torch.no_grad()
+    def renormalize_(self) -> None:
+        """Every prototype back to unit norm, in place (SwAV's code does this before each step)."""
+        self.weight.copy_(nn.functional.normalize(self.weight, dim=1))

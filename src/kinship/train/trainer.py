@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from kinship import checkpoint
 from kinship.assembly import RunData, build_method, load_run_data, make_loader
@@ -38,8 +37,16 @@ from kinship.errors import CheckpointError, NonFiniteLossError
 from kinship.methods import Method, StepInfo
 from kinship.optim import build_optimizer, learning_rate, scaled_lr, set_learning_rate, training_step
 from kinship.runtime import (
-    agree, all_reduce, init_distributed, is_distributed, rank, resolve_device, tune_cpu_allocator, use_bf16, world_size,
+    agree, all_reduce, init_distributed, is_distributed, progress_bar, rank, resolve_device, tune_cpu_allocator, use_bf16,
+    world_size,
 )
+
+
+def synchronised_batch_norm(method: Method, sync_bn: bool) -> Method:
+    """The method with SyncBN under DDP (``train.sync_bn``), unless it keeps per-process BN."""
+    if not sync_bn or method.per_process_batch_norm:
+        return method
+    return nn.SyncBatchNorm.convert_sync_batchnorm(method)
 
 
 def no_buffer_sync() -> dict[str, bool]:
@@ -93,15 +100,15 @@ def plain(value: Any) -> Any:
 def knn_eval(method: Method, data: RunData, config: RunConfig, autocast: bool) -> dict[str, float]:
     """Weighted k-NN top-1/top-5 of the method's backbone: train bank, test queries."""
     net = method.eval_backbone
-    bank = extract_features(net, data.bank.images, method.eval_recipe, config.eval.batch_size, autocast)
-    queries = extract_features(net, data.test.images, method.eval_recipe, config.eval.batch_size, autocast)
+    bank = extract_features(net, data.bank, method.eval_recipe, config.eval.batch_size, autocast)
+    queries = extract_features(net, data.test, method.eval_recipe, config.eval.batch_size, autocast)
     acc = knn_accuracy(bank, data.bank.labels, queries, data.test.labels, config.eval.knn_k, config.eval.knn_temperature)
     return {"top1": acc[1], "top5": acc[5]}
 
 
 def pixel_knn(method: Method, data: RunData, config: RunConfig) -> float:
-    bank = pixel_features(data.bank.images, method.eval_recipe)
-    queries = pixel_features(data.test.images, method.eval_recipe)
+    bank = pixel_features(data.bank, method.eval_recipe)
+    queries = pixel_features(data.test, method.eval_recipe)
     return knn_accuracy(bank, data.bank.labels, queries, data.test.labels, config.eval.knn_k, config.eval.knn_temperature)[1]
 
 
@@ -197,8 +204,8 @@ class Trainer:
         method = build_method(config, data.handle).to(device)
         if config.train.channels_last:
             method = method.to(memory_format=torch.channels_last)
-        if is_distributed() and device.type == "cuda" and config.train.sync_bn:
-            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        if is_distributed() and device.type == "cuda":
+            method = synchronised_batch_norm(method, config.train.sync_bn)
         model: nn.Module = method
         if is_distributed():
             model = nn.parallel.DistributedDataParallel(
@@ -226,11 +233,10 @@ class Trainer:
         generator = torch.Generator(device=device)
         stopping = False
         while pos.epoch < schedule.epochs and not stopping:
-            bar = tqdm(
-                total=schedule.steps_per_epoch, initial=pos.step_in_epoch, desc=f"epoch {pos.epoch + 1}/{schedule.epochs}",
-                disable=not (self.is_main and config.train.progress), leave=False, dynamic_ncols=True,
-            )
+            bar = progress_bar(total=schedule.steps_per_epoch, initial=pos.step_in_epoch,
+                               enabled=self.is_main and config.train.progress, desc=f"epoch {pos.epoch + 1}/{schedule.epochs}")
             tick, save_at_epoch_end = time.time(), False
+            epoch_tick, epoch_first_step, mean_loss = tick, pos.step_in_epoch, math.nan
             for batch in loader.epoch(pos.epoch, pos.step_in_epoch):
                 generator.manual_seed(config.train.seed * 7919 * 1_000_003 + pos.global_step)
                 info = StepInfo(pos.epoch, pos.global_step, schedule.total_steps, generator,
@@ -242,7 +248,7 @@ class Trainer:
                     lr = learning_rate(pos.global_step - schedule.scan_steps, schedule.total_steps - schedule.scan_steps,
                                        round(config.optim.warmup_epochs * schedule.steps_per_epoch),
                                        scaled_lr(config.optim.lr, config.train.batch_size, config.optim.lr_batch),
-                                       config.optim.final_lr_ratio)
+                                       config.optim.final_lr_ratio, config.optim.warmup_start_lr)
                     set_learning_rate(optimizer, lr)
                 loss, logs = self.step(method, step_fn, optimizer, batch, info)
                 pos.global_step += 1
@@ -265,6 +271,10 @@ class Trainer:
                 if stopping:
                     break
             bar.close()
+            if bar.disable and self.is_main and config.train.progress:  # no bar (not a terminal): one line per epoch
+                steps = pos.step_in_epoch - epoch_first_step
+                self.log(f"epoch {pos.epoch + 1}/{schedule.epochs}: step {pos.step_in_epoch}/{schedule.steps_per_epoch}, "
+                         f"loss {mean_loss:.4f}, {steps * config.train.batch_size / max(time.time() - epoch_tick, 1e-9):.0f} img/s")
             if pos.step_in_epoch == schedule.steps_per_epoch:  # the epoch is complete
                 metrics = method.on_epoch_end(pos.epoch)
                 if metrics:
