@@ -150,3 +150,17 @@ def test_a_log_file_gets_one_line_per_epoch_and_no_progress_bar(tmp_path, capsys
     out, err = capsys.readouterr()
     assert "\r" not in out + err
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch ") and "img/s" in line] == ["epoch 1/2", "epoch 2/2"]
+
+
+def test_a_failed_download_is_an_error_that_says_so(tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    fails(capsys, ["pack-npz", "cifar10", "--root", str(tmp_path), "--download", "--out", str(tmp_path / "c.npz")],
+          f"cannot download cifar10 into {tmp_path}", "Name or service not known")
+    assert not (tmp_path / "c.npz").exists()

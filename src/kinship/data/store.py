@@ -90,7 +90,7 @@ def decode_jpeg_buffers(buffers: np.ndarray, offsets: np.ndarray, threads: int, 
     return torch.stack(parts)
 
 
-PACK_HINT = ("build it from torchvision's CIFAR-10 download (170 MB, about a minute): "
+PACK_HINT = ("build it from torchvision's CIFAR-10 (a 170 MB download): "
              "kinship pack-npz cifar10 --root data/torchvision --download --out {path}")
 
 
@@ -146,8 +146,11 @@ def load_torchvision(name: str, root: Path, split: str, download: bool, image_si
                 images = _resize_uint8(images, image_size)
             return ImageSet(images, torch.as_tensor(ds.labels, dtype=torch.int64), list(ds.classes))
     except RuntimeError as exc:
-        hint = "" if download else " (set data.download: true to download it)"
+        hint = "" if download else " (to download it: data.download: true, or pack-npz --download)"
         raise DataError(f"{name} not found under {root}: {exc}{hint}") from None
+    except OSError as exc:  # the download itself failed (no network, a proxy, a full disk)
+        raise DataError(f"cannot download {name} into {root}: {exc}; download it where there is a network "
+                        f"and point the root there") from None
     raise DataError(f"unknown torchvision dataset '{name}'")
 
 
