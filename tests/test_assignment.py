@@ -200,3 +200,99 @@ def test_solver_and_prototype_head_under_bf16_autocast_match_fp64(name):
     assert logits.dtype == targets.dtype == torch.float32
     assert (targets - expected).abs().max() < 1e-5
     assert (solver_alone - solver(skewed_logits())).abs().max() < 1e-5
+
+
+# -- CoKe: online constrained k-means (Qian et al., 2022) ---------------------------------------------
+from kinship.blocks.assignment import OnlineCentres, constrained_assignment, dual_step  # noqa: E402
+
+
+def unit_rows(n, d, generator, scale=1.0, around=None):
+    x = scale * torch.randn(n, d, generator=generator, dtype=torch.float64)
+    return F.normalize(x if around is None else around + x, dim=1)
+
+
+def test_assignment_is_the_argmax_of_similarity_plus_duals_and_two_views_average_their_similarities():
+    g = torch.Generator().manual_seed(0)
+    x1, x2, centres = unit_rows(500, 8, g), unit_rows(500, 8, g), unit_rows(6, 8, g)
+    rho = torch.rand(6, generator=g, dtype=torch.float64)
+    assert torch.equal(constrained_assignment(x1, centres, rho), (x1 @ centres.T + rho).argmax(1))  # Eq. 10
+    assert torch.equal(constrained_assignment(x1, centres, torch.zeros(6)), (x1 @ centres.T).argmax(1))  # nearest
+    mean = (x1 + x2) / 2  # Eq. 17: the mean of the views, not renormalised
+    assert torch.equal(constrained_assignment(mean, centres, rho), ((x1 @ centres.T + x2 @ centres.T) / 2 + rho).argmax(1))
+    assert not torch.equal(constrained_assignment(F.normalize(mean, dim=1), centres, rho), constrained_assignment(mean, centres, rho))
+
+
+def test_dual_step_exact_numbers():
+    """K 4, b 8, every point in cluster 0, eta 1 (Eq. 18); clamped at 0 only below the equality."""
+    labels = torch.zeros(8, dtype=torch.long)
+    assert torch.allclose(dual_step(torch.zeros(4), labels, gamma=0.4, eta=1.0), torch.tensor([0.0, 0.1, 0.1, 0.1]))
+    assert torch.allclose(dual_step(torch.zeros(4), labels, gamma=1.0, eta=1.0), torch.tensor([-0.75, 0.25, 0.25, 0.25]))
+
+
+def constrained_stream(seed, gamma, eta, epochs=3, n=10_000, d=8, k=10, b=100):
+    """Fixed centres, half of them on the far side of the data: the worst cluster's size over its
+    bound gamma N / K in each epoch, the largest dual, and the last epoch's sizes."""
+    g = torch.Generator().manual_seed(seed)
+    m = F.normalize(torch.randn(d, generator=g), dim=0)
+    x = F.normalize(m + 0.5 * torch.randn(n, d, generator=g), dim=1)  # one cap around m
+    centres = F.normalize(torch.cat([m + 0.3 * torch.randn(5, d, generator=g), -m + 0.3 * torch.randn(5, d, generator=g)]), dim=1)
+    rho, worst, largest = torch.zeros(k), [], 0.0
+    for _ in range(epochs):
+        sizes = torch.zeros(k)
+        for rows in torch.randperm(n, generator=g).split(b):
+            labels = constrained_assignment(x[rows], centres, rho)
+            rho = dual_step(rho, labels, gamma, eta)
+            largest = max(largest, rho.max().item())
+            sizes += torch.bincount(labels, minlength=k)
+        worst.append((sizes.min() / (gamma * n / k)).item())
+    return worst, largest, sizes
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_duals_keep_every_cluster_above_its_lower_bound_where_greedy_starves_half(seed):
+    worst, largest, _ = constrained_stream(seed, gamma=0.4, eta=0.4)
+    assert min(worst[1:]) >= 0.95 and 0 <= largest < 2  # every epoch after the first
+    greedy, _, _ = constrained_stream(seed, gamma=0.4, eta=0.0)
+    assert greedy[-1] < 0.25
+    _, _, sizes = constrained_stream(seed, gamma=1.0, eta=0.4)  # the equality: balanced within 5%
+    assert ((sizes - 1000).abs() <= 50).all()
+
+
+def test_centres_are_normalised_running_means_whatever_the_batch_size():
+    g = torch.Generator().manual_seed(3)
+    x, labels = unit_rows(700, 5, g), torch.randint(0, 4, (700,), generator=g)
+    expected = F.normalize(torch.stack([x[labels == k].sum(0) for k in range(4)]), dim=1)  # Eq. 13
+    for b in (1, 7, 100, 700):
+        centres = OnlineCentres(4, 5).double()
+        centres.start_epoch()
+        for rows in torch.arange(700).split(b):
+            centres.update(x[rows], labels[rows])
+        assert torch.allclose(centres.running, expected, atol=1e-6), b
+        before = centres.previous.clone()
+        centres.end_epoch()
+        assert torch.equal(centres.previous, centres.running) and not torch.equal(before, centres.previous)
+    # the official code's per-batch renormalisation depends on the batch size (a drifting stream)
+    drift = F.normalize(torch.linspace(0, 1, 700, dtype=torch.float64)[:, None] * torch.tensor([1.0, -1, 0, 0, 0]) + x, dim=1)
+    results = []
+    for b in (7, 100):
+        centres = OnlineCentres(4, 5, renormalise_per_batch=True).double()
+        for rows in torch.arange(700).split(b):
+            centres.update(drift[rows], labels[rows])
+        results.append(centres.running.clone())
+    assert not torch.allclose(results[0], results[1], atol=1e-4)
+
+
+def test_a_centre_without_features_keeps_its_value():
+    centres = OnlineCentres(3, 4, generator=torch.Generator().manual_seed(0))
+    start = centres.running.clone()
+    centres.update(F.normalize(torch.randn(5, 4), dim=1), torch.zeros(5, dtype=torch.long))
+    assert torch.equal(centres.running[1:], start[1:]) and not torch.equal(centres.running[0], start[0])
+
+
+def test_bf16_features_on_a_near_tie_are_assigned_as_in_float64():
+    centres = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64), dim=1)
+    x = F.normalize(torch.tensor([[0.70715, 0.70706]], dtype=torch.float64), dim=1)  # similarity gap ~1e-4
+    expected = constrained_assignment(x, centres, torch.zeros(2, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = constrained_assignment(x.float(), centres.float(), torch.zeros(2))
+    assert expected.item() == 0 and torch.equal(got, expected)

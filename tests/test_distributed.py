@@ -203,6 +203,43 @@ def test_solvers_on_two_unequal_shards_equal_one_process():
         assert (per_shard - solve(logits)).abs().max() > 0.1, name
 
 
+def coke_steps(features: torch.Tensor, cut: slice | None = None, steps: int = 3) -> dict:
+    """Three CoKe solver steps (assignment, dual step, centre update) on a stream of global batches
+    of 16; with ``cut`` this process sees only those rows of each batch."""
+    from kinship.blocks.assignment import OnlineCentres, constrained_assignment, dual_step
+
+    centres = OnlineCentres(5, 6, generator=torch.Generator().manual_seed(0)).double()
+    rho, labels = torch.zeros(5, dtype=torch.float64), []
+    for batch in features.split(16)[:steps]:
+        mine = batch if cut is None else batch[cut]
+        y = constrained_assignment(mine, centres.running, rho)
+        rho = dual_step(rho, y, gamma=0.6, eta=0.5)
+        centres.update(mine, y)
+        labels.append(y)
+    return {"labels": torch.cat(labels), "rho": rho, "centres": centres.running.clone(), "counts": centres.counts.clone()}
+
+
+def coke_features() -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(48, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64), dim=1)
+
+
+def _coke_worker(rank: int, port: int, out: dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    out[rank] = coke_steps(coke_features(), slice(0, 7) if rank == 0 else slice(7, 16))  # unequal shards
+    dist.destroy_process_group()
+
+
+def test_coke_labels_duals_and_centres_on_two_processes_equal_one_process():
+    got, single = spawn_two(_coke_worker), coke_steps(coke_features())
+    for rank in (0, 1):
+        assert torch.allclose(got[rank]["rho"], single["rho"], atol=1e-12)
+        assert torch.allclose(got[rank]["centres"], single["centres"], atol=1e-12)
+        assert torch.equal(got[rank]["counts"], single["counts"])
+    joined = torch.cat([torch.cat([got[0]["labels"][7 * s : 7 * (s + 1)], got[1]["labels"][9 * s : 9 * (s + 1)]]) for s in range(3)])
+    assert torch.equal(joined, single["labels"])
+
+
 PROTOTYPE_METHODS = {  # tiny SwAV (queue joining in the third step) and MIRA (EMA teacher)
     "swav": {"name": "swav", "prototypes": 6, "dim": DIM, "hidden": 24, "queue_size": 2 * BATCH, "queue_start_epoch": 0,
              "freeze_prototypes_epochs": 0},

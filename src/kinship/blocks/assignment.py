@@ -1,6 +1,6 @@
-"""Assignment solvers: soft pseudo-labels (B, K) from scores or logits (B, K) of a batch.
+"""Assignment solvers: pseudo-labels from scores or logits (B, K) of a batch.
 
-Both exponentiate the (B, K) matrix once and then only rescale its rows and columns, so that each
+Sinkhorn and MIRA give soft labels; both exponentiate the (B, K) matrix once and then only rescale its rows and columns, so that each
 iteration is two matrix-vector products (no exp/log of the matrix inside the loop: the log-space form
 took 18% of a small-CNN MIRA step, this one 3%). They run in fp32 (fp64 when given fp64) with
 autocast switched off, so the trainer's bf16 autocast never reaches them (under CPU bf16 autocast
@@ -11,7 +11,10 @@ the batch size is counted, so N processes give the single-process result on the 
 - :func:`sinkhorn`: SwAV's equal-partition codes (Caron et al. 2020, Sinkhorn-Knopp).
 - :func:`mira_targets`: MIRA's mutual-information regularised pseudo-labels by the fixed point of
   its Eq. 7 (Lee et al., NeurIPS 2022, Prop. 1-3).
-CoKe's constrained assignment will join them here.
+- :func:`constrained_assignment`, :func:`dual_step` and :class:`OnlineCentres`: CoKe's online
+  constrained k-means (Qian et al., 2022): hard labels argmax(x^T C + rho) (Eq. 10 / 17), a projected
+  gradient step on the dual variables rho that keeps every cluster above its lower bound (Eq. 18), and
+  centres that are the normalised running means of their features within an epoch (Eq. 13).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import math
 from typing import Callable
 
 import torch
+
+from torch import nn
 
 from kinship.runtime import all_reduce
 
@@ -107,3 +112,69 @@ def mira_targets(logits: torch.Tensor, tau: float = 0.225, beta: float = 2 / 3, 
         mass = column_sums(k, row_norm.reciprocal()) / b  # Eq. 7: u_j^(1/(1-beta))
     w = k * weights(mass)  # Eq. 5
     return w / w.sum(dim=1, keepdim=True)
+
+
+@full_precision
+@torch.no_grad()
+def constrained_assignment(features: torch.Tensor, centres: torch.Tensor, duals: torch.Tensor) -> torch.Tensor:
+    """CoKe's online assignment: labels (B,) = argmax_k (x_i^T c_k + rho_k) (Eq. 10).
+
+    features (B, d): with two views the mean of the two unit features, *not* renormalised, which
+    equals averaging the two similarities (Eq. 17); centres (K, d) unit rows; duals (K,). With
+    rho = 0 this is the nearest centre. Ties go to the lowest index."""
+    return (_working(features) @ _working(centres).T + _working(duals)).argmax(dim=1)
+
+
+@full_precision
+@torch.no_grad()
+def dual_step(duals: torch.Tensor, labels: torch.Tensor, gamma: float, eta: float) -> torch.Tensor:
+    """Eq. 18: rho_k - eta (n_k / b - gamma / K), n_k and b counted over the batch of every process.
+
+    gamma is the lower bound as a fraction of the balanced size (each cluster >= gamma N / K);
+    eta = 0 keeps rho at its value (rho = 0: greedy assignment). The clamp at 0 applies only for
+    gamma < 1, as the official code (``update_center_mini_batch``); the paper writes it always, but
+    gamma = 1 is an equality constraint, whose duals must be able to go negative to shrink a cluster."""
+    k = duals.shape[0]
+    counts = all_reduce(torch.bincount(labels, minlength=k).to(torch.float64), "sum")
+    step = duals.to(torch.float64) - eta * (counts / counts.sum() - gamma / k)
+    return (step.clamp_min(0) if gamma < 1 else step).to(duals.dtype)
+
+
+class OnlineCentres(nn.Module):
+    """CoKe's centres: within an epoch, centre k is the normalised mean of every feature assigned to
+    it so far (Eq. 13), kept as running sums and counts and normalised when read, so the result does
+    not depend on how the epoch is cut into batches or processes; a centre that has no feature yet
+    keeps its previous value. ``previous`` holds the centres of the last finished epoch (the ones the
+    loss uses, Table 2's decoupling) and ``running`` the current ones (the ones the assignment uses).
+
+    ``renormalise_per_batch``: the official code's variant, which continues the running mean from
+    the normalised centre after every batch (so earlier batches weigh 1/||mean|| more and the result
+    depends on the batch size); for parity runs only. All state is buffers: in the checkpoint and
+    identical on every process (sums and counts are all-reduced)."""
+
+    def __init__(self, k: int, dim: int, renormalise_per_batch: bool = False, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        start = nn.functional.normalize(torch.randn(k, dim, generator=generator), dim=1)
+        self.register_buffer("previous", start.clone())
+        self.register_buffer("running", start.clone())
+        self.register_buffer("sums", torch.zeros(k, dim))
+        self.register_buffer("counts", torch.zeros(k))
+        self.renormalise_per_batch = renormalise_per_batch
+
+    def start_epoch(self) -> None:
+        self.sums.zero_()
+        self.counts.zero_()
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add this process's features (B, d) under their labels (B,); every process must call it."""
+        x = features.to(self.sums.dtype)  # fp32 (or the buffers' fp64): no autocast op below
+        self.sums += all_reduce(torch.zeros_like(self.sums).index_add_(0, labels, x), "sum")
+        self.counts += all_reduce(torch.bincount(labels, minlength=len(self.counts)).to(self.counts.dtype), "sum")
+        seen = self.counts > 0
+        self.running[seen] = nn.functional.normalize(self.sums[seen], dim=1)
+        if self.renormalise_per_batch:  # the next batch continues from the unit centre
+            self.sums[seen] = self.running[seen] * self.counts[seen, None]
+
+    def end_epoch(self) -> None:
+        self.previous.copy_(self.running)
