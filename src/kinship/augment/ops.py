@@ -41,16 +41,13 @@ def sample_crop_boxes(
     n = shard.total
     area_fraction = shard.rows(uniform(n * attempts, *scale, generator, device).view(n, attempts))
     crop_aspect = torch.exp(shard.rows(uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), generator, device).view(n, attempts)))
-    if aspect is None:
-        original = torch.full((shard.size, 1), width / height, device=device)
-        target_area = height * width * area_fraction
-        w = torch.round(torch.sqrt(target_area * crop_aspect))
-        h = torch.round(torch.sqrt(target_area / crop_aspect))
-    else:  # in units of the stored height: the original is (aspect * height) x height
-        original = aspect.to(device).float().view(-1, 1)
-        target_area = height * height * original * area_fraction
-        w = torch.round(torch.sqrt(target_area * crop_aspect) * width / (original * height))
-        h = torch.round(torch.sqrt(target_area / crop_aspect))
+    # the original's width / height; lengths in units of the stored height, the original being
+    # (original * height) x height
+    original = (torch.full((shard.size, 1), width / height, device=device) if aspect is None
+                else aspect.to(device).float().view(-1, 1))
+    target_area = height * height * original * area_fraction
+    w = torch.round(torch.sqrt(target_area * crop_aspect) * (width / height) / original)  # back to stored pixels
+    h = torch.round(torch.sqrt(target_area / crop_aspect))
     fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
     first = torch.argmax(fits.int(), dim=1, keepdim=True)  # first fitting attempt (0 if none)
     w = w.gather(1, first).squeeze(1)

@@ -30,9 +30,14 @@ class ImageSource(Protocol):
     def __getitem__(self, rows: slice) -> torch.Tensor | Images: ...
 
 
+def unpack(images: torch.Tensor | Images) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(uint8 pixels, aspect ratios or None) of a tensor or of something carrying both."""
+    return (images, None) if isinstance(images, torch.Tensor) else (images.images, images.aspect)
+
+
 def apply_view(view: View, images: torch.Tensor | Images) -> torch.Tensor:
     """A recipe's evaluation view (:func:`center_view`), or any function of the uint8 batch."""
-    pixels, aspect = (images, None) if isinstance(images, torch.Tensor) else (images.images, images.aspect)
+    pixels, aspect = unpack(images)
     return center_view(pixels, view, aspect) if isinstance(view, AugmentConfig) else view(pixels)
 
 
@@ -54,8 +59,7 @@ def extract_features(
         chunks: list = []
         for start in progress_bar(range(0, len(images), batch_size), progress, desc=desc):
             batch = images[start : start + batch_size]
-            device = batch.device if isinstance(batch, torch.Tensor) else batch.images.device
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(unpack(batch)[0].device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = network(apply_view(view, batch))
             chunks.append(tuple(o.float() for o in out) if isinstance(out, tuple) else out.float())
         if chunks and isinstance(chunks[0], tuple):

@@ -60,8 +60,7 @@ def train_recipe(eval_recipe: AugmentConfig, crop_scale: tuple[float, float]) ->
 
 def train_classifier(
     model: Classifier,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    data: ImageSet,
     recipe: AugmentConfig,
     epochs: int,
     batch_size: int,
@@ -74,17 +73,16 @@ def train_classifier(
     autocast: bool = False,
     progress: bool = False,
     desc: str = "classifier",
-    aspect: torch.Tensor | None = None,
 ) -> list[float]:
-    """SGD with cross-entropy on augmented views; learning rates are given at batch 256 and scaled
-    linearly. Cosine over all steps, or x0.1 at each epoch in ``milestones``. Returns epoch losses.
-    ``aspect``: the images' original width / height where they are stored as squares."""
-    device = images.device
+    """SGD with cross-entropy on augmented views of ``data`` (its images, labels and aspect ratios);
+    learning rates are given at batch 256 and scaled linearly. Cosine over all steps, or x0.1 at
+    each epoch in ``milestones``. Returns epoch losses."""
+    device = data.images.device
     groups = [{"params": list(model.head.parameters()), "base_lr": scaled_lr(lr_head, batch_size, 256)}]
     if model.train_backbone:
         groups.append({"params": list(model.backbone.parameters()), "base_lr": scaled_lr(lr_backbone, batch_size, 256)})
     optimizer = torch.optim.SGD(groups, lr=0.0, momentum=momentum, weight_decay=weight_decay)
-    n = images.shape[0]
+    n = len(data)
     batches = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size) if min(s + batch_size, n) - s >= 2]
     total = epochs * len(batches)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -98,9 +96,9 @@ def train_classifier(
             factor = 0.1 ** sum(epoch >= m for m in milestones) if milestones else cosine_ramp(step, total, 1.0, 0.0)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            idx = order[start:stop]
-            views = augment(to_float(images[idx]), recipe, generator, aspect=None if aspect is None else aspect[idx])
-            loss, _ = training_step(optimizer, lambda: (F.cross_entropy(model(views).float(), labels[idx]), {}),
+            batch = data[order[start:stop]]
+            views = augment(to_float(batch.images), recipe, generator, aspect=batch.aspect)
+            loss, _ = training_step(optimizer, lambda: (F.cross_entropy(model(views).float(), batch.labels), {}),
                                     device.type if autocast else None)
             epoch_loss += loss.detach()
             step += 1

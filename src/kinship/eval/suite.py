@@ -152,9 +152,8 @@ class Evaluation:
         head = random_head(f.train.shape[1], self.num_classes, self.device)
         model = Classifier(copy.deepcopy(self.backbone), Standardizer.fit(f.train), head, train_backbone=False)
         losses = train_classifier(
-            model, self.data.bank.images, y_train, train_recipe(self.recipe, lc.crop_scale), lc.epochs, lc.batch_size,
+            model, self.data.bank, train_recipe(self.recipe, lc.crop_scale), lc.epochs, lc.batch_size,
             0.0, lc.lr, 0.9, lc.weight_decay, lc.milestones, self.config.train.seed, self.autocast, self.progress, "linear probe (sgd)",
-            self.data.bank.aspect,
         )
         acc = classifier_accuracy(model, self.data.test, y_test, self.recipe, self.config.eval.batch_size, self.autocast)
         return {"mode": "sgd", "top1": acc[1], "top5": acc[5], "epochs": lc.epochs, "final_loss": losses[-1]}
@@ -182,9 +181,9 @@ class Evaluation:
                 head = random_head(feats.shape[1], self.num_classes, self.device)
             model = Classifier(copy.deepcopy(self.backbone), standardize, copy.deepcopy(head).requires_grad_(True), train_backbone=True)
             losses = train_classifier(
-                model, sub.images, sub_labels, train_recipe(self.recipe, fc.crop_scale), fc.epochs, fc.batch_size,
+                model, sub, train_recipe(self.recipe, fc.crop_scale), fc.epochs, fc.batch_size,
                 fc.lr_backbone, fc.lr_head, fc.momentum, fc.weight_decay, None, fc.seed, self.autocast, self.progress,
-                f"fine-tune {tag}", sub.aspect,
+                f"fine-tune {tag}",
             )
             acc = classifier_accuracy(model, self.data.test, self.data.test.labels, self.recipe,
                                       self.config.eval.batch_size, self.autocast)

@@ -49,8 +49,8 @@ class MIRAConfig(MethodConfig):
     freeze_prototypes_epochs: int = 1  # the official code's --freeze-head-epochs 1
     per_view_bn: bool = True  # one forward pass (BN statistics) per crop, as the official code
     local_crops: int = 0  # multi-crop: extra small crops predicting both targets (ImageNet: 6 x 96)
-    # CIFAR (A.4.1 and the official code's CIFARTransform): RRC(0.2, 1), jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, no blur,
-    # solarize 0.2 on the second view. ImageNet: blur 1.0 / 0.1 and RRC(0.14, 1).
+    # CIFAR (A.4.1 and the official code's CIFARTransform): RRC(0.2, 1), jitter (0.4, 0.4, 0.2, 0.1)
+    # p 0.8, gray 0.2, no blur, solarize 0.2 on the second view. ImageNet: blur 1.0 / 0.1 and RRC(0.14, 1).
     view1: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=(0.2, 1.0), blur_p=0.0))
     view2: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=(0.2, 1.0), blur_p=0.0, solarize_p=0.2))
     local: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_size=16, crop_scale=(0.05, 0.14), blur_p=0.0))
