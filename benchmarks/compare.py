@@ -2,6 +2,7 @@
 
     python benchmarks/compare.py --study cmsf --out runs/compare_cmsf [--set train.epochs=9 ...]
     python benchmarks/compare.py --study pairs --seeds 0,1,2 --out runs/pairs [--only SwAV ...]
+    python benchmarks/compare.py --study coke --out runs/compare_coke --pixels
 
 A study is a list of (name, config, overrides); the shared ``--set`` overrides apply to every run
 (same data, backbone, epochs and batch). Each run is evaluated with k-NN (k=200/T=0.1 and
@@ -10,7 +11,7 @@ and the results go to ``<out>/results.json``, ``<out>/results.md`` and ``<out>/r
 ``--seeds`` every run is repeated with ``train.seed`` set to each seed (its own folder) and the
 table gives mean ± std (sample std) over the seeds. A finished run's row is kept in its folder
 (``row.json``), so separate processes can run the seeds of one study in parallel and a last call
-without ``--only`` tabulates them all.
+without ``--only`` tabulates them all. ``--pixels`` adds spherical k-means on the raw pixels.
 """
 from __future__ import annotations
 
@@ -26,7 +27,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kinship.assembly import load_config  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kinship.assembly import build_method, load_config, load_run_data  # noqa: E402
+from kinship.blocks.features import pixel_features  # noqa: E402
+from kinship.blocks.kmeans import assign, kmeans  # noqa: E402
+from kinship.eval.metrics import clustering_scores  # noqa: E402
 from kinship.eval.suite import Evaluation  # noqa: E402
 from kinship.runtime import resolve_device  # noqa: E402
 from kinship.train.trainer import Trainer  # noqa: E402
@@ -49,6 +55,17 @@ STUDIES = {
         SWAV,
         MIRA_NO_EMA,
         ("MIRA", "configs/mira_cpu.yaml", []),
+        ("SwAV K=10", "configs/swav_cpu.yaml", ["method.prototypes=10"]),
+        ("MIRA K=10", "configs/mira_cpu.yaml", ["method.prototypes=10"]),
+    ],
+    # CoKe's K = 10 head against the other methods' K = 10 heads and k-means, its ablations (gamma' = 0:
+    # no lower bound, eta = 0: greedy assignment), and the network after the scan epoch alone (random
+    # weights, BN statistics of one pass over the data, the online clustering of those features)
+    "coke": [
+        ("CoKe", "configs/coke_cpu.yaml", []),
+        ("CoKe gamma'=0", "configs/coke_cpu.yaml", ["method.gamma=0"]),
+        ("CoKe eta=0 (greedy)", "configs/coke_cpu.yaml", ["method.eta=0"]),
+        ("CoKe scan only", "configs/coke_cpu.yaml", ["train.stop_after_epochs=1"]),
         ("SwAV K=10", "configs/swav_cpu.yaml", ["method.prototypes=10"]),
         ("MIRA K=10", "configs/mira_cpu.yaml", ["method.prototypes=10"]),
     ],
@@ -95,6 +112,26 @@ def run_one(name: str, config_path: str, overrides: list[str], out: Path, seed: 
         row.update({f"{prefix}_{m}": r[m] for m in ("acc", "nmi", "ari")})
         if prefix == "head":
             row["head_k"] = f"{r['k']} ({r['occupied']})"
+    (folder / "row.json").write_text(json.dumps(row, indent=2))
+    return row
+
+
+def pixel_row(config_path: str, overrides: list[str], out: Path) -> dict:
+    """Spherical k-means (K = classes, fit on train, applied to test) on raw pixels of the evaluation view."""
+    folder = out / "raw_pixels"
+    if (folder / "row.json").is_file():
+        return json.loads((folder / "row.json").read_text())
+    config = load_config(config_path, overrides)
+    data = load_run_data(config, resolve_device(config.train.device), None)
+    recipe = build_method(config, data.handle).eval_recipe
+    train, test = pixel_features(data.bank, recipe), pixel_features(data.test, recipe)
+    k = int(data.bank.labels.max()) + 1
+    fit = kmeans(train, k, restarts=config.eval.clustering_restarts, seed=config.train.seed, spherical=True)
+    predicted, _ = assign(F.normalize(test, dim=1), fit.centroids)
+    scores = clustering_scores(data.test.labels.cpu(), predicted.cpu())
+    row = {"name": "raw pixels", "seed": config.train.seed, "config": config_path, "overrides": overrides, "epochs": 0,
+           "train_minutes": 0.0, "random_init_knn": None, **{f"kmeans_{m}": scores[m] for m in ("acc", "nmi", "ari")}}
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "row.json").write_text(json.dumps(row, indent=2))
     return row
 
@@ -162,6 +199,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every run")
     parser.add_argument("--only", action="append", default=[], help="run only these names")
     parser.add_argument("--seeds", default="", help="comma-separated train.seed values: each run once per seed, mean ± std")
+    parser.add_argument("--pixels", action="store_true", help="add k-means on raw pixels (the first run's data and view)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,6 +214,10 @@ def main() -> None:
             rows.append(run_one(name, config, overrides + args.set, out, seed))
             write(over_seeds(rows) if args.seeds else rows, out, f"{args.study} study", command)
             print(json.dumps(rows[-1]))
+    if args.pixels:
+        name, config, overrides = STUDIES[args.study][0]
+        rows.append(pixel_row(config, overrides + args.set, out))
+        write(over_seeds(rows) if args.seeds else rows, out, f"{args.study} study", command + " --pixels")
 
 
 if __name__ == "__main__":

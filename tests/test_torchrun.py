@@ -38,7 +38,13 @@ VARIANTS = {  # name -> method section (and data section overrides)
     "cmsf-semi": {"name": "cmsf", "constraint": "semi", "bank_size": 128, **TINY, "weak": AUG16, "strong": AUG16},
     "swav": {"name": "swav", "prototypes": 16, **TINY, "queue_size": 64, "queue_start_epoch": 1, "global_crop": AUG16},
     "mira": {"name": "mira", "prototypes": 16, **TINY, "view1": AUG16, "view2": AUG16},
+    "coke": {"name": "coke", "clusters": [4, 6], "eta": 0.5, **TINY, "local_crops": 2, "view1": AUG16, "view2": AUG16,
+             "local": {"crop_size": 8}},
+    "coke-one-view-moving-average": {"name": "coke", "clusters": [5], "views": 1, "moving_average_after": 1, "label_slots": 3,
+                                     "temperature": 0.1, "pred_weight": 1.0, **TINY, "view1": AUG16},
 }
+# data settings of a variant: CMSF-semi's labels; CoKe's 251 images leave a tail that the scan epoch must label
+DATA = {"cmsf-semi": {"labeled_per_class": 16}, "coke": {"train_limit": 251}}
 # measured on a 2-core CPU: method state at most 2.7e-7 apart (CMSF third_aug; MoCo 3e-11); the
 # optimizer's momentum buffers, sums of gradients that are differences of large terms, 2.6e-5
 RTOL, ATOL = 1e-5, 1e-6
@@ -48,8 +54,7 @@ MOMENTUM_ATOL = 1e-4
 def run_config(name: str) -> dict:
     values = tiny_run_config(**{"method": VARIANTS[name], "model.norm": "none", "train.batch_size": 32,
                                 "eval.baselines": False, "eval.knn_every": 100})
-    if name == "cmsf-semi":  # 16 labels per class: the pseudo-label classifier, trained and broadcast twice an epoch
-        values["data"]["labeled_per_class"] = 16
+    values["data"].update(DATA.get(name, {}))  # CMSF-semi: the pseudo-label classifier, trained and broadcast twice an epoch
     return values
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
-from test_torchrun import VARIANTS
+from test_torchrun import DATA, VARIANTS
 from kinship import checkpoint
 from kinship.assembly import build_config
 from kinship.errors import NonFiniteLossError
@@ -18,8 +18,7 @@ def losses(path):
 
 def resume_values(name: str) -> dict:
     values = tiny_run_config(**{"method": VARIANTS[name]})
-    if name == "cmsf-semi":
-        values["data"]["labeled_per_class"] = 16
+    values["data"].update(DATA.get(name, {}))
     return values
 
 

@@ -37,6 +37,7 @@ class DataConfig:
     labeled_per_class: int = 0  # >0: labeled subset with N images per class
     labeled_fraction: float = 0.0  # >0: labeled subset with this fraction of each class
     label_noise: float = 0.0  # >0: this fraction of the training labels changed to another class (seeded)
+    superclasses: bool = False  # cifar100: train and evaluate on its 20 super-classes (CIFAR-100-20, CoKe Table 18)
     label_map: str = ""  # JSON list: training label of each class (coarse labels, CMSF Table 5); evaluation keeps the fine ones
     decode_threads: int = 0  # 0: all cores
     streaming: bool = False  # ImageFolder too big for memory: decode per batch in DataLoader workers
@@ -353,6 +354,7 @@ def validate(config: RunConfig) -> None:
         (config.eval.clustering_k >= 0 and config.eval.clustering_restarts >= 1, "eval.clustering_k must be >= 0 and eval.clustering_restarts >= 1"),
         (0.0 <= config.data.labeled_fraction <= 1.0, "data.labeled_fraction must be in [0, 1]"),
         (0.0 <= config.data.label_noise < 1.0, "data.label_noise must be in [0, 1)"),
+        (not config.data.superclasses or config.data.name == "cifar100", "data.superclasses is for data.name: cifar100 (CIFAR-100-20)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -37,17 +37,21 @@ def mean_shift_loss(prediction: torch.Tensor, neighbour_mean: torch.Tensor) -> t
     return 2 - 2 * (prediction * neighbour_mean.detach()).sum(dim=1)
 
 
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Batch mean of -sum_k q_ik log softmax(s_i / T)_k for logits s (B, K) and targets q (B, K),
+    rows on the simplex, no gradient through q. Computed in fp32 at least (bf16 logits are upcast,
+    fp64 stays fp64)."""
+    s = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return -(targets.detach() * F.log_softmax(s / temperature, dim=1)).sum(dim=1).mean()
+
+
 def swapped_prediction_loss(targets: list[torch.Tensor], logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
     """SwAV's and MIRA's swapped prediction (SwAV Eq. 1; MIRA Eq. 8 as its code normalises it).
 
     targets[g] (B, K): soft labels of global crop g (rows on the simplex, no gradient); logits[v] (B, K)
     of every crop v, the global crops first. Target g is predicted by every crop v != g with
-    cross-entropy -sum_k q_gk log softmax(s_v / T)_k; mean over the batch and those crops, then over g.
-    Computed in fp32 at least (bf16 logits are upcast, fp64 stays fp64).
+    :func:`soft_cross_entropy`; mean over the batch and those crops, then over g.
     """
-    per_target = []
-    for g, q in enumerate(targets):
-        terms = [-(q.detach() * F.log_softmax(s.to(torch.promote_types(s.dtype, torch.float32)) / temperature, dim=1)).sum(dim=1).mean()
-                 for v, s in enumerate(logits) if v != g]
-        per_target.append(torch.stack(terms).mean())
+    per_target = [torch.stack([soft_cross_entropy(s, q, temperature) for v, s in enumerate(logits) if v != g]).mean()
+                  for g, q in enumerate(targets)]
     return torch.stack(per_target).mean()

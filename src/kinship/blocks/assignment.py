@@ -14,7 +14,8 @@ the batch size is counted, so N processes give the single-process result on the 
 - :func:`constrained_assignment`, :func:`dual_step` and :class:`OnlineCentres`: CoKe's online
   constrained k-means (Qian et al., 2022): hard labels argmax(x^T C + rho) (Eq. 10 / 17), a projected
   gradient step on the dual variables rho that keeps every cluster above its lower bound (Eq. 18), and
-  centres that are the normalised running means of their features within an epoch (Eq. 13).
+  centres that are the normalised running means of their features within an epoch (Eq. 13);
+  :func:`update_label_slots` and :func:`slot_targets`: its moving-average soft labels (Sec. 3.4).
 """
 from __future__ import annotations
 
@@ -176,5 +177,42 @@ class OnlineCentres(nn.Module):
         if self.renormalise_per_batch:  # the next batch continues from the unit centre
             self.sums[seen] = self.running[seen] * self.counts[seen, None]
 
-    def end_epoch(self) -> None:
-        self.previous.copy_(self.running)
+    def end_epoch(self, weight: float = 1.0) -> None:
+        """C^{t-1} <- C^t; the next epoch's running centres start from it. ``weight`` < 1: the
+        moving average of single-view stage 2 (Sec. 3.4), normalize((1 - w) C^{t-1} + w C^t), the
+        outer normalisation as the official code (the centres must stay unit vectors, Eq. 6)."""
+        if weight == 1.0:
+            self.previous.copy_(self.running)
+        else:
+            self.previous.copy_(nn.functional.normalize((1 - weight) * self.previous + weight * self.running, dim=1))
+            self.running.copy_(self.previous)
+
+
+@torch.no_grad()
+def update_label_slots(slots: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, factor: float) -> None:
+    """CoKe's moving-average labels (Sec. 3.4, single view, stage 2), in place, for one row per image:
+    v <- (1 - factor) v + factor onehot(y) with ``factor`` = 1 / (epochs averaged so far), kept as the
+    L largest entries: slots (B, L) cluster ids, weights (B, L), labels (B,). A label already in a
+    slot adds to it; a new one replaces the smallest slot, whose mass is dropped and the rest
+    renormalised first (the official code's ``update_label``), so each row's weights sum to 1.
+    ``factor`` = 1 starts the average: the row becomes onehot(y)."""
+    rows = torch.arange(len(labels), device=labels.device)
+    match = (slots == labels[:, None]) & (weights > 0)
+    found = match.any(dim=1)
+    slot = torch.where(found, match.int().argmax(dim=1), weights.argmin(dim=1))
+    dropped = torch.where(found, torch.zeros_like(weights[:, 0]), weights[rows, slot])
+    weights[rows, slot] -= dropped
+    keep = torch.where(dropped < 1, (1 - factor) / (1 - dropped).clamp_min(1e-12), torch.zeros_like(dropped))
+    weights.mul_(keep[:, None])
+    slots[rows, slot] = labels
+    weights[rows, slot] += factor
+
+
+def slot_targets(slots: torch.Tensor, weights: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """(B, K) soft labels from the label slots: exp(v_k / temperature) normalised over the clusters
+    with weight v_k > 0, zero elsewhere (Sec. 3.4's smoothing with lambda', 0.5 in the paper); a row
+    without any weight (an image not yet averaged) is all zero."""
+    dense = torch.zeros(len(slots), k, dtype=weights.dtype, device=weights.device)
+    dense.scatter_add_(1, slots.clamp_min(0), torch.where(weights > 0, weights, torch.zeros_like(weights)))
+    exp = torch.where(dense > 0, (dense / temperature).exp(), torch.zeros_like(dense))
+    return exp / exp.sum(dim=1, keepdim=True).clamp_min(torch.finfo(exp.dtype).tiny)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from kinship.config import DataConfig
 from kinship.errors import DataError
+from kinship.data.subsets import CIFAR100_SUPERCLASS_NAMES, cifar100_superclasses
 
 
 # torchvision 0.29 deprecates its image decoders in favour of torchcodec; they still work, and are
@@ -242,6 +243,8 @@ def load_split(config: DataConfig, split: str) -> ImageSet:
         raise DataError(
             f"unknown data.name '{config.name}' (choose cifar10-npz, cifar10, cifar100, stl10, imagefolder, synthetic)"
         )
+    if config.superclasses:  # CIFAR-100-20: train and test on the 20 super-classes
+        images = ImageSet(images.images, cifar100_superclasses(images.labels), list(CIFAR100_SUPERCLASS_NAMES), images.aspect)
     limit = config.train_limit if split == "train" else config.test_limit
     if 0 < limit < len(images):
         g = torch.Generator().manual_seed(1234 if split == "train" else 4321)

@@ -1,4 +1,5 @@
-"""Seeded labeled subsets for semi-supervised methods: N images per class, or a fraction of each class."""
+"""Label sets derived from a dataset's: seeded labeled subsets for semi-supervised methods (N images
+per class, or a fraction of each class), corrupted and coarse labels, CIFAR-100's 20 super-classes."""
 from __future__ import annotations
 
 import json
@@ -58,3 +59,26 @@ def hide_unlabeled(labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def save_indices(indices: torch.Tensor, path: Path) -> None:
     path.write_text(json.dumps({"count": len(indices), "indices": indices.tolist()}))
+
+
+# CIFAR-100's super-class of each of its 100 classes (the dataset's own "coarse_labels"), as SCAN's
+# and CoKe's CIFAR-100-20 clustering benchmark uses them; the names are CIFAR-100's coarse_label_names.
+CIFAR100_SUPERCLASS = [
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13, 15, 3, 15,
+    0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13, 16, 19, 2, 4, 6, 19, 5, 5, 8, 19,
+    18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+]
+CIFAR100_SUPERCLASS_NAMES = [
+    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables", "household_electrical_devices",
+    "household_furniture", "insects", "large_carnivores", "large_man-made_outdoor_things", "large_natural_outdoor_scenes",
+    "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates", "people", "reptiles", "small_mammals",
+    "trees", "vehicles_1", "vehicles_2",
+]
+
+
+def cifar100_superclasses(labels: torch.Tensor) -> torch.Tensor:
+    """CIFAR-100 labels (0..99) -> their super-classes (0..19)."""
+    if len(labels) and (labels.min() < 0 or labels.max() >= 100):
+        raise DataError(f"CIFAR-100 labels must lie in 0..99, got {labels.min().item()}..{labels.max().item()}")
+    return torch.tensor(CIFAR100_SUPERCLASS, dtype=torch.long, device=labels.device)[labels]

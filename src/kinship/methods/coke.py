@@ -1,0 +1,277 @@
+"""CoKe (Qian et al., CVPR 2022): online constrained k-means; cluster discrimination on pseudo-labels
+from an online clustering whose every cluster keeps at least gamma' N / K images.
+
+    x_v = normalize(g(f(crop_v))), q_v = normalize(h(g(f(crop_v))))     projection and prediction, every crop
+    per clustering head (centres C, duals rho, one label per image):
+      y_prev = labels[i]                                 read before this step overwrites it (Table 2)
+      loss   = pred_weight CE(q_v C_prev / lambda, t_v) + (1 - pred_weight) CE(x_v C_prev / lambda, t_v)   (Eq. 14, App. B.2.4)
+               t_v = onehot(y_prev)                                               one view, stage 1
+                   | alpha onehot(y_prev) + (1 - alpha) softmax(x_other C_prev / lambda)   two views (Alg. 2)
+                   | smoothed moving average of the labels of epochs T'..t-1            one view, stage 2 (Sec. 3.4)
+      xbar   = mean_v x_v over the global crops, not renormalised               (Eq. 17)
+      y      = argmax(xbar C_run + rho)                                         (Eq. 10; C_prev in stage 2)
+      rho   <- rho - eta (counts / b - gamma' / K), clamped at 0 when gamma' < 1 (Eq. 18)
+      C_run <- normalised running mean of the epoch's features per cluster      (Eq. 13)
+      labels[i] <- y
+    end of epoch: C_prev <- C_run (stage 2: a moving average of the epochs' centres)
+The loss uses the previous epoch's labels and centres ("decoupling", Table 2: the current labels
+collapse). Epoch 0 is a scan (Sec. 3.3): forward, assign, update the centres and duals, no backward,
+no optimizer state; its last step also assigns the images that the dropped tail of the epoch left
+out, so every image has a label before training. Several heads with different K share the
+features, the loss is their mean (Table 4); the clustering evaluated is the head whose K equals the
+number of classes (App. B.4), argmax x^T C_prev without the duals (they constrain the training set).
+Local crops (multi-crop) predict alpha onehot + (1 - alpha) (p_1 + p_2) / 2 and never assign;
+loss = (1 - w) loss_global + w loss_local (``small_crop_weight``, the official code's --coke-beta).
+
+All clustering state (centres, sums, counts, duals, labels, label slots) is buffers, identical on
+every process: features and labels of the global batch are all-reduced or gathered
+(``blocks.assignment``), in fp32 with autocast off.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kinship.augment.views import make_views
+from kinship.blocks.assignment import OnlineCentres, constrained_assignment, dual_step, slot_targets, update_label_slots
+from kinship.blocks.multicrop import forward_crops
+from kinship.config import AugmentConfig, MethodConfig, RunConfig, check, check_choice
+from kinship.losses import soft_cross_entropy
+from kinship.methods.base import Batch, Method, StepInfo, TrainData
+from kinship.models.heads import mlp
+from kinship.runtime import all_gather_cat, rank, section, world_size
+from kinship.sampling import Shard
+
+
+@dataclass
+class CoKeConfig(MethodConfig):
+    name: str = "coke"
+    clusters: list[int] = field(default_factory=lambda: [3000, 4000, 5000])  # K of each head (Table 4); CIFAR: 10..100
+    gamma: float = 0.4  # gamma': every cluster >= gamma' N / K (ImageNet 0.4, CIFAR 0.9; 1: balanced, 0: no bound)
+    eta: float = 20.0  # dual step (Eq. 18): ImageNet 20 at batch 1024, CIFAR 0.1 at 128; 0: greedy assignment
+    temperature: float = 0.05  # lambda (Eq. 14): 0.1 one view, 0.05 two views and multi-crop
+    views: int = 2  # 1 | 2 (Sec. 3.4)
+    alpha: float = 0.2  # one-hot weight of the two-view target (Alg. 2, Table 11)
+    pred_weight: float = 0.5  # prediction head's share of the loss (App. B.2.4, Table 12); 0: no prediction head
+    dim: int = 128
+    hidden: int = 2048  # projection F-2048-2048-128 ending in BN, prediction 128-2048-128 (official code)
+    local_crops: int = 0  # multi-crop: small crops that predict the global crops' targets (ImageNet: 6 x 96)
+    small_crop_weight: float = 0.5  # loss = (1 - w) global + w local (official code's --coke-beta)
+    scan_epochs: int = 1  # epochs that only assign (Sec. 3.3), before the learning-rate schedule
+    loss_labels: str = "previous"  # previous | current: the labels the loss uses (Table 2)
+    loss_centres: str = "previous"  # previous | current: the centres the loss uses (Table 2)
+    centre_update: str = "mean"  # mean: Eq. 13 | per_batch: the official code's renormalised running mean
+    moving_average_after: int = 0  # one view: stage 2 after this many training epochs (Sec. 3.4: 160 of 200); 0: off
+    label_slots: int = 5  # L: moving-average labels kept per image (Sec. 3.4)
+    label_temperature: float = 0.5  # lambda': smoothing of the moving-average labels (Sec. 3.4)
+    per_view_bn: bool = True  # one forward pass (BN statistics) per crop, as the official code
+    # two views: the official code's BYOL-style asymmetric pair (jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray
+    # 0.2, blur 1.0 / 0.1, solarize 0 / 0.2); blur off at 32 px (kinship's CIFAR convention). One view:
+    # SimCLR's strong jitter (0.8, 0.8, 0.8, 0.2), set in the one-view preset
+    view1: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=(0.08, 1.0)))
+    view2: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=(0.08, 1.0), solarize_p=0.2))
+    local: AugmentConfig = field(default_factory=lambda: AugmentConfig(
+        crop_size=16, crop_scale=(0.05, 0.6), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2))
+
+    def validate(self, run: RunConfig) -> None:
+        check(len(self.clusters) >= 1 and all(k >= 2 for k in self.clusters), f"method.clusters: one K >= 2 per head, got {self.clusters}")
+        check(0 <= self.gamma <= 1, f"method.gamma (the lower bound gamma' N / K as a fraction) must be in [0, 1], got {self.gamma}")
+        check(self.eta >= 0 and self.temperature > 0 and self.label_temperature > 0,
+              "method.eta must be >= 0, method.temperature and label_temperature > 0")
+        check(self.views in (1, 2), f"method.views must be 1 or 2, got {self.views}")
+        check(0 <= self.alpha <= 1 and 0 <= self.pred_weight <= 1 and 0 <= self.small_crop_weight <= 1,
+              "method.alpha, pred_weight and small_crop_weight must lie in [0, 1]")
+        check(self.local_crops >= 0 and (self.local_crops == 0 or self.views == 2), "method.local_crops needs method.views: 2")
+        check(self.scan_epochs >= 0 and self.label_slots >= 1, "method.scan_epochs must be >= 0 and label_slots >= 1")
+        check(0 <= self.moving_average_after < run.train.epochs,
+              f"method.moving_average_after must be in [0, train.epochs), got {self.moving_average_after}")
+        check(self.moving_average_after == 0 or self.views == 1, "method.moving_average_after is the one-view stage 2: set method.views: 1")
+        check_choice("method.loss_labels", self.loss_labels, ("previous", "current"))
+        check_choice("method.loss_centres", self.loss_centres, ("previous", "current"))
+        check_choice("method.centre_update", self.centre_update, ("mean", "per_batch"))
+
+
+class ClusteringHead(nn.Module):
+    """One online clustering: centres, duals, the label of every training image, the epoch's count
+    of changed labels and, for stage 2, the moving-average label slots."""
+
+    def __init__(self, k: int, dim: int, size: int, slots: int, per_batch: bool) -> None:
+        super().__init__()
+        self.k = k
+        self.centres = OnlineCentres(k, dim, renormalise_per_batch=per_batch)
+        self.register_buffer("duals", torch.zeros(k))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("changed", torch.zeros((), dtype=torch.long))  # labels that changed this epoch
+        self.register_buffer("relabelled", torch.zeros((), dtype=torch.long))  # images that had a label before
+        if slots:
+            self.register_buffer("slots", torch.full((size, slots), -1, dtype=torch.long))
+            self.register_buffer("slot_weights", torch.zeros(size, slots))
+
+
+class CoKe(Method):
+    Config = CoKeConfig
+
+    def __init__(self, config: CoKeConfig, backbone: nn.Module, data: TrainData) -> None:
+        super().__init__(config, backbone, data)
+        self.projector = nn.Sequential(*mlp(backbone.feature_dim, config.hidden, config.dim, layers=3), nn.BatchNorm1d(config.dim))
+        if config.pred_weight > 0:
+            self.predictor = mlp(config.dim, config.hidden, config.dim)
+        slots = config.label_slots if config.moving_average_after else 0
+        self.heads = nn.ModuleList(ClusteringHead(k, config.dim, data.size, slots, config.centre_update == "per_batch")
+                                   for k in config.clusters)
+        self._scan_tail: tuple[torch.Tensor, list[int]] | None = None  # set by views(), used by forward() of the same step
+
+    @property
+    def eval_recipe(self) -> AugmentConfig:
+        return self.config.view1
+
+    @property
+    def scan_epochs(self) -> int:
+        return self.config.scan_epochs
+
+    @property
+    def evaluated_head(self) -> ClusteringHead:
+        """The head whose K is the number of classes (App. B.4), else the first."""
+        return next((h for h in self.heads if h.k == self.data_info.num_classes), self.heads[0])
+
+    def cluster_scores(self, features: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.projector(features).float(), dim=1)
+        return x @ self.evaluated_head.centres.previous.T
+
+    def embed(self, crops: torch.Tensor) -> torch.Tensor:
+        """(B, dim) projections, followed by their (B, dim) predictions when the method has a prediction head."""
+        z = self.projector(self.backbone(crops))
+        return torch.cat([z, self.predictor(z)], dim=1) if self.config.pred_weight > 0 else z
+
+    def training_epoch(self, epoch: int) -> int:
+        return epoch - self.config.scan_epochs
+
+    def in_stage2(self, epoch: int) -> bool:
+        return self.config.moving_average_after > 0 and self.training_epoch(epoch) >= self.config.moving_average_after
+
+    # -- views: the batch, and in the scan's last step the images the dropped tail left out --------
+    def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
+        cfg = self.config
+        recipes = [cfg.view1, cfg.view2][: cfg.views] + ([cfg.local] * cfg.local_crops if step.update else [])
+        views = make_views(batch, recipes, step.generator)
+        self._scan_tail = None
+        if not step.update and step.step_in_epoch == step.steps_per_epoch - 1:
+            unlabeled = self.heads[0].labels < 0
+            unlabeled[all_gather_cat(batch.index)] = False
+            tail = unlabeled.nonzero().squeeze(1)
+            if len(tail):
+                shares = torch.tensor_split(tail, world_size())
+                mine, sizes = shares[rank()], [len(s) for s in shares]
+                self._scan_tail = (mine, sizes)
+                if len(mine):
+                    start = sum(sizes[: rank()])
+                    extra = dataclasses.replace(self.data.read(mine), shard=Shard(start, len(mine), len(tail)))
+                    views = [torch.cat([v, t]) for v, t in zip(views, make_views(extra, recipes, step.generator))]
+        return views
+
+    def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        index, sizes = batch.index, None
+        if self._scan_tail is not None:
+            tail, tail_sizes = self._scan_tail
+            index = torch.cat([index, tail])
+            sizes = [len(batch.index) + n for n in tail_sizes]
+            self._scan_tail = None
+        stage2 = self.in_stage2(step.epoch)
+        outputs = forward_crops(self.embed, views, cfg.per_view_bn)
+        x = [F.normalize(out[:, : cfg.dim].float(), dim=1) for out in outputs]  # projections
+        q = [F.normalize(out[:, cfg.dim :].float(), dim=1) for out in outputs] if cfg.pred_weight > 0 else []  # predictions
+        xbar = torch.stack(x[: cfg.views]).mean(0).detach()  # Eq. 17: not renormalised
+        with section("solver"):
+            previous = [head.labels[index] for head in self.heads]  # read before this step writes (Table 2)
+            assigned = [constrained_assignment(xbar, head.centres.previous if stage2 else head.centres.running, head.duals)
+                        for head in self.heads]
+        if not step.update:  # scan: assignment only
+            self.update_clusters(xbar, index, sizes, assigned, step)
+            return torch.zeros((), device=xbar.device), {}
+        losses = []
+        for head, y_prev, y_now in zip(self.heads, previous, assigned):
+            centres = head.centres.previous if cfg.loss_centres == "previous" else head.centres.running.clone()
+            labels = y_prev if cfg.loss_labels == "previous" else y_now
+            labels = torch.where(labels >= 0, labels, y_now)  # no scan epoch: an image's first epoch uses its current label
+            losses.append(self.head_loss(head, centres, labels, index, x, q, step.epoch))
+        loss = torch.stack(losses).mean()
+        self.update_clusters(xbar, index, sizes, assigned, step)
+        return loss, {"dual_max": self.heads[0].duals.max()}
+
+    def head_loss(self, head: ClusteringHead, centres: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
+                  x: list[torch.Tensor], q: list[torch.Tensor], epoch: int) -> torch.Tensor:
+        """Eq. 14 for one head: soft cross-entropy of every crop's projection (and prediction) logits
+        against its target, the global crops' mean and the local crops' mean weighted."""
+        cfg = self.config
+        with torch.autocast(centres.device.type, enabled=False):
+            proj = [v @ centres.T for v in x]
+            pred = [v @ centres.T for v in q]
+        onehot = F.one_hot(labels, head.k).to(proj[0].dtype)
+        if cfg.views == 2:  # Alg. 2: the other view's projection against C_prev is the reference
+            reference = [torch.softmax(p.detach() / cfg.temperature, dim=1) for p in proj[:2]]
+            targets = [cfg.alpha * onehot + (1 - cfg.alpha) * reference[1 - v] for v in range(2)]
+            targets += [cfg.alpha * onehot + (1 - cfg.alpha) * (reference[0] + reference[1]) / 2] * cfg.local_crops
+        elif self.in_stage2(epoch - 1):  # one view, after the first stage-2 epoch: moving-average labels
+            soft = slot_targets(head.slots[index], head.slot_weights[index], head.k, cfg.label_temperature)
+            targets = [torch.where(soft.sum(1, keepdim=True) > 0, soft, onehot)]
+        else:
+            targets = [onehot]
+
+        def crop_loss(v: int) -> torch.Tensor:
+            loss = (1 - cfg.pred_weight) * soft_cross_entropy(proj[v], targets[v], cfg.temperature)
+            if cfg.pred_weight > 0:
+                loss = loss + cfg.pred_weight * soft_cross_entropy(pred[v], targets[v], cfg.temperature)
+            return loss
+
+        loss = torch.stack([crop_loss(v) for v in range(cfg.views)]).mean()
+        if cfg.local_crops:
+            local = torch.stack([crop_loss(v) for v in range(cfg.views, len(x))]).mean()
+            loss = (1 - cfg.small_crop_weight) * loss + cfg.small_crop_weight * local
+        return loss
+
+    @torch.no_grad()
+    def update_clusters(self, xbar: torch.Tensor, index: torch.Tensor, sizes: list[int] | None,
+                        assigned: list[torch.Tensor], step: StepInfo) -> None:
+        """Eq. 18 and Eq. 13 on the global batch, then the new labels (gathered) into every table."""
+        cfg = self.config
+        stage2 = self.in_stage2(step.epoch)
+        with section("solver"):
+            everyone = all_gather_cat(index, sizes)
+            for head, y in zip(self.heads, assigned):
+                head.duals.copy_(dual_step(head.duals, y, cfg.gamma, cfg.eta))
+                head.centres.renormalise_per_batch = cfg.centre_update == "per_batch" and not stage2
+                head.centres.update(xbar, y)
+                y = all_gather_cat(y, sizes)
+                before = head.labels[everyone]
+                head.changed += ((before >= 0) & (before != y)).sum()
+                head.relabelled += (before >= 0).sum()
+                head.labels[everyone] = y
+                if stage2:
+                    factor = 1.0 / (self.training_epoch(step.epoch) - cfg.moving_average_after + 1)
+                    slots, weights = head.slots[everyone], head.slot_weights[everyone]
+                    update_label_slots(slots, weights, y, factor)
+                    head.slots[everyone], head.slot_weights[everyone] = slots, weights
+
+    @torch.no_grad()
+    def on_epoch_end(self, epoch: int) -> dict:
+        """Per head: the smallest and largest cluster of the epoch against the bound gamma' n / K
+        (Table 1's columns; n = the images assigned in the epoch), and the share of labels that
+        changed; then C_prev <- C_run (stage 2: their moving average) and a fresh epoch's counts."""
+        cfg = self.config
+        rows = []
+        weight = 1.0 / (self.training_epoch(epoch) - cfg.moving_average_after + 1) if self.in_stage2(epoch) else 1.0
+        for head in self.heads:
+            counts = head.centres.counts
+            rows.append({"k": head.k, "min": counts.min(), "max": counts.max(), "bound": cfg.gamma * counts.sum() / head.k,
+                         "changed": (head.changed / head.relabelled).item() if head.relabelled > 0 else None,
+                         "dual_max": head.duals.max()})
+            head.centres.end_epoch(weight)
+            head.centres.start_epoch()
+            head.changed.zero_()
+            head.relabelled.zero_()
+        return {"clusters": rows}
