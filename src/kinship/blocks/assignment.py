@@ -24,7 +24,6 @@ import math
 from typing import Callable
 
 import torch
-
 from torch import nn
 
 from kinship.runtime import all_reduce

@@ -153,6 +153,12 @@ class CoKe(Method):
     def in_stage2(self, epoch: int) -> bool:
         return self.config.moving_average_after > 0 and self.training_epoch(epoch) >= self.config.moving_average_after
 
+    def moving_average_weight(self, epoch: int) -> float:
+        """1 / (epochs averaged so far, this one included) in stage 2 (Sec. 3.4); 1 outside it."""
+        if not self.in_stage2(epoch):
+            return 1.0
+        return 1.0 / (self.training_epoch(epoch) - self.config.moving_average_after + 1)
+
     # -- views: the batch, and in the scan's last step the images the dropped tail left out --------
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         cfg = self.config
@@ -252,9 +258,8 @@ class CoKe(Method):
                 head.relabelled += (before >= 0).sum()
                 head.labels[everyone] = y
                 if stage2:
-                    factor = 1.0 / (self.training_epoch(step.epoch) - cfg.moving_average_after + 1)
                     slots, weights = head.slots[everyone], head.slot_weights[everyone]
-                    update_label_slots(slots, weights, y, factor)
+                    update_label_slots(slots, weights, y, self.moving_average_weight(step.epoch))
                     head.slots[everyone], head.slot_weights[everyone] = slots, weights
 
     @torch.no_grad()
@@ -264,7 +269,7 @@ class CoKe(Method):
         changed; then C_prev <- C_run (stage 2: their moving average) and a fresh epoch's counts."""
         cfg = self.config
         rows = []
-        weight = 1.0 / (self.training_epoch(epoch) - cfg.moving_average_after + 1) if self.in_stage2(epoch) else 1.0
+        weight = self.moving_average_weight(epoch)
         for head in self.heads:
             counts = head.centres.counts
             rows.append({"k": head.k, "min": counts.min(), "max": counts.max(), "bound": cfg.gamma * counts.sum() / head.k,
