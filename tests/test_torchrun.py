@@ -40,6 +40,10 @@ VARIANTS = {  # name -> method section (and data section overrides)
     "mira": {"name": "mira", "prototypes": 16, **TINY, "view1": AUG16, "view2": AUG16},
     "coke": {"name": "coke", "clusters": [4, 6], "eta": 0.5, **TINY, "local_crops": 2, "view1": AUG16, "view2": AUG16,
              "local": {"crop_size": 8}},
+    "clim": {"name": "clim", "queue_size": 128, "augment": AUG16, "resolutions": [16, 12], "clusters": 8, "neighbours": 6,
+             "positives": 3, "refresh_start": 1, "refresh_every": 1},
+    "clim-mixup-cluster-kin-only": {"name": "clim", "queue_size": 128, "augment": AUG16, "mixing": "mixup", "selection": "cluster",
+                                    "plain_weight": 0.0, "clusters": 8, "neighbours": 6, "positives": 3, "refresh_start": 1},
     "coke-one-view-moving-average": {"name": "coke", "clusters": [5], "views": 1, "moving_average_after": 1, "label_slots": 3,
                                      "temperature": 0.1, "pred_weight": 1.0, **TINY, "view1": AUG16},
 }

@@ -38,8 +38,19 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
     autocast = use_bf16(precision, dev)
     loader = TensorLoader(data, BatchPlan(n, batch, seed=0))
     generator = torch.Generator(device=dev).manual_seed(0)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
     batches = iter(())
     fixed: tuple | None = None
+    refresh_s = {}
+    for refresh in model.refreshes():  # once up front, so the timed steps are those after a refresh
+        start = time.perf_counter()
+        model.refresh(refresh.name, StepInfo(0, 0, warmup + steps, generator, 0, n // batch))
+        sync()
+        refresh_s[refresh.name] = round(time.perf_counter() - start, 2)
 
     def one_step(i: int) -> None:
         nonlocal batches, fixed
@@ -56,10 +67,6 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
                 fixed = (b, views)
         training_step(optimizer, lambda: step_fn(views, b, info), dev.type if autocast else None)
         model.after_step(info)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
 
     for i in range(warmup):
         one_step(i)
@@ -78,4 +85,5 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
             "img_per_s_mean": round(batch * steps / sum(times), 1), "steps": steps, "compile": compile,
             "channels_last": channels_last,
             "autocast_bf16": autocast, "env": environment(),
-            **({"solver_frac": round(sections["solver"] / sum(times), 4)} if "solver" in sections else {})}
+            **({"solver_frac": round(sections["solver"] / sum(times), 4)} if "solver" in sections else {}),
+            **({"refresh_s": refresh_s, "images": n} if refresh_s else {})}

@@ -14,16 +14,28 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def info_nce_with_queue(
-    query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float
+    query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float, reduction: str = "mean"
 ) -> torch.Tensor:
     """MoCo's InfoNCE: logits [q.k+, q.Queue] / T, cross-entropy with the positive at index 0.
 
-    query, key: (B, D) l2-normalised; negatives: (K, D) l2-normalised. Returns the batch mean.
+    query, key: (B, D) l2-normalised; negatives: (K, D) l2-normalised. Returns the batch mean, or
+    with ``reduction="none"`` the (B,) per-sample losses (CLIM's Eq. 1).
     """
     positive = (query * key).sum(dim=1, keepdim=True)
     negative = query @ negatives.T
     logits = torch.cat([positive, negative], dim=1) / temperature
-    return F.cross_entropy(logits.float(), torch.zeros(query.shape[0], dtype=torch.long, device=query.device))
+    target = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target, reduction=reduction)
+
+
+def mixed_info_nce(query: torch.Tensor, anchor_key: torch.Tensor, positive_key: torch.Tensor, negatives: torch.Tensor,
+                   lam: torch.Tensor, temperature: float) -> torch.Tensor:
+    """CLIM Eq. 4, per sample: lambda nce(x_mix, x) + (1 - lambda) nce(x_mix, x~), where the mixed
+    query holds a share lambda (B,) of the anchor's pixels. Shapes as :func:`info_nce_with_queue`;
+    returns (B,)."""
+    lam = lam.to(anchor_key.dtype)
+    return (lam * info_nce_with_queue(query, anchor_key, negatives, temperature, "none")
+            + (1 - lam) * info_nce_with_queue(query, positive_key, negatives, temperature, "none"))
 
 
 def mean_shift_loss(prediction: torch.Tensor, neighbour_mean: torch.Tensor) -> torch.Tensor:

@@ -107,12 +107,17 @@ def all_gather_cat(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Ten
 
 
 @torch.no_grad()
-def broadcast_module(module: nn.Module, src: int = 0) -> None:
-    """Every parameter and buffer of ``module`` set to process ``src``'s values: state computed on
-    every process from the same inputs stays identical even where kernels are not deterministic."""
+def broadcast(*tensors: torch.Tensor, src: int = 0) -> None:
+    """Each tensor set, in place, to process ``src``'s values: state computed on every process from
+    the same inputs stays identical even where kernels are not deterministic."""
     if is_distributed():
-        for tensor in [*module.parameters(), *module.buffers()]:
+        for tensor in tensors:
             dist.broadcast(tensor.data, src=src)
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Every parameter and buffer of ``module`` set to process ``src``'s values (:func:`broadcast`)."""
+    broadcast(*module.parameters(), *module.buffers(), src=src)
 
 
 @torch.no_grad()

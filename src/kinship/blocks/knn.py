@@ -80,3 +80,27 @@ def knn_accuracy(
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     scores = weighted_knn_scores(test_feats, train_feats, train_labels, num_classes, k, temperature)
     return topk_accuracy(scores, test_labels)
+
+
+@torch.no_grad()
+def nearest_neighbours(features: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """(N, k) int64: each row's k nearest other rows of ``features`` (N, d) by L2 distance, nearest
+    first; the row itself is excluded by index (not by distance: a data set can hold duplicates).
+    Equal distances are ordered by index, so the table does not depend on the chunking. For unit
+    rows the order is that of cosine similarity."""
+    n = features.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"nearest_neighbours needs 1 <= k < N, got k={k} for N={n}")
+    x = features.float()
+    squared = (x * x).sum(1)
+    tables = []
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(start + chunk, n), device=x.device)
+        distance = squared[rows, None] - 2 * x[rows] @ x.T + squared[None, :]
+        distance[torch.arange(len(rows), device=x.device), rows] = float("inf")
+        top = distance.topk(k, dim=1, largest=False)
+        # (distance, index) order: sort by index, then a stable sort by distance
+        by_index = top.indices.sort(dim=1)
+        nearest = top.values.gather(1, by_index.indices).sort(dim=1, stable=True).indices
+        tables.append(by_index.values.gather(1, nearest))
+    return torch.cat(tables)
