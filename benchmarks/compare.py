@@ -113,14 +113,15 @@ def run_one(name: str, config_path: str, overrides: list[str], out: Path, seed: 
     minutes = (time.time() - tick) / 60
     evaluation = Evaluation(folder / "last.pt", folder, [], progress=False, log=lambda *_: None)
     results = {p: evaluation.run(p) for p in PROTOCOLS}
-    summary = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["summary"]
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    summary = records[-1]["summary"]
     row = {"name": name, "seed": config.train.seed, "device": str(resolve_device(config.train.device)), "config": config_path,
            "overrides": overrides, "train_minutes": summary["minutes"],
            "epochs": summary["epochs_done"], "random_init_knn": summary.get("knn_random_init_top1"),
            "knn_200": results["knn"]["weighted"][1]["top1"], "knn_20": results["knn"]["weighted"][0]["top1"],
            "linear": results["linear"]["top1"], "purity_20": results["purity"]["purity"].get("20"),
            "run": str(folder), "wall_minutes": minutes}
-    refreshes = [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "purity_selected" in r]
+    refreshes = [r for r in records if "purity_selected" in r]
     if refreshes:  # CLIM: the share of its last refresh's positives that are of the anchor's class
         row["positives_purity"] = 100 * refreshes[-1]["purity_selected"]
     for r in results["clustering"]["rows"]:

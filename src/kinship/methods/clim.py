@@ -152,24 +152,24 @@ class CLIM(MoCoV2):
         def keys(xs: list[torch.Tensor], offset: int) -> list[torch.Tensor]:
             return [self.encode_keys(x, step.shared_seed + offset + i) for i, x in enumerate(xs)]
 
+        def pair_mean(term) -> torch.Tensor:  # Eq. 6 as the mean over the (r, r') resolution pairs
+            return torch.stack([term(r, s) for r in range(n) for s in range(n)]).mean()
+
         anchor_keys = keys(views[n : 2 * n], 0)
-        pairs = [(r, s) for r in range(n) for s in range(n)]
         kin_only = len(views) > 2 * n and cfg.mixing != "none" and cfg.plain_weight == 0  # no plain query to compute
         plain = [] if kin_only else queries(views[:n])
-        moco = torch.stack([info_nce_with_queue(plain[r], anchor_keys[s], negatives, cfg.temperature)
-                            for r, s in pairs]).mean() if plain else 0.0
+        moco = pair_mean(lambda r, s: info_nce_with_queue(plain[r], anchor_keys[s], negatives, cfg.temperature)) if plain else 0.0
         logs: dict = {}
         if len(views) == 2 * n:  # no candidates yet: MoCo v2
             loss = moco
         else:
             if cfg.mixing == "none":
                 positive_keys = keys(views[2 * n : 3 * n], n)
-                kin = torch.stack([info_nce_with_queue(plain[r], positive_keys[s], negatives, cfg.temperature)
-                                   for r, s in pairs]).mean()
+                kin = pair_mean(lambda r, s: info_nce_with_queue(plain[r], positive_keys[s], negatives, cfg.temperature))
             else:
                 mixed, positive_keys, lam = queries(views[2 * n : 3 * n]), keys(views[3 * n : 4 * n], n), views[-1]
-                kin = torch.stack([mixed_info_nce(mixed[r], anchor_keys[s], positive_keys[s], negatives, lam, cfg.temperature).mean()
-                                   for r, s in pairs]).mean()
+                kin = pair_mean(lambda r, s: mixed_info_nce(mixed[r], anchor_keys[s], positive_keys[s], negatives, lam,
+                                                            cfg.temperature).mean())
                 logs["lambda"] = lam.mean()
             loss = (cfg.plain_weight * moco + kin) / (cfg.plain_weight + 1)
             logs["loss_kin"] = kin.detach()
