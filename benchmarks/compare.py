@@ -4,6 +4,7 @@
     python benchmarks/compare.py --study pairs --seeds 0,1,2 --out runs/pairs [--only SwAV ...]
     python benchmarks/compare.py --study coke --out runs/compare_coke --pixels
     python benchmarks/compare.py --study clim --out runs/compare_clim
+    python benchmarks/compare.py --study sscl --out runs/compare_sscl
 
 A study is a list of (name, config, overrides); the shared ``--set`` overrides apply to every run
 (same data, backbone, epochs and batch). Each run is evaluated with k-NN (k=200/T=0.1 and
@@ -43,6 +44,8 @@ CMSF_SUP = ("CMSF-sup", "configs/cmsf_cpu.yaml", ["method.constraint=supervised"
 SWAV = ("SwAV", "configs/swav_cpu.yaml", [])
 MIRA_NO_EMA = ("MIRA w/o EMA", "configs/mira_cpu.yaml", ["method.ema_teacher=false"])
 MOCO_DEMO = ("MoCo v2", "configs/demo.yaml", ["train.time_limit_min=0"])  # the demo without its time guard
+SUPERVISED_ONLY = ["method.pseudo_label_weight=0", "method.contrastive_weight=0"]
+LABELS_4000 = ["data.labeled_per_class=400"]
 STUDIES = {
     "cmsf": [
         BYOL_ASYM,
@@ -81,6 +84,17 @@ STUDIES = {
         ("CLIM k-NN selection", "configs/clim_cpu.yaml", ["method.selection=knn"]),
         ("CLIM random selection", "configs/clim_cpu.yaml", ["method.selection=random"]),
     ],
+    # SsCL against FixMatch and supervised-only training at the same budget (SsCL's Table 1 and
+    # FixMatch's baselines) with 250 and 4,000 labels, and SsCL without its co-calibration
+    "sscl": [
+        ("SsCL 250", "configs/sscl_cpu.yaml", []),
+        ("FixMatch 250", "configs/sscl_cpu.yaml", ["method.name=fixmatch"]),
+        ("Supervised-only 250", "configs/sscl_cpu.yaml", SUPERVISED_ONLY),
+        ("SsCL 250 no calibration", "configs/sscl_cpu.yaml", ["method.calibration=none"]),
+        ("SsCL 4000", "configs/sscl_cpu.yaml", LABELS_4000),
+        ("FixMatch 4000", "configs/sscl_cpu.yaml", ["method.name=fixmatch", *LABELS_4000]),
+        ("Supervised-only 4000", "configs/sscl_cpu.yaml", [*SUPERVISED_ONLY, *LABELS_4000]),
+    ],
     # the pairs whose order docs/results.md discusses, to be run with --seeds: MIRA w/o EMA vs SwAV,
     # CMSF-sup vs BYOL-asym, MoCo v2 (the demo, without its time guard) vs BYOL-asym
     "pairs": [
@@ -91,10 +105,12 @@ STUDIES = {
         MIRA_NO_EMA,
     ],
 }
-PROTOCOLS = ("knn", "linear", "purity", "clustering")
+PROTOCOLS = ("knn", "linear", "purity", "clustering", "classifier")
 # (header, key) of the table; a column shows when any run has its key
-COLUMNS = [("k-NN k200", "knn_200"), ("k-NN k20", "knn_20"), ("linear", "linear"), ("purity@20", "purity_20"),
-           ("positives' purity", "positives_purity"),
+COLUMNS = [("EMA classifier", "classifier_ema"), ("online classifier", "classifier_online"),
+           ("median last 20", "classifier_median"), ("mask rate", "mask_rate"), ("pseudo-label acc", "pseudo_accuracy"),
+           ("k-NN k200", "knn_200"), ("k-NN k20", "knn_20"), ("linear", "linear"), ("purity@20", "purity_20"),
+           ("positives' purity", "positives_purity"), ("intra-class cos", "intra_class_cosine"),
            ("k-means ACC", "kmeans_acc"), ("k-means NMI", "kmeans_nmi"), ("k-means ARI", "kmeans_ari"),
            ("head K (occupied)", "head_k"), ("head ACC", "head_acc"), ("head NMI", "head_nmi"), ("head ARI", "head_ari")]
 
@@ -121,6 +137,16 @@ def run_one(name: str, config_path: str, overrides: list[str], out: Path, seed: 
            "knn_200": results["knn"]["weighted"][1]["top1"], "knn_20": results["knn"]["weighted"][0]["top1"],
            "linear": results["linear"]["top1"], "purity_20": results["purity"]["purity"].get("20"),
            "run": str(folder), "wall_minutes": minutes}
+    if "rows" in results["classifier"]:  # semi-supervised methods: their own classifiers, the last epoch's pseudo-labels
+        for r in results["classifier"]["rows"]:
+            row[f"classifier_{r['classifier']}"] = r["top1"]
+        row["classifier_median"] = results["classifier"]["rows"][0]["median_last_20"]
+        row["intra_class_cosine"] = results["purity"]["intra_class_cosine"]
+        last = [r for r in records if "mask_rate" in r and r["epoch"] == row["epochs"]]
+        if last:
+            row["mask_rate"] = 100 * statistics.mean(r["mask_rate"] for r in last)
+            if "pseudo_accuracy" in last[0]:
+                row["pseudo_accuracy"] = 100 * statistics.mean(r["pseudo_accuracy"] for r in last)
     refreshes = [r for r in records if "purity_selected" in r]
     if refreshes:  # CLIM: the share of its last refresh's positives that are of the anchor's class
         row["positives_purity"] = 100 * refreshes[-1]["purity_selected"]
@@ -206,6 +232,28 @@ def write(rows: list[dict], out: Path, title: str, command: str) -> None:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     fig.tight_layout()
     fig.savefig(out / "results.png")
+    plt.close(fig)
+    mask_curves(rows, out)
+
+
+def mask_curves(rows: list[dict], out: Path) -> None:
+    """Semi-supervised runs: the share of unlabeled images above the threshold, and the accuracy of the
+    EMA classifier, over training (``<out>/mask_rate.png``)."""
+    runs = [r for r in rows if "mask_rate" in r and "run" in r]
+    if not runs:
+        return
+    fig, (ax_mask, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    for r in runs:
+        records = [json.loads(line) for line in (Path(r["run"]) / "metrics.jsonl").read_text().splitlines()]
+        steps = [x for x in records if "mask_rate" in x]
+        ax_mask.plot([x["step"] for x in steps], [100 * x["mask_rate"] for x in steps], lw=1, label=r["name"])
+        evals = [x for x in records if "classifier_ema_top1" in x]
+        ax_acc.plot([x["epoch"] for x in evals], [x["classifier_ema_top1"] for x in evals], marker="o", ms=3, lw=1, label=r["name"])
+    ax_mask.set(xlabel="step", ylabel="pseudo-labels above the threshold (%)")
+    ax_acc.set(xlabel="epoch", ylabel="EMA classifier test top-1 (%)")
+    ax_acc.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "mask_rate.png")
     plt.close(fig)
 
 

@@ -164,3 +164,13 @@ def test_a_failed_download_is_an_error_that_says_so(tmp_path, capsys, monkeypatc
     fails(capsys, ["pack-npz", "cifar10", "--root", str(tmp_path), "--download", "--out", str(tmp_path / "c.npz")],
           f"cannot download cifar10 into {tmp_path}", "Name or service not known")
     assert not (tmp_path / "c.npz").exists()
+
+
+def test_views_picture_of_a_semi_supervised_method(tmp_path):
+    """SsCL: the labeled batch's weak view, then the unlabeled batch's weak and strong views."""
+    from test_sscl import semi_values
+
+    out = tmp_path / "views.png"
+    assert main(["views", "--config", write_config(tmp_path, semi_values()), "--out", str(out), "--images", "4"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (4 * 18 + 2, 4 * 18 + 2)  # original + 3 views

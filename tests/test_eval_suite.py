@@ -159,7 +159,7 @@ def test_cli_eval_and_export(tiny_checkpoint, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(result["weighted"]) == 2 and (tmp_path / "eval_knn.json").is_file()
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "b.pt")]) == 0
-    assert "ConvNet(width=8)" in capsys.readouterr().out
+    assert "build_backbone('convnet', width=8)" in capsys.readouterr().out
     assert main(["eval", "knn", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
 

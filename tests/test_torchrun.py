@@ -44,11 +44,23 @@ VARIANTS = {  # name -> method section (and data section overrides)
              "positives": 3, "refresh_start": 1, "refresh_every": 1},
     "clim-mixup-cluster-kin-only": {"name": "clim", "queue_size": 128, "augment": AUG16, "mixing": "mixup", "selection": "cluster",
                                     "plain_weight": 0.0, "clusters": 8, "neighbours": 6, "positives": 3, "refresh_start": 1},
+    "sscl": {"name": "sscl", "queue_size": 128, **TINY, "refresh_every": 1, "weak": AUG16,
+             "strong": {"crop_size": 16, "randaugment": 2, "cutout": 0.5}},
+    "sscl-calibrated-assign-labeled-prototypes": {"name": "sscl", "queue_size": 128, **TINY, "refresh_every": 1,
+                                                  "assign": "calibrated", "alpha_prototype": "assigned", "prototype_mixture": False,
+                                                  "calibration": "literal", "weak": AUG16, "strong": AUG16},
+    "fixmatch": {"name": "fixmatch", "queue_size": 128, **TINY, "weak": AUG16, "strong": {"crop_size": 16}},
+    "supervised": {"name": "supervised", "augment": AUG16},
     "coke-one-view-moving-average": {"name": "coke", "clusters": [5], "views": 1, "moving_average_after": 1, "label_slots": 3,
                                      "temperature": 0.1, "pred_weight": 1.0, **TINY, "view1": AUG16},
 }
 # data settings of a variant: CMSF-semi's labels; CoKe's 251 images leave a tail that the scan epoch must label
-DATA = {"cmsf-semi": {"labeled_per_class": 16}, "coke": {"train_limit": 251}}
+SEMI = {"labeled_per_class": 16}
+DATA = {"cmsf-semi": SEMI, "coke": {"train_limit": 251}, "sscl": SEMI, "sscl-calibrated-assign-labeled-prototypes": SEMI, "fixmatch": SEMI}
+# train settings of a variant: the labeled stream of the semi-supervised methods; SsCL's epochs of a
+# fixed 5 steps, which run on across passes over the data (4 or 8 batches a pass)
+TRAIN = {"sscl": {"labeled_batch_size": 16, "steps_per_epoch": 5}, "sscl-calibrated-assign-labeled-prototypes": {"labeled_batch_size": 16},
+         "fixmatch": {"labeled_batch_size": 16}}
 # measured on a 2-core CPU: method state at most 2.7e-7 apart (CMSF third_aug; MoCo 3e-11); the
 # optimizer's momentum buffers, sums of gradients that are differences of large terms, 2.6e-5
 RTOL, ATOL = 1e-5, 1e-6
@@ -59,6 +71,7 @@ def run_config(name: str) -> dict:
     values = tiny_run_config(**{"method": VARIANTS[name], "model.norm": "none", "train.batch_size": 32,
                                 "eval.baselines": False, "eval.knn_every": 100})
     values["data"].update(DATA.get(name, {}))  # CMSF-semi: the pseudo-label classifier, trained and broadcast twice an epoch
+    values["train"].update(TRAIN.get(name, {}))
     return values
 
 

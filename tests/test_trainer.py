@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
-from test_torchrun import DATA, VARIANTS
+from test_torchrun import DATA, TRAIN, VARIANTS
 from kinship import checkpoint
 from kinship.assembly import build_config
 from kinship.errors import NonFiniteLossError
@@ -19,6 +19,7 @@ def losses(path):
 def resume_values(name: str) -> dict:
     values = tiny_run_config(**{"method": VARIANTS[name]})
     values["data"].update(DATA.get(name, {}))
+    values["train"].update(TRAIN.get(name, {}))
     return values
 
 

@@ -16,7 +16,7 @@ from kinship.config import MethodConfig, RunConfig, parse_config, read_values
 from kinship.data import BatchPlan, DataInfo, ImageSet, LabeledPlan, StreamingLoader, TensorLoader, TrainData
 from kinship.data import hide_unlabeled, labeled_subset, load_split
 from kinship.data.store import list_image_folder, read_image_files
-from kinship.data.subsets import corrupt_labels, map_labels, save_indices
+from kinship.data.subsets import corrupt_labels, map_labels, read_labeled_file, save_indices
 from kinship.errors import CheckpointError, DataError
 from kinship.methods import METHODS, Method
 from kinship.models.backbones import build_backbone, remove_batch_norm, split_batch_norm
@@ -67,8 +67,14 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         num_classes = int(labels.max()) + 1
     if dc.label_noise > 0:  # the method trains on corrupted labels; k-NN and evaluation use the true ones
         labels = corrupt_labels(labels, dc.label_noise, num_classes, config.train.seed)
-    if dc.labeled_per_class or dc.labeled_fraction:
-        labeled = labeled_subset(gt, dc.labeled_per_class, dc.labeled_fraction, config.train.seed)
+    if dc.labeled_per_class or dc.labeled_fraction or dc.labeled_file:
+        if dc.labeled_file:
+            if dc.name == "imagefolder" and dc.train_limit:
+                raise DataError("data.labeled_file names images of the whole folder: it cannot be used with data.train_limit")
+            names = files if files is not None else (list_image_folder(Path(dc.path).expanduser())[0] if dc.name == "imagefolder" else None)
+            labeled = read_labeled_file(Path(dc.labeled_file).expanduser(), len(gt), names)
+        else:
+            labeled = labeled_subset(gt, dc.labeled_per_class, dc.labeled_fraction, config.train.seed)
         labels = hide_unlabeled(labels, labeled)
         if out_dir is not None and rank() == 0:
             save_indices(labeled, out_dir / "labeled_indices.json")
@@ -85,7 +91,7 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         train = train.to(device)  # once: the bank and the method's handle share (or index) these tensors
         bank = train if keep is None else train[keep]  # ground-truth labels
     test = load_split(dc, "test")
-    info = DataInfo(size=len(gt), num_classes=num_classes, image_size=bank.images.shape[-1])
+    info = DataInfo(size=len(gt), num_classes=num_classes, image_size=bank.images.shape[-1], labeled=int((labels >= 0).sum()))
     handle = TrainData(info, labels.to(device), gt.to(device), None if train is None else train.images, files,
                        use_bf16(config.train.precision, device), dc.decode_threads, None if train is None else train.aspect)
     return RunData(handle, bank, test.to(device), train)

@@ -9,7 +9,7 @@ import torch
 
 from kinship.assembly import build_config, build_method
 from kinship.config import apply_overrides
-from kinship.data import BatchPlan, ImageSet, TensorLoader, TrainData
+from kinship.data import BatchPlan, ImageSet, LabeledPlan, TensorLoader, TrainData, labeled_subset
 from kinship.methods import StepInfo
 from kinship.optim import build_optimizer, training_step
 from kinship.runtime import environment, resolve_device, timed_sections, tune_cpu_allocator, use_bf16
@@ -30,13 +30,17 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
     n = max(batch * 4, 16384)  # more images than a memory bank holds
     data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                     torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)]).to(dev)
-    model = build_method(config, TrainData.of(data)).to(dev)
+    handle, labeled_plan = TrainData.of(data), None
+    if config.train.labeled_batch_size:  # semi-supervised: 25 labels per class, a labeled batch beside each unlabeled one
+        handle = TrainData.of(data, labeled_subset(data.labels, per_class=25))
+        labeled_plan = LabeledPlan(handle.labeled, config.train.labeled_batch_size, seed=0)
+    model = build_method(config, handle).to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config.optim, batch)
     step_fn = torch.compile(model) if compile else model
     autocast = use_bf16(precision, dev)
-    loader = TensorLoader(data, BatchPlan(n, batch, seed=0))
+    loader = TensorLoader(data, BatchPlan(n, batch, seed=0), handle.labels, labeled_plan)
     generator = torch.Generator(device=dev).manual_seed(0)
 
     def sync() -> None:

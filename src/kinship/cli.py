@@ -89,8 +89,10 @@ def cmd_views(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     data = load_split(config.data, "train")
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.images]
-    method = build_method(config, TrainData.of(data))
+    # semi-supervised methods: the picked images are the labeled batch too, and the others unlabeled
+    method = build_method(config, TrainData.of(data, pick if config.train.labeled_batch_size else None))
     batch = Batch(pick, data.images[pick], data.labels[pick])
+    batch.labeled = batch
     views = method.views(batch, StepInfo(0, 0, 1, torch.Generator().manual_seed(args.seed), args.seed))
     size = max(v.shape[-1] for v in views)
     recipe = method.eval_recipe
@@ -147,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the first start and every restart)")
     p.set_defaults(func=cmd_pretrain)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint: knn, linear, finetune, clustering, purity, tsne, curves or all")
-    e.add_argument("protocol", choices=["all", "knn", "linear", "finetune", "clustering", "purity", "tsne", "curves"])
+    e = sub.add_parser("eval", help="evaluate a checkpoint: knn, linear, finetune, clustering, purity, tsne, curves, classifier or all")
+    e.add_argument("protocol", choices=["all", "knn", "linear", "finetune", "clustering", "purity", "tsne", "curves", "classifier"])
     e.add_argument("--checkpoint", required=True, help="last.pt of a pretrain run")
     e.add_argument("--data", help="evaluate on other data: cifar10, cifar100, stl10, a .npz file or an ImageFolder root")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. eval.finetune.epochs=5")

@@ -36,6 +36,9 @@ class DataConfig:
     test_limit: int = 0  # >0: a seeded random subset of the test split
     labeled_per_class: int = 0  # >0: labeled subset with N images per class
     labeled_fraction: float = 0.0  # >0: labeled subset with this fraction of each class
+    # or a labeled subset from a file, one image per line: file names for an ImageFolder (the SimCLR
+    # 1 % / 10 % ImageNet splits), else train-split indices (e.g. a run's labeled_indices.json, one per line)
+    labeled_file: str = ""
     label_noise: float = 0.0  # >0: this fraction of the training labels changed to another class (seeded)
     superclasses: bool = False  # cifar100: train and evaluate on its 20 super-classes (CIFAR-100-20, CoKe Table 18)
     label_map: str = ""  # JSON list: training label of each class (coarse labels, CMSF Table 5); evaluation keeps the fine ones
@@ -46,7 +49,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"  # resnet18 | resnet50 | convnet
+    backbone: str = "resnet18"  # resnet18 | resnet50 | wrn28_2 | wrn28_8 (wrnDEPTH_WIDEN) | convnet
     cifar_stem: bool = True  # 3x3 stride-1 conv1, no max-pool (ResNets)
     stem_padding: int = 1  # of the CIFAR stem's conv1; MIRA's and solo-learn's code use 2 (34 x 34 maps)
     zero_init_residual: bool = False  # ResNets: last BN of each residual block starts at 0 (MIRA's code)
@@ -66,7 +69,11 @@ class OptimConfig:
     lr: float = 0.05  # at batch `lr_batch`; scaled linearly with the global batch
     lr_batch: int = 256
     momentum: float = 0.9
+    nesterov: bool = False  # sgd: Nesterov momentum (FixMatch's optimizer)
     weight_decay: float = 5e-4
+    # after warm-up: cosine (half a period, lr -> lr * final_lr_ratio) | fixmatch: lr cos(7 pi k / 16 K)
+    # (FixMatch, Sec. 4; ends at 0.2 lr)
+    schedule: str = "cosine"
     warmup_epochs: float = 0.0
     warmup_start_lr: float = 0.0  # the warm-up's first rate, absolute (not scaled with the batch)
     final_lr_ratio: float = 0.0  # cosine ends at lr * final_lr_ratio
@@ -94,6 +101,9 @@ class TrainConfig:
     time_limit_min: float = 0.0  # >0: stop training (checkpointed) after this many minutes
     stop_after_epochs: int = 0  # >0: stop (checkpointed) after this epoch; --resume continues the schedule
     stop_after_steps: int = 0  # >0: stop (checkpointed) after this many steps in all, mid-epoch or not
+    # >0: an epoch is this many steps (FixMatch-style papers: 1,024), the batches running on through
+    # seeded passes over the data; 0: an epoch is one pass
+    steps_per_epoch: int = 0
     # a labeled batch beside every unlabeled one (semi-supervised methods): global size, drawn from
     # the labeled images in seeded passes that wrap around as often as needed; 0: none
     labeled_batch_size: int = 0
@@ -152,6 +162,7 @@ class EvalConfig:
     knn_k: int = 200  # training monitor: weighted k-NN of the MoCo CIFAR demo (k 200, T 0.1)
     knn_temperature: float = 0.1
     knn_every: int = 10  # epochs; the last epoch is always evaluated
+    classifier_every: int = 1  # epochs between test evaluations of a method's own classifiers (FixMatch: every epoch)
     knn_train_limit: int = 0  # >0: size of the k-NN feature bank (a seeded subset of train)
     baselines: bool = True  # also k-NN on raw pixels and on the randomly initialised network
     batch_size: int = 512
@@ -164,7 +175,7 @@ class EvalConfig:
     clustering_restarts: int = 10
     tsne_points: int = 2000  # test images in the t-SNE picture
     protocols: list[str] = field(
-        default_factory=lambda: ["knn", "linear", "finetune", "clustering", "purity", "tsne", "curves"]
+        default_factory=lambda: ["knn", "linear", "finetune", "clustering", "purity", "tsne", "curves", "classifier"]
     )  # what `kinship eval all` runs
     linear: LinearEvalConfig = field(default_factory=LinearEvalConfig)
     finetune: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
@@ -175,6 +186,10 @@ class AugmentConfig:
     """One augmentation recipe; methods choose how many views of which recipe they need."""
 
     crop_size: int = 32
+    # resized: RandomResizedCrop(crop_scale, crop_ratio) | pad: FixMatch's weak view, a translation by
+    # up to `pad` px (reflect-padded RandomCrop) of the image resized to crop_size
+    crop_mode: str = "resized"
+    pad: int = 4
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
@@ -187,6 +202,8 @@ class AugmentConfig:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
+    randaugment: int = 0  # RandAugment operations per image, random magnitude (FixMatch's strong view: 2)
+    cutout: float = 0.0  # >0: a Cutout square of this fraction of the side, last (FixMatch: 0.5, 16 px at 32)
     # the evaluation view: >0 Resize(eval_resize) of the shorter side + CenterCrop(crop_size), as
     # the ImageNet papers' code (256, 224); 0: the whole image resized to crop_size (CIFAR, STL-10)
     eval_resize: int = 0
@@ -333,19 +350,22 @@ def validate(config: RunConfig) -> None:
          f"model.norm split: train.batch_size ({config.train.batch_size}) must be a multiple of model.bn_splits ({config.model.bn_splits})"),
         (not config.model.zero_init_residual or config.model.backbone.startswith("resnet"), "model.zero_init_residual applies to ResNet backbones only"),
         (min(config.train.checkpoint_every, config.train.checkpoint_every_steps, config.train.stop_after_steps,
-             config.train.stop_after_epochs, config.train.labeled_batch_size) >= 0
+             config.train.stop_after_epochs, config.train.labeled_batch_size, config.train.steps_per_epoch) >= 0
          and min(config.train.checkpoint_every_min, config.train.time_limit_min) >= 0,
-         "train.checkpoint_every*, stop_after_*, time_limit_min and labeled_batch_size must be >= 0"),
+         "train.checkpoint_every*, stop_after_*, time_limit_min, labeled_batch_size and steps_per_epoch must be >= 0"),
         (config.train.log_every >= 1, "train.log_every must be >= 1"),
         (config.train.batch_size >= 2, "train.batch_size must be >= 2"),
         (config.optim.lr > 0, "optim.lr must be > 0"),
         (config.optim.warmup_start_lr >= 0 and config.optim.warmup_epochs >= 0, "optim.warmup_start_lr and warmup_epochs must be >= 0"),
         (config.optim.name in ("sgd", "lars", "adamw"), f"optim.name must be sgd, lars or adamw, got '{config.optim.name}'"),
+        (config.optim.schedule in ("cosine", "fixmatch"), f"optim.schedule must be cosine or fixmatch, got '{config.optim.schedule}'"),
+        (not config.optim.nesterov or config.optim.name == "sgd", "optim.nesterov is for optim.name: sgd"),
         (config.train.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got '{config.train.precision}'"),
         (config.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got '{config.train.device}'"),
         (config.eval.knn_k >= 1, "eval.knn_k must be >= 1"),
         (config.eval.knn_temperature > 0, "eval.knn_temperature must be > 0"),
-        (not (config.data.labeled_per_class and config.data.labeled_fraction), "set only one of data.labeled_per_class and data.labeled_fraction"),
+        (sum(map(bool, (config.data.labeled_per_class, config.data.labeled_fraction, config.data.labeled_file))) <= 1,
+         "set only one of data.labeled_per_class, data.labeled_fraction and data.labeled_file"),
         (config.eval.linear.mode in ("lbfgs", "sgd"), f"eval.linear.mode must be lbfgs or sgd, got '{config.eval.linear.mode}'"),
         (config.eval.finetune.head_init in ("probe", "random"), f"eval.finetune.head_init must be probe or random, got '{config.eval.finetune.head_init}'"),
         (all(0 < f <= 1 for f in config.eval.finetune.fractions), "eval.finetune.fractions must lie in (0, 1]"),

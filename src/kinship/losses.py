@@ -67,3 +67,38 @@ def swapped_prediction_loss(targets: list[torch.Tensor], logits: list[torch.Tens
     per_target = [torch.stack([soft_cross_entropy(s, q, temperature) for v, s in enumerate(logits) if v != g]).mean()
                   for g, q in enumerate(targets)]
     return torch.stack(per_target).mean()
+
+
+def margin_contrastive_loss(positive: torch.Tensor, negative: torch.Tensor, weight: torch.Tensor, gamma: float,
+                            margin: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """SsCL's contrastive loss with several positives, a margin and self-paced weights, per query:
+
+        L = log(1 + sum_n exp(gamma (s_n + m)) sum_p exp(-gamma alpha_p s_p))
+          = softplus(LSE_n gamma (s_n + m) + LSE_p (-gamma alpha_p s_p))
+
+    The paper's Eq. 5 is lost from its text; this is the form its appendix derivation (Eq. 10) and the
+    bound of Eq. 9, max(gamma (max s_n - min alpha_p s_p + m), 0), imply: Circle loss's unified form
+    (Sun et al., 2020) with the margin on the negatives and the weights on the positives. With one
+    positive, alpha 1 and m 0 it is InfoNCE at temperature 1 / gamma.
+
+    positive (B, P) cosines s_p; negative (B, K) cosines s_n; weight (B, P) alpha_p (no gradient);
+    valid (B, P) bool: positives that exist (a row's padding gets -inf). Returns (B,), computed in
+    fp32 at least.
+    """
+    dtype = torch.promote_types(positive.dtype, torch.float32)
+    pos = -gamma * weight.detach().to(dtype) * positive.to(dtype)
+    if valid is not None:
+        pos = pos.masked_fill(~valid, float("-inf"))
+    neg = gamma * (negative.to(dtype) + margin)
+    return F.softplus(torch.logsumexp(neg, dim=1) + torch.logsumexp(pos, dim=1))
+
+
+def pseudo_label_loss(strong_logits: torch.Tensor, target: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch's and SsCL's Eq. 2: the cross-entropy of the strong view's logits (B, C) against the
+    hard pseudo-label argmax of ``target`` (B, C, rows on the simplex, no gradient), kept where
+    max target > ``threshold`` (strictly) and averaged over all B samples, kept or not. Returns the
+    loss and the (B,) float mask."""
+    confidence, pseudo = target.detach().max(dim=1)
+    mask = (confidence > threshold).to(strong_logits.dtype)
+    per_sample = F.cross_entropy(strong_logits.to(torch.promote_types(strong_logits.dtype, torch.float32)), pseudo, reduction="none")
+    return (per_sample * mask).mean(), mask

@@ -65,7 +65,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig, global_batch: int) ->
     if config.name == "sgd":
         for g in groups:
             g.pop("lars_exclude", None)
-        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov)
     if config.name == "lars":
         return LARS(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, eta=config.lars_eta,
                     clip=config.lars_clip)
@@ -86,13 +86,18 @@ def cosine_ramp(step: int, total_steps: int, base: float, final: float = 1.0) ->
 
 
 def learning_rate(
-    step: int, total_steps: int, warmup_steps: int, base_lr: float, final_ratio: float, start_lr: float = 0.0
+    step: int, total_steps: int, warmup_steps: int, base_lr: float, final_ratio: float, start_lr: float = 0.0,
+    schedule: str = "cosine",
 ) -> float:
     """Linear warm-up from ``start_lr`` (reached just before step 0) to ``base_lr`` over ``warmup_steps``,
-    then cosine from ``base_lr`` to ``base_lr * final_ratio``."""
+    then cosine from ``base_lr`` to ``base_lr * final_ratio``, or with ``schedule="fixmatch"``
+    base_lr cos(7 pi k / 16 K) over the K steps after warm-up (FixMatch, Sec. 4; ``final_ratio`` unused)."""
     if step < warmup_steps:
         return start_lr + (base_lr - start_lr) * (step + 1) / warmup_steps
-    return cosine_ramp(step - warmup_steps, max(1, total_steps - warmup_steps), base_lr, base_lr * final_ratio)
+    k, total = step - warmup_steps, max(1, total_steps - warmup_steps)
+    if schedule == "fixmatch":
+        return base_lr * math.cos(7 * math.pi * min(k, total) / (16 * total))
+    return cosine_ramp(k, total, base_lr, base_lr * final_ratio)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kinship.augment import ops
+from kinship.augment import ops, randaugment
 from kinship.config import AugmentConfig
 from kinship.sampling import Shard
 
@@ -41,9 +41,13 @@ def augment(
     n, _, height, width = images.shape
     device = images.device
     shard = shard or Shard.whole(n)
-    boxes = ops.sample_crop_boxes(shard, height, width, recipe.crop_scale, recipe.crop_ratio, generator, device, aspect)
-    flip = shard.rows(torch.rand(shard.total, generator=generator, device=device) < recipe.flip_p)
-    x = ops.crop_resize_flip(images, boxes, recipe.crop_size, flip)
+    if recipe.crop_mode == "pad":
+        flip = shard.rows(torch.rand(shard.total, generator=generator, device=device) < recipe.flip_p)
+        x = randaugment.pad_crop(resized(images, recipe.crop_size), recipe.pad, flip, generator, shard)
+    else:
+        boxes = ops.sample_crop_boxes(shard, height, width, recipe.crop_scale, recipe.crop_ratio, generator, device, aspect)
+        flip = shard.rows(torch.rand(shard.total, generator=generator, device=device) < recipe.flip_p)
+        x = ops.crop_resize_flip(images, boxes, recipe.crop_size, flip)
     if recipe.jitter_p > 0:
         x = ops.color_jitter(
             x, recipe.jitter_p, recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue, generator, shard
@@ -54,7 +58,18 @@ def augment(
         x = ops.gaussian_blur(x, recipe.blur_p, recipe.blur_sigma, generator, shard)
     if recipe.solarize_p > 0:
         x = ops.random_solarize(x, recipe.solarize_p, generator, shard)
+    if recipe.randaugment > 0:
+        x = randaugment.rand_augment(x, recipe.randaugment, generator, shard)
+    if recipe.cutout > 0:
+        x = randaugment.cutout(x, recipe.cutout, generator, shard)
     return ops.normalize(x, recipe.mean, recipe.std).contiguous(memory_format=torch.channels_last)
+
+
+def resized(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The whole image at ``size`` x ``size`` (bilinear, antialiased); unchanged at that size already."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def make_views(batch: "Batch", recipes: list[AugmentConfig], generator: torch.Generator) -> list[torch.Tensor]:
@@ -72,6 +87,6 @@ def center_view(images: torch.Tensor, recipe: AugmentConfig, aspect: torch.Tenso
     if recipe.eval_resize:
         boxes = ops.center_crop_boxes(n, height, width, recipe.crop_size, recipe.eval_resize, aspect, x.device)
         x = ops.crop_resize_flip(x, boxes, recipe.crop_size, torch.zeros(n, dtype=torch.bool, device=x.device))
-    elif width != recipe.crop_size or height != recipe.crop_size:
-        x = torch.nn.functional.interpolate(x, size=(recipe.crop_size, recipe.crop_size), mode="bilinear", antialias=True, align_corners=False)
+    else:
+        x = resized(x, recipe.crop_size)
     return ops.normalize(x, recipe.mean, recipe.std).contiguous(memory_format=torch.channels_last)

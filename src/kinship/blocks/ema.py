@@ -9,14 +9,18 @@ from torch import nn
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+def ema_update(target: nn.Module, online: nn.Module, momentum: float, copy_buffers: bool = False) -> None:
     """xi <- m xi + (1 - m) theta for parameters. Buffers are left alone: the target's BN running
     statistics are its own, gathered by its train-mode forwards, as in MoCo, BYOL and MIRA's code;
-    they are the ones an evaluated EMA network (MIRA's teacher) needs."""
+    they are the ones an evaluated EMA network (MIRA's teacher) needs. ``copy_buffers``: a target
+    that never runs forward takes the online network's buffers (FixMatch's evaluation EMA)."""
     t_params = [p for p in target.parameters()]
     o_params = [p.detach() for p in online.parameters()]
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, o_params, alpha=1 - momentum)
+    if copy_buffers:
+        for t, o in zip(target.buffers(), online.buffers()):
+            t.copy_(o)
 
 
 class EMATarget(nn.Sequential):
@@ -32,5 +36,5 @@ class EMATarget(nn.Sequential):
         self.requires_grad_(False)
         self.online = online  # a tuple: not a submodule
 
-    def update(self, momentum: float) -> None:
-        ema_update(self, nn.Sequential(*self.online), momentum)
+    def update(self, momentum: float, copy_buffers: bool = False) -> None:
+        ema_update(self, nn.Sequential(*self.online), momentum, copy_buffers)

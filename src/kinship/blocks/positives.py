@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from kinship.sampling import Shard
+
 SELECTIONS = ("centre", "knn_cluster", "knn", "cluster", "random")
 
 
@@ -99,3 +101,39 @@ def pair_purity(candidates: torch.Tensor, labels: torch.Tensor) -> float:
     other = labels[candidates]
     known = (anchor >= 0) & (other >= 0)
     return ((anchor == other) & known).sum().item() / known.sum().item() if known.any() else float("nan")
+
+
+def class_members(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """(C, M) int64: row c lists the positions i with labels[i] == c, in order, padded with -1
+    (M = the largest class)."""
+    counts = torch.bincount(labels, minlength=classes)
+    table = torch.full((classes, max(int(counts.max()) if len(labels) else 0, 1)), -1, dtype=torch.long, device=labels.device)
+    order = torch.argsort(labels, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(labels), device=labels.device) - starts[labels[order]]
+    table[labels[order], slot] = order
+    return table
+
+
+@torch.no_grad()
+def sample_members(members: torch.Tensor, classes: torch.Tensor, count: int, generator: torch.Generator,
+                   shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` members of each query's class (SsCL's labeled positives): distinct when the class
+    has at least ``count``, else all of them and then repeats drawn uniformly. members (C, M) from
+    :func:`class_members`; classes (B,) this shard's queries' classes (-1: none). Draws are made for
+    the global batch (``shard.total`` rows). Returns (B, count) positions and a (B, count) bool that is
+    False where the class has no member (or the query no class)."""
+    device = members.device
+    total, width = shard.total, members.shape[1]
+    order_draw = shard.rows(torch.rand(total, width, generator=generator, device=device))
+    repeat_draw = shard.rows(torch.rand(total, count, generator=generator, device=device))
+    rows = members[classes.clamp_min(0)]  # (B, M)
+    present = rows >= 0
+    n = present.sum(dim=1, keepdim=True)  # (B, 1)
+    slots = torch.topk(torch.where(present, order_draw, 2.0), min(count, width), dim=1, largest=False).indices
+    if count > width:
+        slots = torch.cat([slots, slots[:, :1].expand(-1, count - width)], dim=1)
+    repeats = slots.gather(1, torch.floor(repeat_draw * n.clamp_min(1)).long().clamp(max=min(count, width) - 1))
+    slot = torch.where(torch.arange(count, device=device) < n, slots, repeats)
+    valid = (n > 0).expand(-1, count) & (classes >= 0).unsqueeze(1)
+    return rows.gather(1, slot).clamp_min(0), valid

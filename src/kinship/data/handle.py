@@ -18,6 +18,7 @@ from torch import nn
 from kinship.blocks.features import View, extract_features
 from kinship.data.loader import Batch
 from kinship.data.store import ImageSet, read_image_files
+from kinship.data.subsets import hide_unlabeled
 from kinship.errors import DataError
 from kinship.runtime import all_gather_cat, rank, world_size
 
@@ -31,6 +32,7 @@ class DataInfo:
     size: int  # training images
     num_classes: int
     image_size: int
+    labeled: int = 0  # training images whose label a method may train on (a labeled subset's size)
 
 
 @dataclass
@@ -54,10 +56,12 @@ class TrainData:
         return TrainData(info)
 
     @staticmethod
-    def of(data: ImageSet) -> "TrainData":
-        """A handle on an in-memory image set whose labels are all known (views, benchmarks)."""
-        info = DataInfo(len(data), max(len(data.classes), int(data.labels.max()) + 1), data.images.shape[-1])
-        return TrainData(info, data.labels, data.labels, data.images, aspect=data.aspect)
+    def of(data: ImageSet, labeled: torch.Tensor | None = None) -> "TrainData":
+        """A handle on an in-memory image set (views, benchmarks) whose labels are all known, or only
+        those of the indices ``labeled`` (the others hidden)."""
+        labels = data.labels if labeled is None else hide_unlabeled(data.labels, labeled.to(data.labels.device))
+        info = DataInfo(len(data), max(len(data.classes), int(data.labels.max()) + 1), data.images.shape[-1], int((labels >= 0).sum()))
+        return TrainData(info, labels, data.labels, data.images, aspect=data.aspect)
 
     @property
     def size(self) -> int:
@@ -96,19 +100,25 @@ class TrainData:
 
     @torch.no_grad()
     def embed_all(
-        self, network: nn.Module, view: View, index: torch.Tensor | None = None, batch_size: int = 512
+        self, network: nn.Module, view: View, index: torch.Tensor | None = None, batch_size: int = 512,
+        mix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """``network`` (eval mode, no autograd) on ``view`` of every training image, or of ``index``:
         (n, D) float32 rows in the order of ``index``, identical on every process. Each process
-        embeds a contiguous share and the shares are gathered in rank order."""
+        embeds a contiguous share and the shares are gathered in rank order. ``mix`` = (partners (n,),
+        lam (n,)): embed instead the pixel mixup lam x_index + (1 - lam) x_partner of each pair (on
+        the stored 8-bit pixels, rounded; SsCL's prototype mixture)."""
         if not self.has_images:
             raise DataError(NO_DATA)
         device = self.labels.device if self.labels is not None else next(network.parameters()).device
         index = torch.arange(self.size, device=device) if index is None else index.to(device)
         world = world_size() if len(index) >= world_size() else 1  # fewer rows than processes: all on each
         shares = torch.tensor_split(index, world)
-        mine = shares[rank() if world > 1 else 0]
-        local = extract_features(network, _Reader(self, mine), view, batch_size, self.autocast)
+        part = rank() if world > 1 else 0
+        mine = shares[part]
+        if mix is not None:
+            mix = tuple(torch.tensor_split(m.to(device), world)[part] for m in mix)
+        local = extract_features(network, _Reader(self, mine, mix), view, batch_size, self.autocast)
         if world == 1:
             return local
         sizes = [len(s) for s in shares]
@@ -118,13 +128,20 @@ class TrainData:
 
 
 class _Reader:
-    """Chunks of ``index``'s images, read when sliced (no copy of the whole share up front)."""
+    """Chunks of ``index``'s images, read when sliced (no copy of the whole share up front), each
+    mixed with its partner's when ``mix`` = (partners, lam) is given."""
 
-    def __init__(self, data: TrainData, index: torch.Tensor) -> None:
-        self.data, self.index = data, index
+    def __init__(self, data: TrainData, index: torch.Tensor, mix: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.data, self.index, self.mix = data, index, mix
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, rows: slice) -> Batch:
-        return self.data.read(self.index[rows])
+        batch = self.data.read(self.index[rows])
+        if self.mix is not None:
+            partners, lam = (m[rows] for m in self.mix)
+            other = self.data.read(partners).images.float()
+            weight = lam.to(other.device, other.dtype).view(-1, 1, 1, 1)
+            batch.images = (weight * batch.images.float() + (1 - weight) * other).round_().clamp_(0, 255).to(torch.uint8)
+        return batch

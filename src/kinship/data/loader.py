@@ -1,10 +1,12 @@
 """Batches of dataset indices, identical on every process, and the loaders that turn them into images.
 
-The order of an epoch is a seeded permutation of the dataset, a function of (seed, epoch) only,
-so a resumed run replays it exactly. Global batch b of the epoch is ``perm[b*B:(b+1)*B]`` and
+The data are read in passes, each a seeded permutation of the dataset, a function of (seed, pass)
+only, so a resumed run replays it exactly. Global batch b of a pass is ``perm[b*B:(b+1)*B]`` and
 process r takes its r-th slice: the concatenation over processes is the single-process batch,
 which is what makes N processes equal to one on the concatenated batch. The tail is dropped (a
-per-image cache must never see an image twice in one step).
+per-image cache must never see an image twice in one step). An epoch is one pass, or a fixed
+number of steps (``train.steps_per_epoch``: FixMatch-style papers count 1,024 steps as an epoch),
+in which case the passes run on across epoch boundaries.
 
 Semi-supervised methods also get a labeled batch at every step (:class:`LabeledPlan`): a function of
 (seed, step) that wraps around the labeled set as often as needed, sliced across processes the same way.
@@ -51,7 +53,7 @@ class _Split:
 
 
 class BatchPlan(_Split):
-    def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, steps_per_epoch: int = 0) -> None:
         super().__init__(global_batch, rank, world, "train.batch_size")
         if size < global_batch:
             raise DataError(
@@ -59,21 +61,20 @@ class BatchPlan(_Split):
                 "(batches are drawn without repeats, the tail of each epoch is dropped)"
             )
         self.size, self.seed = size, seed
-        self._epoch, self._perm = -1, torch.empty(0)
+        self.steps_per_pass = size // global_batch
+        self.steps_per_epoch = steps_per_epoch or self.steps_per_pass
+        self._pass, self._perm = -1, torch.empty(0)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.size // self.global_batch
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=g)
+    def permutation(self, number: int) -> torch.Tensor:
+        if number != self._pass:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + number)
+            self._pass, self._perm = number, torch.randperm(self.size, generator=g)
         return self._perm
 
     def indices(self, epoch: int, step: int) -> torch.Tensor:
-        start = step * self.global_batch + self.rank * self.local_batch
-        return self.permutation(epoch)[start : start + self.local_batch]
+        number, batch = divmod(epoch * self.steps_per_epoch + step, self.steps_per_pass)  # with one pass per epoch: (epoch, step)
+        start = batch * self.global_batch + self.rank * self.local_batch
+        return self.permutation(number)[start : start + self.local_batch]
 
 
 class LabeledPlan(_Split):

@@ -26,6 +26,33 @@ def labeled_subset(labels: torch.Tensor, per_class: int = 0, fraction: float = 0
     return torch.cat(chosen).sort().values
 
 
+def read_labeled_file(path: Path, size: int, files: list[Path] | None = None) -> torch.Tensor:
+    """Sorted indices of the labeled images listed in ``path``, one per line (blank lines and ``#``
+    comments skipped): image file names for an ImageFolder (``files``; matched by name, e.g. the
+    SimCLR 1 % and 10 % ImageNet splits' ``n01440764_10026.JPEG``), else indices into the train split."""
+    if not path.is_file():
+        raise DataError(f"data.labeled_file: file not found: {path}")
+    entries = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    entries = [e for e in entries if e]
+    if not entries:
+        raise DataError(f"data.labeled_file {path} lists no images")
+    if files is not None:
+        where = {f.name: i for i, f in enumerate(files)}
+        missing = [e for e in entries if Path(e).name not in where]
+        if missing:
+            raise DataError(f"data.labeled_file {path}: {len(missing)} of {len(entries)} names are not in the image folder, "
+                            f"e.g. {missing[:3]}")
+        chosen = [where[Path(e).name] for e in entries]
+    else:
+        if not all(e.isdigit() for e in entries):
+            bad = next(e for e in entries if not e.isdigit())
+            raise DataError(f"data.labeled_file {path}: expected one train-split index per line for this dataset, got '{bad}'")
+        chosen = [int(e) for e in entries]
+        if max(chosen) >= size:
+            raise DataError(f"data.labeled_file {path}: index {max(chosen)} is outside the {size} training images")
+    return torch.tensor(sorted(set(chosen)), dtype=torch.long)
+
+
 def corrupt_labels(labels: torch.Tensor, rate: float, num_classes: int, seed: int = 0) -> torch.Tensor:
     """Labels with exactly round(rate * n) of them changed, each to a class drawn uniformly from the
     C - 1 others (CMSF's noisy-label experiment; seeded, done once before training)."""

@@ -34,8 +34,8 @@ def loading_instructions(config: RunConfig, path: Path) -> str:
         lines += ["model.fc = torch.nn.Identity()  # the backbone's features; put your own classifier here",
                   f"model.load_state_dict(torch.load('{path}', weights_only=True))"]
     else:
-        lines = ["import torch", "from kinship.models.backbones import ConvNet  # kinship's small CPU network",
-                 f"model = ConvNet(width={m.width})", f"model.load_state_dict(torch.load('{path}', weights_only=True))"]
+        lines = ["import torch", "from kinship.models.backbones import build_backbone  # kinship's WRN or small CPU network",
+                 f"model = build_backbone('{m.backbone}', width={m.width})", f"model.load_state_dict(torch.load('{path}', weights_only=True))"]
     return "\n".join(lines)
 
 

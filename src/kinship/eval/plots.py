@@ -80,12 +80,16 @@ def curves_png(metrics_path: Path, path: Path, title: str) -> dict:
     if base:
         ax_knn.axhline(base["knn_pixel_top1"], color="tab:red", ls=":", label="raw pixels")
         ax_knn.axhline(base["knn_random_init_top1"], color="tab:gray", ls="--", label="random init")
+    classifiers = sorted({k for r in records for k in r if k.startswith("classifier_") and k.endswith("_top1")})
+    for key in classifiers:  # a method's own classifiers (semi-supervised methods)
+        series = [(r["epoch"], r[key]) for r in records if key in r]
+        ax_knn.plot(*zip(*series), lw=1.2, label=key.removeprefix("classifier_").replace("_top1", " classifier"))
     ax_knn.xaxis.get_major_locator().set_params(integer=True)
     ax_knn.set_xlabel("epoch")
-    ax_knn.set_ylabel("k-NN top-1 (%)")
+    ax_knn.set_ylabel("top-1 (%)" if classifiers else "k-NN top-1 (%)")
     ax_knn.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return {"png": path.name, "steps_logged": len(steps), "knn_points": len(knn)}
+    return {"png": path.name, "steps_logged": len(steps), "knn_points": len(knn), "classifiers": classifiers}

@@ -34,7 +34,7 @@ from kinship.eval.linear import Standardizer, linear_probe
 from kinship.eval.metrics import class_cosines, clustering_scores, neighbour_purity
 from kinship.runtime import environment, resolve_device, tune_cpu_allocator, use_bf16
 
-PROTOCOLS = ("knn", "linear", "finetune", "clustering", "purity", "tsne", "curves")
+PROTOCOLS = ("knn", "linear", "finetune", "clustering", "purity", "tsne", "curves", "classifier")
 
 
 def file_sha256(path: Path) -> str:
@@ -217,6 +217,24 @@ class Evaluation:
         return plots.tsne_png(f.test[pick.to(self.device)], self.data.test.labels[pick.to(self.device)],
                               list(self.data.test.classes), self.out_dir / "tsne.png", title, self.config.train.seed)
 
+    def classifier(self) -> dict:
+        """The method's own classifiers (a semi-supervised method's EMA and online networks) on the
+        test split, and the median of their last 20 test evaluations logged during training (the
+        figure FixMatch-style papers report)."""
+        networks = self.method.classifiers()
+        if not networks:
+            return {"skipped": f"method {self.config.method.name} has no classifier of its own"}
+        metrics = self.path.parent / "metrics.jsonl"
+        records = plots.read_metrics(metrics) if metrics.is_file() else []
+        rows = []
+        for name, network in networks.items():
+            acc = classifier_accuracy(network, self.data.test, self.data.test.labels, self.recipe, self.config.eval.batch_size,
+                                      self.autocast)
+            logged = [r[f"classifier_{name}_top1"] for r in records if f"classifier_{name}_top1" in r][-20:]
+            rows.append({"classifier": name, "top1": acc[1], "top5": acc[5], "logged": len(logged),
+                         "median_last_20": float(torch.tensor(logged).median()) if logged else None})
+        return {"rows": rows}
+
     def curves(self) -> dict:
         metrics = self.path.parent / "metrics.jsonl"
         if not metrics.is_file():
@@ -227,7 +245,7 @@ class Evaluation:
     def run(self, protocol: str) -> dict:
         if protocol not in PROTOCOLS:
             raise ConfigError(f"unknown protocol '{protocol}'; choose from {', '.join(PROTOCOLS)} or all")
-        needs_features = protocol not in ("curves",)
+        needs_features = protocol not in ("curves", "classifier")
         if needs_features:
             self.features()
         tick = time.time()
@@ -307,6 +325,12 @@ def markdown_report(report: dict) -> str:
                   "|---" * (len(ks) + 1) + "|", "| purity (%) | " + " | ".join(f"{r['purity'][k]:.2f}" for k in ks) + " |", "",
                   f"Mean cosine similarity of test pairs: same class {r['intra_class_cosine']:.4f}, "
                   f"different classes {r['inter_class_cosine']:.4f}.", ""]
+    if "classifier" in p:
+        lines += ["## The method's own classifiers (test split)", "",
+                  "| classifier | top-1 | top-5 | median of the last 20 logged top-1 (count) |", "|---|---|---|---|"]
+        lines += [f"| {r['classifier']} | {r['top1']:.2f} | {r['top5']:.2f} | "
+                  + (f"{r['median_last_20']:.2f} ({r['logged']})" if r["logged"] else "-") + " |" for r in p["classifier"]["rows"]]
+        lines.append("")
     if "tsne" in p:
         lines += ["## t-SNE of test features", "", f"![t-SNE]({p['tsne']['png']})", ""]
     if "curves" in p:

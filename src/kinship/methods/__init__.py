@@ -6,9 +6,11 @@ from kinship.methods.cmsf import CMSF, MSF
 from kinship.methods.coke import CoKe
 from kinship.methods.mira import MIRA
 from kinship.methods.mocov2 import MoCoV2
+from kinship.methods.sscl import FixMatch, SsCL
+from kinship.methods.supervised import Supervised
 from kinship.methods.swav import SwAV
 
 METHODS: dict[str, type[Method]] = {"byol": BYOL, "mocov2": MoCoV2, "msf": MSF, "cmsf": CMSF, "swav": SwAV, "mira": MIRA, "coke": CoKe,
-                                 "clim": CLIM}
+                                 "clim": CLIM, "sscl": SsCL, "fixmatch": FixMatch, "supervised": Supervised}
 
 __all__ = ["METHODS", "DataInfo", "Method", "Refresh", "StepInfo", "TrainData"]

@@ -87,6 +87,17 @@ class Method(nn.Module):
         (N, D), whose argmax is its clustering; None for methods without one."""
         return None
 
+    def classifiers(self) -> dict[str, nn.Module]:
+        """The method's own classifiers of images, by name (e.g. the EMA and the online network of a
+        semi-supervised method): networks from an evaluation view to class logits, whose test
+        accuracy the trainer logs and ``kinship eval classifier`` reports; empty for the others."""
+        return {}
+
+    def chain(self, *modules: nn.Module) -> nn.Sequential:
+        """``modules`` applied in sequence (its own submodules, not copies), in the method's train or
+        eval mode, so that a caller restoring the wrapper's mode leaves them as they were."""
+        return nn.Sequential(*modules).train(self.training)
+
     @property
     def eval_recipe(self) -> AugmentConfig:
         """Crop size and normalisation of the evaluation view."""

@@ -1,4 +1,5 @@
-"""Backbones: torchvision ResNets (optionally with the CIFAR stem) and a small CNN for CPU presets.
+"""Backbones: torchvision ResNets (optionally with the CIFAR stem), the Wide ResNets of the
+semi-supervised papers and a small CNN for CPU presets.
 
 Every backbone maps images (B, 3, H, W) to features (B, D) and exposes ``feature_dim``.
 """
@@ -68,6 +69,59 @@ class ConvNet(nn.Module):
         return self.features(x)
 
 
+class WideBlock(nn.Module):
+    """A pre-activation residual block of FixMatch's WRN: BN (momentum 0.001) and leaky ReLU (0.1)
+    before each 3 x 3 conv. Where the width changes, the 1 x 1 shortcut sees the activated input
+    (``activate_first``, the first group) or the raw input (the later groups), as in the reference."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, activate_first: bool) -> None:
+        super().__init__()
+        self.same = c_in == c_out
+        self.activate_first = self.same or activate_first
+        if self.activate_first:
+            self.bn1 = nn.BatchNorm2d(c_in, momentum=0.001)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out, momentum=0.001)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.shortcut = nn.Identity() if self.same else nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activate_first:
+            activated = F.leaky_relu(self.bn1(x), 0.1)
+            x = x if self.same else activated
+        else:
+            activated = x
+        out = self.conv2(F.leaky_relu(self.bn2(self.conv1(activated)), 0.1))
+        return self.shortcut(x) + out
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-widen (Zagoruyko and Komodakis, 2016) as FixMatch's code builds it for 32 px images:
+    a 16-channel stem, three groups of (depth - 4) / 6 blocks at 16, 32, 64 x widen channels (strides
+    1, 2, 2), BN, leaky ReLU, global average pooling; He (fan-out) init. WRN-28-2: 1.5 M parameters,
+    128-d features; WRN-28-8 (CIFAR-100): 23 M, 512-d."""
+
+    def __init__(self, depth: int = 28, widen: int = 2) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"a Wide ResNet's depth is 6 n + 4, got {depth}")
+        n, widths = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
+        layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1, bias=False)]
+        for group in range(3):
+            for i in range(n):
+                layers.append(WideBlock(widths[group] if i == 0 else widths[group + 1], widths[group + 1],
+                                        (1 if group == 0 else 2) if i == 0 else 1, activate_first=group == 0))
+        layers += [nn.BatchNorm2d(widths[3], momentum=0.001), nn.LeakyReLU(0.1, inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = widths[3]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
 def build_backbone(
     name: str, cifar_stem: bool = True, width: int = 32, stem_padding: int = 1, zero_init_residual: bool = False
 ) -> nn.Module:
@@ -75,7 +129,10 @@ def build_backbone(
         return ResNetBackbone(name, cifar_stem, stem_padding, zero_init_residual)
     if name == "convnet":
         return ConvNet(width)
-    raise ValueError(f"unknown backbone '{name}' (choose resnet18, resnet34, resnet50 or convnet)")
+    if name.startswith("wrn") and name[3:].replace("_", "").isdigit() and name.count("_") == 1:
+        depth, widen = (int(v) for v in name[3:].split("_"))
+        return WideResNet(depth, widen)
+    raise ValueError(f"unknown backbone '{name}' (choose resnet18, resnet34, resnet50, wrn28_2, wrn28_8 (wrnDEPTH_WIDEN) or convnet)")
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):

@@ -30,7 +30,7 @@ from torch import nn
 from kinship import checkpoint
 from kinship.assembly import RunData, build_method, load_run_data, make_loader
 from kinship.blocks.features import extract_features, pixel_features
-from kinship.blocks.knn import knn_accuracy
+from kinship.blocks.knn import knn_accuracy, topk_accuracy
 from kinship.config import RunConfig, save_config, to_dict
 from kinship.data import BatchPlan
 from kinship.errors import CheckpointError, NonFiniteLossError
@@ -104,6 +104,16 @@ def knn_eval(method: Method, data: RunData, config: RunConfig, autocast: bool) -
     queries = extract_features(net, data.test, method.eval_recipe, config.eval.batch_size, autocast)
     acc = knn_accuracy(bank, data.bank.labels, queries, data.test.labels, config.eval.knn_k, config.eval.knn_temperature)
     return {"top1": acc[1], "top5": acc[5]}
+
+
+def classifier_eval(method: Method, data: RunData, config: RunConfig, autocast: bool) -> dict[str, float]:
+    """Test top-1/top-5 of each of the method's own classifiers (``classifier_<name>_top1``)."""
+    out = {}
+    for name, network in method.classifiers().items():
+        scores = extract_features(network, data.test, method.eval_recipe, config.eval.batch_size, autocast)
+        acc = topk_accuracy(scores, data.test.labels)
+        out.update({f"classifier_{name}_top1": acc[1], f"classifier_{name}_top5": acc[5]})
+    return out
 
 
 def pixel_knn(method: Method, data: RunData, config: RunConfig) -> float:
@@ -190,9 +200,9 @@ class Trainer:
         if self.is_main and self.metrics_path.exists():  # drop lines written after the checkpoint
             lines = self.metrics_path.read_text().splitlines()[: state["metrics_lines"]]
             checkpoint.write_text_atomic("".join(line + "\n" for line in lines), self.metrics_path)
-            for line in lines:  # baselines and k-NN figures logged before the checkpoint
+            for line in lines:  # baselines, k-NN and classifier figures logged before the checkpoint
                 record = json.loads(line)
-                self.summary.update({k: v for k, v in record.items() if k.startswith("knn_")})
+                self.summary.update({k: v for k, v in record.items() if k.startswith(("knn_", "classifier_"))})
         return Position(*state["position"])
 
     # -- the run -----------------------------------------------------------------------------
@@ -212,7 +222,8 @@ class Trainer:
                 method, find_unused_parameters=method.unused_parameters, **no_buffer_sync())
         step_fn = torch.compile(model) if config.train.compile else model
         optimizer = build_optimizer(method, config.optim, config.train.batch_size)
-        plan = BatchPlan(data.handle.size, config.train.batch_size, config.train.seed, rank(), world_size())
+        plan = BatchPlan(data.handle.size, config.train.batch_size, config.train.seed, rank(), world_size(),
+                         config.train.steps_per_epoch)
         loader = make_loader(data, config, plan, device)
         schedule = Schedule(plan.steps_per_epoch, method.scan_epochs, config.train.epochs)
 
@@ -248,7 +259,7 @@ class Trainer:
                     lr = learning_rate(pos.global_step - schedule.scan_steps, schedule.total_steps - schedule.scan_steps,
                                        round(config.optim.warmup_epochs * schedule.steps_per_epoch),
                                        scaled_lr(config.optim.lr, config.train.batch_size, config.optim.lr_batch),
-                                       config.optim.final_lr_ratio, config.optim.warmup_start_lr)
+                                       config.optim.final_lr_ratio, config.optim.warmup_start_lr, config.optim.schedule)
                     set_learning_rate(optimizer, lr)
                 loss, logs = self.step(method, step_fn, optimizer, batch, info)
                 pos.global_step += 1
@@ -266,6 +277,8 @@ class Trainer:
                     continue
                 if stopping:
                     self.monitor(method, data, pos)
+                    if method.classifiers():
+                        self.monitor_classifiers(method, data, pos)
                 if save_now or stopping:
                     self.save(method, optimizer, pos)
                 if stopping:
@@ -285,6 +298,8 @@ class Trainer:
                 last = pos.epoch == schedule.epochs or stopping
                 if last or pos.epoch % max(1, config.eval.knn_every) == 0:
                     self.monitor(method, data, pos)
+                if method.classifiers() and (last or pos.epoch % max(1, config.eval.classifier_every) == 0):
+                    self.monitor_classifiers(method, data, pos)
                 if last or save_at_epoch_end or pos.epoch % max(1, config.train.checkpoint_every) == 0:
                     self.save(method, optimizer, pos)
             if is_distributed():
@@ -374,6 +389,15 @@ class Trainer:
         self.summary.update(knn_top1=acc["top1"], knn_top5=acc["top5"])
         self.write_metrics({"epoch": pos.epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"]})
         self.log(f"epoch {pos.epoch}: k-NN top-1 {acc['top1']:.2f}% top-5 {acc['top5']:.2f}%")
+
+    def monitor_classifiers(self, method: Method, data: RunData, pos: Position) -> None:
+        if not self.is_main:
+            return
+        acc = classifier_eval(method, data, self.config, self.autocast)
+        self.summary.update(acc)
+        self.write_metrics({"epoch": pos.epoch, **acc})
+        self.log(f"epoch {pos.epoch}: classifier top-1 " + ", ".join(
+            f"{k.split('_')[1]} {v:.2f}%" for k, v in acc.items() if k.endswith("_top1")))
 
 
 def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
