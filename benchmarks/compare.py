@@ -217,7 +217,7 @@ def write(rows: list[dict], out: Path, title: str, command: str) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(8, 4.4), dpi=110)
     names = [r["name"] for r in rows]
-    bars = [("knn_200", "k-NN (k 200, T 0.1)"), ("linear", "linear probe"), ("purity_20", "purity@20"),
+    bars = [("classifier_ema", "EMA classifier"), ("knn_200", "k-NN (k 200, T 0.1)"), ("linear", "linear probe"), ("purity_20", "purity@20"),
             ("kmeans_nmi", "k-means NMI"), ("head_nmi", "head NMI")]
     bars = [(k, label) for k, label in bars if any(k in r for r in rows)]
     width = 0.8 / len(bars)
@@ -226,10 +226,11 @@ def write(rows: list[dict], out: Path, title: str, command: str) -> None:
                yerr=[r.get(f"{key}_std", 0) for r in rows], capsize=2, label=label)
     if rows and rows[0]["random_init_knn"] is not None:
         ax.axhline(rows[0]["random_init_knn"], color="gray", ls="--", lw=1, label="random init k-NN")
-    ax.set_xticks(range(len(rows)), names)
+    slanted = max(map(len, names)) > 12  # long names: slanted, the legend below them
+    ax.set_xticks(range(len(rows)), names, rotation=20 if slanted else 0, ha="right" if slanted else "center")
     ax.set_ylabel("%")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3 if slanted else -0.1), ncol=3)
     fig.tight_layout()
     fig.savefig(out / "results.png")
     plt.close(fig)

@@ -39,7 +39,8 @@ def quiet_eval(path, out, extra=()):
 def test_report_end_to_end(tiny_checkpoint, tmp_path):
     report = quiet_eval(tiny_checkpoint, tmp_path).run_all()
     p = report["protocols"]
-    assert set(p) == {"knn", "linear", "finetune", "clustering", "purity", "tsne", "curves"}
+    assert set(p) == {"knn", "linear", "finetune", "clustering", "purity", "tsne", "curves", "classifier"}
+    assert "no classifier of its own" in p["classifier"]["skipped"]  # MoCo v2
     assert [(r["k"], r["T"]) for r in p["knn"]["weighted"]] == [(20, 0.07), (200, 0.1)]
     assert all(0 <= r["top1"] <= 100 for r in p["knn"]["weighted"] + p["knn"]["plain"])
     assert p["linear"]["mode"] == "lbfgs" and 0 <= p["linear"]["top1"] <= 100
