@@ -105,13 +105,22 @@ class SsCLConfig(MethodConfig):
         check(self.positives >= 0 and self.window >= 1 and self.refresh_every >= 1 and self.queue_size >= 1,
               "method.positives >= 0, window, refresh_every and queue_size >= 1")
         check(0 <= self.momentum <= 1 and self.mixup_alpha > 0, "method.momentum must be in [0, 1] and mixup_alpha > 0")
-        keys = (self.pseudo_label_weight > 0 or self.contrastive_weight > 0) and (self.contrastive_weight > 0 or self.calibration != "none")
-        check(not keys or self.refresh_every < run.train.epochs,
+        check(not self.runs_key_network or self.refresh_every < run.train.epochs,
               f"method.refresh_every ({self.refresh_every}) must be below train.epochs ({run.train.epochs}): the first refresh, "
               "which calibration and the mined positives wait for, would never come")
         check(run.train.labeled_batch_size > 0,
               f"method {self.name} needs a labeled batch at every step: set train.labeled_batch_size (the papers: 64) "
               "and a labeled subset (data.labeled_per_class or data.labeled_fraction)")
+
+
+    @property
+    def uses_unlabeled(self) -> bool:
+        return self.pseudo_label_weight > 0 or self.contrastive_weight > 0
+
+    @property
+    def runs_key_network(self) -> bool:
+        """Keys are computed (and the refresh runs) for the contrastive branch or for calibration."""
+        return self.uses_unlabeled and (self.contrastive_weight > 0 or self.calibration != "none")
 
 
 @dataclass
@@ -156,11 +165,11 @@ class SsCL(Method):
 
     @property
     def uses_unlabeled(self) -> bool:
-        return self.config.pseudo_label_weight > 0 or self.config.contrastive_weight > 0
+        return self.config.uses_unlabeled
 
     @property
     def runs_key_network(self) -> bool:
-        return self.uses_unlabeled and (self.config.contrastive_weight > 0 or self.config.calibration != "none")
+        return self.config.runs_key_network
 
     @property
     def refreshed(self) -> bool:
