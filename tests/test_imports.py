@@ -1,7 +1,7 @@
 """The import graph of src/kinship: no cycle, and the building blocks never import upward.
 
 Layers, lowest first; a module may import its own layer and those below it, never above:
-  0  errors, runtime, sampling, checkpoint, config
+  0  errors, runtime, dispatch, sampling, checkpoint, config
   1  blocks, losses, models, augment, data, optim   (building blocks)
   2  methods                                        (one file per method + the registry)
   3  assembly                                       (config + data + method + checkpoint, once)
@@ -15,7 +15,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "kinship"
 
 LAYERS = {
-    "errors": 0, "runtime": 0, "sampling": 0, "checkpoint": 0, "config": 0,
+    "errors": 0, "runtime": 0, "dispatch": 0, "sampling": 0, "checkpoint": 0, "config": 0,
     "blocks": 1, "losses": 1, "models": 1, "augment": 1, "data": 1, "optim": 1,
     "methods": 2, "assembly": 3, "train": 4, "eval": 4, "bench": 4, "cli": 5,
 }

@@ -141,6 +141,49 @@ def test_lars_clipping_caps_each_layer_rate_at_the_global_rate():
     assert step(True, 0.5, 10.0) == pytest.approx(trust * 10.0)  # rate min(trust, lr) = trust
 
 
+def test_lars_steps_every_layer_at_once_as_the_per_layer_rule():
+    """Two groups (adapted weights, excluded biases), momentum, weight decay, two steps: equal to
+    the rule written layer by layer, and the ops dispatched do not grow with the number of layers."""
+    from kinship.dispatch import OpLog
+    from kinship.optim import LARS
+
+    def layers(n):
+        torch.manual_seed(0)
+        return [nn.Parameter(torch.randn(6, 5, dtype=torch.float64)) for _ in range(n)] + [nn.Parameter(torch.randn(6, dtype=torch.float64))]
+
+    def gradients(params, step):
+        g = torch.Generator().manual_seed(step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+    params, reference = layers(3), [p.detach().clone() for p in layers(3)]
+    optimizer = LARS([{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0, "lars_exclude": True}],
+                     lr=0.3, momentum=0.9, weight_decay=1e-2, eta=0.02)
+    buffers = [None] * 4
+    for step in range(2):
+        gradients(params, step)
+        optimizer.step()
+        for i, w in enumerate(reference):
+            g = params[i].grad.clone()
+            if i < 3:
+                g = g + 1e-2 * w
+                g = g * 0.02 * w.norm() / g.norm()
+            buffers[i] = g if buffers[i] is None else 0.9 * buffers[i] + g
+            w -= 0.3 * buffers[i]
+    for p, w in zip(params, reference):
+        assert torch.allclose(p.detach(), w, atol=1e-12)
+    counts = []
+    for n in (3, 30):
+        params = layers(n)
+        gradients(params, 0)
+        optimizer = LARS([{"params": params}], lr=0.3, weight_decay=1e-2)
+        optimizer.step()
+        with OpLog() as log:
+            optimizer.step()
+        counts.append(log.total)
+    assert counts[0] == counts[1]
+
+
 def test_split_batch_norm_normalises_each_split_alone():
     from kinship.models.backbones import SplitBatchNorm2d
 

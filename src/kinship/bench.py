@@ -1,7 +1,10 @@
 """Throughput of one training step: ``pipeline`` (uint8 data on the device -> augment -> step) or
-``compute_only`` (the same step on fixed, already augmented views)."""
+``compute_only`` (the same step on fixed, already augmented views); and the ops one more step
+dispatches in each phase (views, forward + backward + optimizer, after_step), with those that make
+the host wait for the device (:mod:`kinship.dispatch`)."""
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -10,9 +13,10 @@ import torch
 from kinship.assembly import build_config, build_method
 from kinship.config import apply_overrides
 from kinship.data import BatchPlan, ImageSet, LabeledPlan, TensorLoader, TrainData, labeled_subset
+from kinship.dispatch import OpLog
 from kinship.methods import StepInfo
 from kinship.optim import build_optimizer, training_step
-from kinship.runtime import environment, resolve_device, timed_sections, tune_cpu_allocator, use_bf16
+from kinship.runtime import environment, resolve_device, timed_sections, tune_cpu_allocator, tune_cuda, use_bf16
 
 
 def bench(method: str, device: str, backbone: str, batch: int, steps: int, compute_only: bool,
@@ -23,6 +27,7 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
     if tune_allocator:
         tune_cpu_allocator()
     dev = resolve_device(device)
+    tune_cuda(dev)
     values = {"method": {"name": method}, "model": {"backbone": backbone, "width": width},
               "train": {"batch_size": batch, "compile": compile}}
     config = build_config(apply_overrides(values, list(overrides)))
@@ -52,13 +57,14 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
     refresh_s = {}
     for refresh in model.refreshes():  # once up front, so the timed steps are those after a refresh
         start = time.perf_counter()
-        model.refresh(refresh.name, StepInfo(0, 0, warmup + steps, generator, 0, n // batch))
+        model.refresh(refresh.name, StepInfo(0, 0, warmup + steps + 1, generator, 0, n // batch))
         sync()
         refresh_s[refresh.name] = round(time.perf_counter() - start, 2)
 
-    def one_step(i: int) -> None:
+    def one_step(i: int, logs: dict[str, OpLog] | None = None) -> None:
         nonlocal batches, fixed
-        info = StepInfo(0, i, warmup + steps, generator, i, n // batch)
+        phase = (lambda name: logs[name]) if logs else (lambda name: contextlib.nullcontext())
+        info = StepInfo(0, i, warmup + steps + 1, generator, i, n // batch)
         if compute_only and fixed is not None:
             b, views = fixed
         else:
@@ -66,11 +72,14 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
             if b is None:
                 batches = loader.epoch(i)
                 b = next(batches)
-            views = model.views(b, info)
+            with phase("views"):
+                views = model.views(b, info)
             if compute_only:
                 fixed = (b, views)
-        training_step(optimizer, lambda: step_fn(views, b, info), dev.type if autocast else None)
-        model.after_step(info)
+        with phase("step"):
+            training_step(optimizer, lambda: step_fn(views, b, info), dev.type if autocast else None)
+        with phase("after_step"):
+            model.after_step(info)
 
     for i in range(warmup):
         one_step(i)
@@ -83,11 +92,15 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
             one_step(i)
             sync()
             times.append(time.perf_counter() - start)
+    logs = {name: OpLog() for name in ("views", "step", "after_step")}
+    one_step(warmup + steps, logs)
     median = statistics.median(times)
     return {"method": method, "overrides": list(overrides), "backbone": backbone, "device": dev.type, "batch": batch,
             "mode": "compute_only" if compute_only else "pipeline", "img_per_s": round(batch / median, 1),
             "img_per_s_mean": round(batch * steps / sum(times), 1), "steps": steps, "compile": compile,
             "channels_last": channels_last,
             "autocast_bf16": autocast, "env": environment(),
+            "ops": {name: log.total for name, log in logs.items()},
+            "host_syncs": {name: dict(log.syncs) for name, log in logs.items() if log.syncs},
             **({"solver_frac": round(sections["solver"] / sum(times), 4)} if "solver" in sections else {}),
             **({"refresh_s": refresh_s, "images": n} if refresh_s else {})}

@@ -25,24 +25,29 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Each group in a few multi-tensor ops (``torch._foreach_*``), not a loop of ops per parameter."""
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if not group["lars_exclude"]:
-                    g = g.add(p, alpha=group["weight_decay"])
-                    w_norm, g_norm = torch.norm(p), torch.norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
-                    if group["clip"]:
-                        trust = (trust / group["lr"]).clamp(max=1.0)
-                    g = g.mul(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(g).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if not group["lars_exclude"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
+                if group["clip"]:
+                    trust = (trust / group["lr"]).clamp(max=1.0)
+                grads = torch._foreach_mul(grads, trust.unbind(0))
+            states = [self.state[p] for p in params]
+            if all("momentum_buffer" in state for state in states):
+                buffers = [state["momentum_buffer"] for state in states]
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, grads)
+            else:  # the first step: the buffers start at the update
+                buffers = [torch.clone(g).detach() for g in grads]
+                for state, buffer in zip(states, buffers):
+                    state["momentum_buffer"] = buffer
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
 def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict]:

@@ -50,6 +50,13 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
+def tune_cuda(device: torch.device) -> None:
+    """On a GPU, let cuDNN time its convolution algorithms once per input shape and keep the fastest
+    (a training run's shapes repeat at every step)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

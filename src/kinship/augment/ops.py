@@ -5,15 +5,26 @@ same device and the batch's :class:`~kinship.sampling.Shard`, and return a new b
 torchvision's definitions (same parameter ranges and formulas), so a recipe from a paper carries
 over, but draw parameters per sample in one batched call instead of once per PIL image: the draws
 are made for the global batch and each process applies its shard's rows (see :mod:`kinship.sampling`).
+
+An op applied with probability p transforms every image and keeps the result where the image's
+coin came up (``torch.where``): selecting the images first would give a shape that depends on the
+draws, which the host must read from the device before it can go on.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from kinship.sampling import Shard, coin, uniform
+
+
+@functools.lru_cache(maxsize=None)
+def constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of a few Python numbers, copied to the device once (not at every step)."""
+    return torch.tensor(values, device=device, dtype=dtype)
 
 
 def sample_crop_boxes(
@@ -124,8 +135,7 @@ def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     b_max = 1 - r_max - g_max
     numerator = r_max * (g - b) + g_max * (b - r) + b_max * (r - g)  # 0 where delta is 0
     hue6 = 2 * g_max + 4 * b_max + numerator / delta.clamp(min=1e-12) + 6 * shift.view(-1, 1, 1)
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    k = hue6.unsqueeze(1) + offsets
+    k = hue6.unsqueeze(1) + constant((5.0, 3.0, 1.0), images.device, images.dtype).view(1, 3, 1, 1)
     k = k - 6 * torch.floor(k / 6)
     return maxc.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
@@ -143,23 +153,15 @@ def color_jitter(
     """torchvision ColorJitter applied with probability ``p``, factors drawn per sample.
 
     Order is fixed (brightness, contrast, saturation, hue); torchvision draws a random order per
-    call. Factors are drawn for the selected samples of the global batch; only this shard's
-    selected samples are computed, the others are returned untouched.
+    call. The coins and factors are drawn for the whole global batch; this shard's rows are used.
     """
-    device = images.device
-    chosen_all = coin(shard.total, p, generator, device).nonzero().squeeze(1)
-    m = chosen_all.numel()
-    if m == 0:
-        return images
-    factors = [uniform(m, max(0.0, 1 - s), 1 + s, generator, device) if s > 0 else None
+    device, n = images.device, shard.total
+    select = shard.rows(coin(n, p, generator, device)).view(-1, 1, 1, 1)
+    factors = [shard.rows(uniform(n, max(0.0, 1 - s), 1 + s, generator, device)) if s > 0 else None
                for s in (brightness, contrast, saturation)]
-    shift = uniform(m, -hue, hue, generator, device) if hue > 0 else None
-    mine = (chosen_all >= shard.start) & (chosen_all < shard.start + shard.size)
-    chosen = chosen_all[mine] - shard.start
-    if chosen.numel() == 0:
-        return images
-    brightness_f, contrast_f, saturation_f = (None if f is None else f[mine] for f in factors)
-    x = images[chosen]
+    shift = shard.rows(uniform(n, -hue, hue, generator, device)) if hue > 0 else None
+    brightness_f, contrast_f, saturation_f = factors
+    x = images
     if brightness_f is not None:
         x = (x * brightness_f.view(-1, 1, 1, 1)).clamp_(0, 1)
     if contrast_f is not None:
@@ -168,10 +170,8 @@ def color_jitter(
     if saturation_f is not None:
         x = _blend(x, rgb_to_grayscale(x), saturation_f)
     if shift is not None:
-        x = _shift_hue(x, shift[mine])
-    out = images.clone()
-    out[chosen] = x
-    return out
+        x = _shift_hue(x, shift)
+    return torch.where(select, x, images)
 
 
 def random_grayscale(images: torch.Tensor, p: float, generator: torch.Generator, shard: Shard) -> torch.Tensor:
@@ -188,22 +188,17 @@ def gaussian_blur(
     """
     n, c, height, width = images.shape
     device = images.device
-    select = shard.rows(coin(shard.total, p, generator, device))
+    select = shard.rows(coin(shard.total, p, generator, device)).view(-1, 1, 1, 1)
     sigmas = shard.rows(uniform(shard.total, *sigma, generator, device))
-    chosen = select.nonzero().squeeze(1)
-    if chosen.numel() == 0:
-        return images
     k = max(3, 2 * int(round(0.05 * height)) + 1)
     coords = torch.arange(k, device=device, dtype=images.dtype) - (k - 1) / 2
-    kernel = torch.exp(-(coords.view(1, -1) ** 2) / (2 * sigmas[chosen].view(-1, 1) ** 2))
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (m*c, k)
-    x = images[chosen].reshape(1, -1, height, width)
+    kernel = torch.exp(-(coords.view(1, -1) ** 2) / (2 * sigmas.view(-1, 1) ** 2))
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).unsqueeze(1).expand(n, c, k).reshape(n * c, k)
+    x = images.reshape(1, n * c, height, width)
     pad = k // 2
-    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kernel.view(-1, 1, 1, k), groups=x.shape[1])
-    x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), kernel.view(-1, 1, k, 1), groups=x.shape[1])
-    out = images.clone()
-    out[chosen] = x.view(-1, c, height, width)
-    return out
+    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kernel.view(-1, 1, 1, k), groups=n * c)
+    x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), kernel.view(-1, 1, k, 1), groups=n * c)
+    return torch.where(select, x.view(n, c, height, width), images)
 
 
 def random_solarize(
@@ -215,6 +210,6 @@ def random_solarize(
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    m = constant(tuple(mean), images.device, images.dtype).view(1, -1, 1, 1)
+    s = constant(tuple(std), images.device, images.dtype).view(1, -1, 1, 1)
     return (images - m) / s

@@ -20,13 +20,12 @@ the batch size is counted, so N processes give the single-process result on the 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import torch
 from torch import nn
 
-from kinship.runtime import all_reduce
+from kinship.runtime import all_reduce, is_distributed
 
 
 def full_precision(solver: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -45,13 +44,12 @@ def _working(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def global_batch_size(a: torch.Tensor) -> int:
-    return int(all_reduce(torch.tensor([a.shape[0]], device=a.device, dtype=torch.float64), "sum").item())
-
-
-def column_sums(e: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
-    """(K,) sum_i row_weights_i e_ij over the rows of every process."""
-    return all_reduce(e.T @ row_weights, "sum")
+def global_batch_size(a: torch.Tensor) -> int | torch.Tensor:
+    """The rows B of ``a`` (..., B, K) over every process: a Python int on one process, an all-reduced
+    0-d tensor under DDP; neither makes the host wait for the device."""
+    if not is_distributed():
+        return a.shape[-2]
+    return all_reduce(torch.full((), a.shape[-2], dtype=a.dtype, device=a.device), "sum")
 
 
 def _inverse_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +60,9 @@ def _inverse_or_zero(x: torch.Tensor) -> torch.Tensor:
 @full_precision
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
-    """SwAV's codes: scores (B, K) -> Q (B, K), each row a distribution, each prototype's column mass
-    approaching B/K as the iterations grow (``main_swav.py: distributed_sinkhorn``).
+    """SwAV's codes: scores (..., B, K) -> Q (..., B, K), each row a distribution, each prototype's
+    column mass approaching B/K as the iterations grow (``main_swav.py: distributed_sinkhorn``).
+    Leading dimensions are independent problems (both crops at once: (2, B, K)).
 
     Q = diag(a) exp(scores / epsilon) diag(c): each iteration first sets c so that every prototype
     holds 1/K of the mass, then a so that every sample holds 1/B; Q is returned scaled by B. The
@@ -71,47 +70,45 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
     the global maximum, which is exactly SwAV's start exp(scores / epsilon) / total."""
     if iterations < 1:
         raise ValueError(f"Sinkhorn needs at least one iteration, got {iterations}")
-    x = _working(scores) / epsilon
-    k, b = scores.shape[1], global_batch_size(scores)
-    row_max = x.max(dim=1).values
-    e = (x - row_max[:, None]).exp()
-    a = (row_max - all_reduce(row_max.max().reshape(1), "max")).exp().clamp_min(torch.finfo(e.dtype).tiny)
+    x = _working(scores).reshape(-1, *scores.shape[-2:]) / epsilon  # (P, B, K): bmm, one op per product
+    k, b = scores.shape[-1], global_batch_size(scores)
+    row_max = x.amax(dim=-1, keepdim=True)  # (P, B, 1)
+    e = (x - row_max).exp()
+    e_t = e.mT
+    a = (row_max - all_reduce(row_max.amax(dim=-2, keepdim=True), "max")).exp().clamp_min(torch.finfo(e.dtype).tiny)
     for _ in range(iterations):
-        c = _inverse_or_zero(k * column_sums(e, a))  # each prototype: 1/K
-        a = (b * (e @ c)).reciprocal()  # each sample: 1/B
-    return e * (b * a)[:, None] * c
+        c = _inverse_or_zero(k * all_reduce(torch.bmm(e_t, a), "sum"))  # (P, K, 1) each prototype: 1/K
+        a = (b * torch.bmm(e, c)).reciprocal()  # (P, B, 1) each sample: 1/B
+    return (e * (b * a) * c.mT).reshape(scores.shape)
 
 
 @full_precision
 @torch.no_grad()
 def mira_targets(logits: torch.Tensor, tau: float = 0.225, beta: float = 2 / 3, iterations: int = 30) -> torch.Tensor:
-    """MIRA's pseudo-labels W (B, K) for teacher logits (B, K), beta in [0, 1).
+    """MIRA's pseudo-labels W (..., B, K) for teacher logits (..., B, K), beta in [0, 1); leading
+    dimensions are independent problems (both crops at once: (2, B, K)).
 
     W minimises (1/B) sum_i KL(w_i || p_i) - beta I(Y_W; i), p_i = softmax(l_i / tau) (Eq. 1, 4). Its
     optimum satisfies w_ij ∝ u_j^(-beta/(1-beta)) p_ij^(1/(1-beta)) (Eq. 5) with u the fixed point of
     Eq. 7, reached geometrically from u0 = (mean_i k_ij)^(1-beta), k = softmax(l / (tau (1-beta))) (the
     official code's start). The marginal is over the global batch.
 
-    k's rows are softmax-stabilised and v = u^c is kept as a ratio to its largest value, both within
-    [0, 1]; a global factor on u leaves W unchanged (Eq. 5 is invariant to it). A prototype whose column
-    of k underflows to zero everywhere (dead) gets weight 0 instead of u^c = inf.
+    The iteration runs on m = u^(1/(1-beta)) = mean_i k_ij / sum_j' k_ij' m_j'^(-beta), a column of
+    means of k's rows, so m <= 1 and the weights m^(-beta) >= 1: five ops per iteration, no
+    exponential. A prototype whose column of k underflows to zero everywhere (dead) has m = 0; it
+    gets weight 1 in the iteration (where it meets only zeros of k) instead of inf, and so no mass.
     """
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"MIRA's beta must lie in [0, 1), got {beta}")
-    k = torch.softmax(_working(logits) / (tau * (1.0 - beta)), dim=1)
-    b = global_batch_size(logits)
-    mass = column_sums(k, torch.ones_like(k[:, 0])) / b  # (K,) mean_i k_ij; only grows below: live stays live
-    live = mass > 0
-
-    def weights(mass: torch.Tensor) -> torch.Tensor:  # v_j = u_j^c / max_j u_j^c, u^c = mass^(-beta)
-        log_v = torch.where(live, -beta * mass.log(), -math.inf)
-        return (log_v - log_v.max()).exp()
-
+    k = torch.softmax(_working(logits).reshape(-1, *logits.shape[-2:]) / (tau * (1.0 - beta)), dim=-1)  # (P, B, K)
+    k_over_b = (k / global_batch_size(logits)).mT  # (P, K, B)
+    mass = all_reduce(k_over_b.sum(dim=-1, keepdim=True), "sum")  # (P, K, 1) mean_i k_ij: only grows below
+    dead = (mass == 0).to(mass.dtype)
     for _ in range(iterations):
-        row_norm = k @ weights(mass)  # (B,) sum_j k_ij u_j^c
-        mass = column_sums(k, row_norm.reciprocal()) / b  # Eq. 7: u_j^(1/(1-beta))
-    w = k * weights(mass)  # Eq. 5
-    return w / w.sum(dim=1, keepdim=True)
+        row_norm = torch.bmm(k, (mass + dead).pow(-beta))  # (P, B, 1) sum_j k_ij u_j^c
+        mass = all_reduce(torch.bmm(k_over_b, row_norm.reciprocal()), "sum")  # Eq. 7: u_j^(1/(1-beta))
+    w = k * (mass + dead).pow(-beta).mT  # Eq. 5
+    return (w / w.sum(dim=-1, keepdim=True)).reshape(logits.shape)
 
 
 @full_precision

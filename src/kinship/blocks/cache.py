@@ -27,7 +27,7 @@ class SampleCache(nn.Module):
         """
         previous, was_valid = self.rows[index].clone(), self.valid[index].clone()
         self.rows[index] = rows.to(self.rows.dtype)
-        self.valid[index] = 1.0
+        self.valid.index_fill_(0, index, 1.0)  # a Python scalar through index_put_ would be copied to the device
         if labels is not None:
             self.labels[index] = labels.to(torch.long)
         return previous, was_valid

@@ -16,8 +16,7 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float, copy_buffe
     that never runs forward takes the online network's buffers (FixMatch's evaluation EMA)."""
     t_params = [p for p in target.parameters()]
     o_params = [p.detach() for p in online.parameters()]
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, o_params, alpha=1 - momentum)
+    torch._foreach_lerp_(t_params, o_params, 1 - momentum)  # one multi-tensor op for every parameter
     if copy_buffers:
         for t, o in zip(target.buffers(), online.buffers()):
             t.copy_(o)

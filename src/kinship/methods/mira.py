@@ -104,7 +104,7 @@ class MIRA(Method):
             teacher_logits = forward_crops(lambda x: self.head(teacher(x), frozen=True), views[:2], cfg.per_view_bn)
             beta = self.beta(step)
             with section("solver"):
-                targets = [mira_targets(t, cfg.tau_teacher, beta, cfg.iterations) for t in teacher_logits]
+                targets = mira_targets(torch.stack(teacher_logits), cfg.tau_teacher, beta, cfg.iterations).unbind(0)
         loss = swapped_prediction_loss(targets, logits, cfg.tau_student)
         marginal = torch.cat(targets).mean(0)
         return loss, {"beta": beta, "target_entropy": -(marginal * marginal.clamp_min(1e-12).log()).sum()}

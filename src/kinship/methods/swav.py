@@ -85,18 +85,16 @@ class SwAV(Method):
         frozen = step.epoch < cfg.freeze_prototypes_epochs
         embeddings = forward_crops(lambda x: F.normalize(self.projector(self.backbone(x)), dim=1), views)
         logits = [self.head(z, frozen) for z in embeddings]
-        codes = []
         with torch.no_grad():
-            for s in range(2):
-                scores = logits[s].detach()  # fp32: the head and the solver run outside autocast
-                queue = self.queues[s] if cfg.queue_size and step.epoch >= cfg.queue_start_epoch else None
-                if queue is not None and queue.filled == queue.size:  # SwAV uses the queue once it is full
-                    share = torch.tensor_split(queue.rows, world_size())[rank()]
-                    scores = torch.cat([self.head(share, frozen=True), scores])
-                with section("solver"):
-                    codes.append(sinkhorn(scores, cfg.epsilon, cfg.sinkhorn_iterations)[-len(embeddings[s]):])
-                if queue is not None:
-                    queue.push(embeddings[s].detach())  # the rows of every process
+            scores = [logits[s].detach() for s in range(2)]  # fp32: the head and the solver run outside autocast
+            queues = self.queues if cfg.queue_size and step.epoch >= cfg.queue_start_epoch else []
+            if queues and queues[0].filled == queues[0].size:  # SwAV uses the queue once it is full
+                scores = [torch.cat([self.head(torch.tensor_split(q.rows, world_size())[rank()], frozen=True), x])
+                          for q, x in zip(queues, scores)]
+            with section("solver"):  # both crops' problems in one call
+                codes = sinkhorn(torch.stack(scores), cfg.epsilon, cfg.sinkhorn_iterations)[:, -len(embeddings[0]):].unbind(0)
+            for q, z in zip(queues, embeddings):
+                q.push(z.detach())  # the rows of every process
         return swapped_prediction_loss(codes, logits, cfg.temperature), {}
 
     def after_step(self, step: StepInfo) -> None:

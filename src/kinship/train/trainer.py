@@ -37,7 +37,7 @@ from kinship.errors import CheckpointError, NonFiniteLossError
 from kinship.methods import Method, StepInfo
 from kinship.optim import build_optimizer, learning_rate, scaled_lr, set_learning_rate, training_step
 from kinship.runtime import (
-    agree, all_reduce, init_distributed, is_distributed, progress_bar, rank, resolve_device, tune_cpu_allocator, use_bf16,
+    agree, all_reduce, init_distributed, is_distributed, progress_bar, rank, resolve_device, tune_cpu_allocator, tune_cuda, use_bf16,
     world_size,
 )
 
@@ -133,6 +133,7 @@ class Trainer:
     def __post_init__(self) -> None:
         tune_cpu_allocator()
         self.device = resolve_device(self.config.train.device)
+        tune_cuda(self.device)
         init_distributed(self.device)
         self.is_main = rank() == 0
         self.out_dir = Path(self.out_dir)
