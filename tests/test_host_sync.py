@@ -28,11 +28,14 @@ SMALL = {"mocov2": ["method.queue_size=128"], "mira": ["method.prototypes=300", 
          "supervised": ["train.labeled_batch_size=32", "data.labeled_per_class=25"]}
 
 
-@pytest.mark.parametrize("name", ["byol", "mocov2", "msf", "cmsf", "swav", "mira", "supervised"])
+SMALL["swav-queue"] = ["method.queue_size=64", "method.queue_start_epoch=0"]  # full from the third step
+
+
+@pytest.mark.parametrize("name", ["byol", "mocov2", "msf", "cmsf", "swav", "swav-queue", "mira", "supervised"])
 def test_a_step_has_no_host_synchronisation(name):
     """Views, forward + backward + optimizer step, after_step: the bench's counted step (after three
     others, which may copy constants to the device once) records no syncing op."""
-    result = bench(name, "cpu", "convnet", batch=32, steps=1, compute_only=False, warmup=2, width=8,
+    result = bench(name.split("-")[0], "cpu", "convnet", batch=32, steps=1, compute_only=False, warmup=2, width=8,
                    overrides=SMALL.get(name, []), tune_allocator=False)
     assert result["host_syncs"] == {}
     assert result["ops"]["views"] > 0 and result["ops"]["step"] > 0

@@ -93,6 +93,11 @@ def test_queue_fifo_wraps():
     q.push(2 * torch.ones(3, 2))
     assert q.rows[:, 0].tolist() == [2.0, 1.0, 1.0, 2.0, 2.0]  # slots 3, 4, 0 took the second push
     assert q.ptr.item() == 1 and q.filled.item() == 5
+    half = FifoQueue(5, 2, init="zeros")
+    half.push(torch.ones(3, 2))
+    assert q.is_full and not half.is_full
+    half.load_state_dict(q.state_dict())  # a resumed queue knows on the host that it is full
+    assert half.is_full
 
 
 def test_weighted_knn_hand_computation():

@@ -88,7 +88,7 @@ class SwAV(Method):
         with torch.no_grad():
             scores = [logits[s].detach() for s in range(2)]  # fp32: the head and the solver run outside autocast
             queues = self.queues if cfg.queue_size and step.epoch >= cfg.queue_start_epoch else []
-            if queues and queues[0].filled == queues[0].size:  # SwAV uses the queue once it is full
+            if queues and queues[0].is_full:  # SwAV uses the queue once it is full
                 scores = [torch.cat([self.head(torch.tensor_split(q.rows, world_size())[rank()], frozen=True), x])
                           for q, x in zip(queues, scores)]
             with section("solver"):  # both crops' problems in one call
