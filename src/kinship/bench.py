@@ -21,7 +21,7 @@ from kinship.runtime import environment, resolve_device, timed_sections, tune_cp
 
 def bench(method: str, device: str, backbone: str, batch: int, steps: int, compute_only: bool,
           compile: bool = False, precision: str = "auto", warmup: int = 3, width: int = 32,
-          overrides: list[str] = (), tune_allocator: bool = True, channels_last: bool = True) -> dict:
+          overrides: list[str] = (), tune_allocator: bool = True, channels_last: bool = True, images: int = 16384) -> dict:
     """``tune_allocator`` / ``channels_last`` False: measure what each of them is worth (the allocator
     setting is per process: a run without it needs a process of its own)."""
     if tune_allocator:
@@ -32,7 +32,7 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
               "train": {"batch_size": batch, "compile": compile}}
     config = build_config(apply_overrides(values, list(overrides)))
     g = torch.Generator().manual_seed(0)
-    n = max(batch * 4, 16384)  # more images than a memory bank holds
+    n = max(batch * 4, images)  # by default more images than a memory bank holds
     data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                     torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)]).to(dev)
     handle, labeled_plan = TrainData.of(data), None

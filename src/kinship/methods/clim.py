@@ -88,10 +88,11 @@ class CLIM(MoCoV2):
               f"method.clusters (m={config.clusters}) and neighbours (k={config.neighbours}) need more training images than {data.size}")
         self.resolutions = config.resolutions or [config.augment.crop_size]
         self.register_buffer("candidates", torch.full((data.size, config.positives), -1, dtype=torch.long))
+        self.has_candidates = False  # kept on the host: reading the table's first entry would wait for the device
 
-    @property
-    def has_candidates(self) -> bool:
-        return bool(self.candidates[0, 0] >= 0)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.has_candidates = bool(self.candidates[0, 0] >= 0)  # once per load
 
     # -- the refresh: clusters, neighbours and the candidate table (Eq. 2) -------------------------
     def refreshes(self) -> list[Refresh]:
@@ -109,6 +110,7 @@ class CLIM(MoCoV2):
                                        cfg.positives, generator)
         self.candidates.copy_(table)
         broadcast(self.candidates)  # one table everywhere, whatever the kernels' rounding on each device
+        self.has_candidates = True
         metrics = {"kept_mean": kept.float().mean(), "kept_at_least_p": (kept >= cfg.positives).float().mean(),
                    "empty_clusters": int((torch.bincount(clusters.assignments, minlength=cfg.clusters) == 0).sum())}
         truth = self.data.true_labels
