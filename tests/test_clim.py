@@ -163,7 +163,7 @@ def test_without_mixing_a_positive_equal_to_the_anchor_gives_moco_v2s_loss():
     moco, data = built({"name": "mocov2", "queue_size": 64, "augment": FIXED})
     expected = step_loss(moco, data)[0].item()
     clim, _ = built(method)
-    clim.candidates.copy_(torch.arange(128)[:, None].repeat(1, 2))  # every positive is the anchor itself
+    clim.use_candidates(torch.arange(128)[:, None].repeat(1, 2))  # every positive is the anchor itself
     ours, views = step_loss(clim, data)
     assert len(views) == 3 and torch.equal(views[1], views[2])
     assert ours.item() == pytest.approx(expected, rel=1e-6)
@@ -174,7 +174,7 @@ def test_without_mixing_a_positive_equal_to_the_anchor_gives_moco_v2s_loss():
 def test_multi_resolution_views_and_loss():
     clim, data = built({"name": "clim", "queue_size": 64, "augment": {"crop_size": 16}, "resolutions": [16, 12],
                         "clusters": 4, "neighbours": 4, "positives": 2, "refresh_start": 1})
-    clim.candidates.copy_(torch.randint(0, 128, (128, 2), generator=G(22)))
+    clim.use_candidates(torch.randint(0, 128, (128, 2), generator=G(22)))
     loss, views = step_loss(clim, data)
     assert [v.shape[-1] for v in views[:-1]] == [16, 12] * 4 and views[-1].shape == (32,)
     assert torch.allclose(views[1], F.interpolate(views[0], size=(12, 12), mode="bilinear", antialias=True, align_corners=False))
@@ -185,7 +185,7 @@ def test_multi_resolution_views_and_loss():
 def test_plain_weight_zero_is_eq6_alone():
     clim, data = built({"name": "clim", "queue_size": 64, "augment": {"crop_size": 16}, "plain_weight": 0.0,
                         "clusters": 4, "neighbours": 4, "positives": 2, "refresh_start": 1})
-    clim.candidates.copy_(torch.randint(0, 128, (128, 2), generator=G(23)))
+    clim.use_candidates(torch.randint(0, 128, (128, 2), generator=G(23)))
     batch = next(TensorLoader(data, BatchPlan(len(data), 32, seed=0)).epoch(0))
     info = StepInfo(1, 4, 8, G(21), 4, 4)
     with torch.no_grad():

@@ -94,6 +94,13 @@ class CLIM(MoCoV2):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.has_candidates = bool(self.candidates[0, 0] >= 0)  # once per load
 
+    @torch.no_grad()
+    def use_candidates(self, table: torch.Tensor) -> None:
+        """Each image's P positives from now on: table (N, P) of dataset indices."""
+        self.candidates.copy_(table)
+        broadcast(self.candidates)  # one table everywhere, whatever the kernels' rounding on each device
+        self.has_candidates = True
+
     # -- the refresh: clusters, neighbours and the candidate table (Eq. 2) -------------------------
     def refreshes(self) -> list[Refresh]:
         return [Refresh("positives", self.config.refresh_every, start=self.config.refresh_start)]
@@ -108,9 +115,7 @@ class CLIM(MoCoV2):
         generator = torch.Generator(device=features.device).manual_seed(step.shared_seed)
         table, kept = select_positives(cfg.selection, features, clusters.centroids, clusters.assignments, neighbours,
                                        cfg.positives, generator)
-        self.candidates.copy_(table)
-        broadcast(self.candidates)  # one table everywhere, whatever the kernels' rounding on each device
-        self.has_candidates = True
+        self.use_candidates(table)
         metrics = {"kept_mean": kept.float().mean(), "kept_at_least_p": (kept >= cfg.positives).float().mean(),
                    "empty_clusters": int((torch.bincount(clusters.assignments, minlength=cfg.clusters) == 0).sum())}
         truth = self.data.true_labels
