@@ -15,6 +15,13 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+CPU = torch.device("cpu")
+
+
+def crop_boxes(n, height, width, scale, ratio, generator, aspect=None):
+    return ops.crop_boxes(height, width, ratio, **ops.draw_crop_boxes(Shard.whole(n), scale, ratio, generator, CPU), aspect=aspect)
+
+
 def as_batch(images: torch.Tensor, aspect: torch.Tensor | None = None) -> Batch:
     index = torch.arange(len(images))
     return Batch(index, images, index, aspect=aspect)
@@ -22,7 +29,7 @@ def as_batch(images: torch.Tensor, aspect: torch.Tensor | None = None) -> Batch:
 
 def test_crop_boxes_respect_scale_ratio_and_image():
     n, h, w = 20000, 32, 32
-    boxes = ops.sample_crop_boxes(Shard.whole(n), h, w, (0.08, 1.0), (3 / 4, 4 / 3), gen(), torch.device("cpu"))
+    boxes = crop_boxes(n, h, w, (0.08, 1.0), (3 / 4, 4 / 3), gen())
     x0, y0, bw, bh = boxes.unbind(1)
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + bw <= w).all() and (y0 + bh <= h).all()
     area = bw * bh / (h * w)
@@ -36,7 +43,7 @@ def test_crop_boxes_respect_scale_ratio_and_image():
 
 
 def test_crop_positions_independent_per_sample():
-    boxes = ops.sample_crop_boxes(Shard.whole(4000), 32, 32, (0.08, 0.3), (1.0, 1.0), gen(1), torch.device("cpu"))
+    boxes = crop_boxes(4000, 32, 32, (0.08, 0.3), (1.0, 1.0), gen(1))
     x0 = boxes[:, 0]
     assert len(torch.unique(x0)) > 10
     corr = torch.corrcoef(torch.stack([x0[:-1], x0[1:]]))[0, 1]
@@ -63,10 +70,10 @@ def test_flip_rate_and_full_crop_is_identity_or_mirror():
 
 def test_grayscale_and_solarize_rates():
     images = torch.rand(8000, 3, 4, 4)
-    gray = ops.random_grayscale(images, 0.2, gen(4), Shard.whole(len(images)))
+    gray = ops.random_grayscale(images, **ops.draw_coin(Shard.whole(len(images)), 0.2, gen(4), CPU))
     is_gray = (gray[:, 0] == gray[:, 1]).all(dim=(1, 2)) & (gray[:, 1] == gray[:, 2]).all(dim=(1, 2))
     assert abs(is_gray.float().mean().item() - 0.2) < 0.02
-    sol = ops.random_solarize(images, 0.3, gen(5), Shard.whole(len(images)))
+    sol = ops.random_solarize(images, **ops.draw_coin(Shard.whole(len(images)), 0.3, gen(5), CPU))
     changed = (sol != images).any(dim=(1, 2, 3))
     assert abs(changed.float().mean().item() - 0.3) < 0.02
     assert torch.equal(sol[changed], torch.where(images[changed] >= 0.5, 1 - images[changed], images[changed]))
@@ -75,7 +82,7 @@ def test_grayscale_and_solarize_rates():
 def test_color_jitter_matches_torchvision_per_sample():
     images = torch.rand(6, 3, 8, 8)
     g = gen(6)
-    out = ops.color_jitter(images, 1.0, 0.4, 0.4, 0.4, 0.1, g, Shard.whole(len(images)))
+    out = ops.color_jitter(images, **ops.draw_color_jitter(Shard.whole(len(images)), 1.0, 0.4, 0.4, 0.4, 0.1, g, CPU))
     # replay the same draws: apply-coin, then brightness, contrast, saturation, hue factors
     g = gen(6)
     torch.rand(6, generator=g)
@@ -93,16 +100,16 @@ def test_color_jitter_matches_torchvision_per_sample():
 
 def test_jitter_with_p_zero_is_identity_and_factors_vary_per_sample():
     images = torch.rand(64, 3, 8, 8)
-    assert torch.equal(ops.color_jitter(images, 0.0, 0.4, 0.4, 0.4, 0.1, gen(), Shard.whole(len(images))), images)
-    bright = ops.color_jitter(torch.full((64, 3, 4, 4), 0.5), 1.0, 0.4, 0, 0, 0, gen(), Shard.whole(64))
+    assert torch.equal(ops.color_jitter(images, **ops.draw_color_jitter(Shard.whole(len(images)), 0.0, 0.4, 0.4, 0.4, 0.1, gen(), CPU)), images)
+    bright = ops.color_jitter(torch.full((64, 3, 4, 4), 0.5), **ops.draw_color_jitter(Shard.whole(64), 1.0, 0.4, 0, 0, 0, gen(), CPU))
     assert len(torch.unique(bright[:, 0, 0, 0])) == 64
 
 
 def test_blur_keeps_constants_and_smooths():
     const = torch.full((10, 3, 16, 16), 0.3)
-    assert torch.allclose(ops.gaussian_blur(const, 1.0, (0.1, 2.0), gen(), Shard.whole(len(const))), const, atol=1e-6)
+    assert torch.allclose(ops.gaussian_blur(const, **ops.draw_gaussian_blur(Shard.whole(len(const)), 1.0, (0.1, 2.0), gen(), CPU)), const, atol=1e-6)
     noise = torch.rand(10, 3, 16, 16)
-    blurred = ops.gaussian_blur(noise, 1.0, (1.5, 2.0), gen(), Shard.whole(len(noise)))
+    blurred = ops.gaussian_blur(noise, **ops.draw_gaussian_blur(Shard.whole(len(noise)), 1.0, (1.5, 2.0), gen(), CPU))
     assert blurred.std() < 0.6 * noise.std()
 
 
@@ -122,14 +129,14 @@ def test_crops_of_images_stored_as_squares_have_the_original_geometry_and_reach_
     crops are then sampled in the original's geometry (area and aspect as torchvision on the file)."""
     n, size = 20000, 64
     aspect = torch.full((n,), 2.0)  # originals twice as wide as high
-    boxes = ops.sample_crop_boxes(Shard.whole(n), size, size, (0.08, 1.0), (3 / 4, 4 / 3), gen(4), torch.device("cpu"), aspect)
+    boxes = crop_boxes(n, size, size, (0.08, 1.0), (3 / 4, 4 / 3), gen(4), aspect)
     x0, y0, w, h = boxes.unbind(1)
     original_aspect = (w / size * 2.0) / (h / size)
     assert original_aspect.min() >= 0.75 * 0.9 and original_aspect.max() <= 4 / 3 * 1.1
     assert (w * h / size**2).min() >= 0.08 - 0.03
     assert x0.min() == 0 and y0.min() == 0 and (x0 + w).max() == size and (y0 + h).max() == size
     # the ratio range cannot hold a 2:1 original whole: the fallback is the central 4:3 crop
-    full = ops.sample_crop_boxes(Shard.whole(4), size, size, (1.0, 1.0), (3 / 4, 4 / 3), gen(5), torch.device("cpu"), aspect[:4])
+    full = crop_boxes(4, size, size, (1.0, 1.0), (3 / 4, 4 / 3), gen(5), aspect[:4])
     assert torch.equal(full[0], torch.tensor([10.0, 0.0, 43.0, 64.0]))  # 64 * (4/3) / 2 = 42.7 px wide, centred
 
 

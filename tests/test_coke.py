@@ -96,6 +96,7 @@ def test_loss_uses_the_labels_of_the_previous_epoch_and_frozen_centres(monkeypat
             info = StepInfo(e, 3 * e + s, 6, generator.manual_seed(s), 0, 3, update=update)
             batch = Batch(index, data.images[index], data.labels[index])
             with torch.set_grad_enabled(update):
+                method.begin_step(info)
                 loss, _ = method(method.views(batch, info), batch, info)
             if update:
                 loss.backward()
@@ -121,7 +122,7 @@ def test_two_view_target_is_a_mixture_and_its_loss_splits():
     x = [F.normalize(torch.randn(8, 16, generator=g), dim=1).requires_grad_(True) for _ in range(2)]
     labels, index = torch.randint(4, (8,), generator=g), torch.arange(8)
     centres = head.centres.previous
-    loss = method.head_loss(head, centres, labels, index, x, [], epoch=1)
+    loss = method.head_loss(head, centres, labels, index, x, [])
     lam, alpha = config.method.temperature, config.method.alpha
     expected = []
     for v in range(2):

@@ -10,7 +10,11 @@ import torchvision.transforms.functional as TF
 from kinship.augment import randaugment as ra
 from kinship.augment.views import augment
 from kinship.config import AugmentConfig
+from kinship.dispatch import OpLog
 from kinship.sampling import Shard
+
+
+CPU = torch.device("cpu")
 
 
 def images(n: int = 6, size: int = 20, seed: int = 0) -> torch.Tensor:
@@ -82,16 +86,29 @@ def test_geometric_ops_match_torchvision(name: str) -> None:
 
 def test_rand_augment_draws_per_sample_and_does_not_depend_on_the_split() -> None:
     x = images(n=8, size=16)
-    whole = ra.rand_augment(x, 2, torch.Generator().manual_seed(3), Shard.whole(8))
-    halves = [ra.rand_augment(x[i * 4 : (i + 1) * 4], 2, torch.Generator().manual_seed(3), Shard(4 * i, 4, 8)) for i in range(2)]
+    whole = ra.rand_augment(x, **ra.draw_rand_augment(Shard.whole(8), 2, torch.Generator().manual_seed(3), CPU))
+    halves = [ra.rand_augment(x[i * 4 : (i + 1) * 4], **ra.draw_rand_augment(Shard(4 * i, 4, 8), 2, torch.Generator().manual_seed(3), CPU))
+              for i in range(2)]
     torch.testing.assert_close(torch.cat(halves), whole)
     assert whole.min() >= 0 and whole.max() <= 1
     assert not torch.equal(whole, x)
 
 
+def test_rand_augment_by_mask_gives_the_same_images_and_never_waits_for_the_device() -> None:
+    """The GPU's path (every operation on every image, a mask picks) equals the CPU's (each
+    operation on its own images, picked by index), and dispatches nothing that reads back."""
+    x = images(n=64, size=16)
+    draws = ra.draw_rand_augment(Shard.whole(64), 2, torch.Generator().manual_seed(1), CPU)
+    by_index = ra.rand_augment(x, **draws, by_mask=False)
+    with OpLog() as log:
+        by_mask = ra.rand_augment(x, **draws, by_mask=True)
+    assert torch.equal(by_mask, by_index)
+    assert not log.syncs
+
+
 def test_cutout_paints_one_clipped_square_grey() -> None:
     x = torch.zeros(64, 3, 32, 32)
-    out = ra.cutout(x, 0.5, torch.Generator().manual_seed(0), Shard.whole(64))
+    out = ra.cutout(x, 0.5, **ra.draw_cutout(Shard.whole(64), 32, 32, torch.Generator().manual_seed(0), CPU))
     painted = (out[:, 0] == ra.FILL).sum(dim=(1, 2))
     assert painted.max() == 16 * 16 and painted.min() >= 8 * 8  # clipped at a corner at worst
     rows = (out[:, 0] == ra.FILL).any(dim=2).sum(1)
@@ -101,12 +118,12 @@ def test_cutout_paints_one_clipped_square_grey() -> None:
 def test_pad_crop_is_a_translation_with_reflected_border() -> None:
     x = images(n=32, size=16)
     flip = torch.zeros(32, dtype=torch.bool)
-    out = ra.pad_crop(x, 4, flip, torch.Generator().manual_seed(0), Shard.whole(32))
+    out = ra.pad_crop(x, 4, flip, **ra.draw_pad_crop(Shard.whole(32), 4, torch.Generator().manual_seed(0), CPU))
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
     for i in range(32):  # every output is one of the 81 windows of the padded image
         windows = padded[i].unfold(1, 16, 1).unfold(2, 16, 1)  # (3, 9, 9, 16, 16)
         assert ((windows - out[i].view(3, 1, 1, 16, 16)).abs().amax(dim=(0, 3, 4)) == 0).any()
-    centred = ra.pad_crop(x, 0, torch.ones(32, dtype=torch.bool), torch.Generator().manual_seed(0), Shard.whole(32))
+    centred = ra.pad_crop(x, 0, torch.ones(32, dtype=torch.bool), **ra.draw_pad_crop(Shard.whole(32), 0, torch.Generator().manual_seed(0), CPU))
     assert torch.equal(centred, x.flip(-1))
 
 

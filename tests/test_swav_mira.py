@@ -51,19 +51,25 @@ def views(n=2, seed=0):
     return [torch.randn(B, 3, 16, 16, generator=g) for _ in range(n)]
 
 
+def run(method, crops, batch, info):
+    """A step's forward as the trainer makes it: the method's host-side decisions first."""
+    method.begin_step(info)
+    return method(crops, batch, info)
+
+
 def batch():
     return Batch(torch.arange(B), torch.empty(0), torch.zeros(B, dtype=torch.long))
 
 
 def test_mira_schedules_teacher_and_head():
     method = make("mira")
-    betas = [method.beta(StepInfo(0, k, 100, None, 0, 10)) for k in range(0, 101, 10)]
+    betas = [method.begin_step(StepInfo(0, k, 100, None, 0, 10))["beta"] for k in range(0, 101, 10)]
     assert abs(betas[0] - 0.7) < 1e-12 and abs(betas[-1] - 2 / 3) < 1e-12
     assert all(a >= b for a, b in zip(betas, betas[1:]))
     teacher_before = [p.clone() for p in method.teacher.parameters()]
     optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
     info = StepInfo(1, 5, 100, None, 0, 10)
-    loss, logs = method(views(), batch(), info)
+    loss, logs = run(method, views(), batch(), info)
     loss.backward()
     assert all(p.grad is None for p in method.teacher.parameters())  # no gradient reaches the teacher
     optimizer.step()
@@ -83,7 +89,7 @@ def test_prototypes_are_frozen_in_the_first_epoch_only():
         before = method.head.weight.detach().clone()
         for epoch in (0, 1):
             optimizer.zero_grad()
-            loss, _ = method(views(seed=epoch), batch(), StepInfo(epoch, epoch, 10, None, 0, 1))
+            loss, _ = run(method, views(seed=epoch), batch(), StepInfo(epoch, epoch, 10, None, 0, 1))
             loss.backward()
             optimizer.step()
             if epoch == 0:
@@ -93,12 +99,12 @@ def test_prototypes_are_frozen_in_the_first_epoch_only():
 
 def test_swav_queue_fills_then_joins_the_assignment():
     method = make("swav", queue_size=16, queue_start_epoch=1)
-    method(views(), batch(), StepInfo(0, 0, 10, None, 0, 4))
+    run(method, views(), batch(), StepInfo(0, 0, 10, None, 0, 4))
     assert method.queues[0].filled.item() == 0  # before the start epoch: not filled
     for s in range(2):
-        method(views(seed=s), batch(), StepInfo(1, s, 10, None, 0, 4))
+        run(method, views(seed=s), batch(), StepInfo(1, s, 10, None, 0, 4))
     assert method.queues[0].filled.item() == 16 and method.queues[0].ptr.item() == 0  # B rows per step
-    loss, _ = method(views(seed=5), batch(), StepInfo(1, 3, 10, None, 0, 4))  # now prepended to the scores
+    loss, _ = run(method, views(seed=5), batch(), StepInfo(1, 3, 10, None, 0, 4))  # now prepended to the scores
     assert torch.isfinite(loss)
 
 
@@ -107,7 +113,7 @@ def test_multi_crop_views_and_cluster_head():
     images = Batch(torch.arange(B), torch.zeros(B, 3, 32, 32, dtype=torch.uint8), torch.zeros(B))
     sizes = [v.shape[-1] for v in method.views(images, StepInfo(0, 0, 1, torch.Generator().manual_seed(0), 0, 1))]
     assert sizes == [32, 32, 16, 16]
-    loss, _ = method(views(2) + [torch.randn(B, 3, 8, 8) for _ in range(2)], batch(), StepInfo(1, 0, 1, None, 0, 1))
+    loss, _ = run(method, views(2) + [torch.randn(B, 3, 8, 8) for _ in range(2)], batch(), StepInfo(1, 0, 1, None, 0, 1))
     assert torch.isfinite(loss)
     assert method.cluster_scores(torch.randn(5, method.backbone.feature_dim)).shape == (5, 12)
 
@@ -151,7 +157,7 @@ def test_swav_prototypes_stay_on_the_unit_sphere_under_weight_decay():
     for s in range(3):
         optimizer.zero_grad()
         info = StepInfo(1, s, 10, None, 0, 1)
-        method(views(seed=s), batch(), info)[0].backward()
+        run(method, views(seed=s), batch(), info)[0].backward()
         optimizer.step()
         assert not torch.allclose(method.head.weight.norm(dim=1), torch.ones(12), atol=1e-4)  # decayed by the step
         method.after_step(info)

@@ -1,6 +1,8 @@
 """Throughput of one training step: ``pipeline`` (uint8 data on the device -> augment -> step) or
-``compute_only`` (the same step on fixed, already augmented views); and the ops one more step
-dispatches in each phase (views, forward + backward + optimizer, after_step), with those that make
+``compute_only`` (the same step on fixed, already augmented views), over a run of steps between two
+synchronisations (``img_per_s_run``: what training sees on a GPU, where the host runs ahead) and from
+the median of steps synchronised one by one (``img_per_s``; the solvers' share of the time,
+``solver_frac``, is measured there); and the ops one more step dispatches in each phase (views, forward + backward + optimizer, after_step), with those that make
 the host wait for the device (:mod:`kinship.dispatch`)."""
 from __future__ import annotations
 
@@ -9,14 +11,16 @@ import statistics
 import time
 
 import torch
+from torch._dynamo.utils import counters
 
 from kinship.assembly import build_config, build_method
+from kinship.augment.views import compiled_views
 from kinship.config import apply_overrides
 from kinship.data import BatchPlan, ImageSet, LabeledPlan, TensorLoader, TrainData, labeled_subset
 from kinship.dispatch import OpLog
 from kinship.methods import StepInfo
 from kinship.optim import build_optimizer, training_step
-from kinship.runtime import environment, resolve_device, timed_sections, tune_cpu_allocator, tune_cuda, use_bf16
+from kinship.runtime import compiled, environment, resolve_device, timed_sections, tune_cpu_allocator, tune_cuda, use_bf16
 
 
 def bench(method: str, device: str, backbone: str, batch: int, steps: int, compute_only: bool,
@@ -43,7 +47,7 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config.optim, batch)
-    step_fn = torch.compile(model) if compile else model
+    step_fn = compiled(model, compile, config.train.compile_backend, config.train.compile_mode)
     autocast = use_bf16(precision, dev)
     loader = TensorLoader(data, BatchPlan(n, batch, seed=0), handle.labels, labeled_plan)
     generator = torch.Generator(device=dev).manual_seed(0)
@@ -57,14 +61,17 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
     refresh_s = {}
     for refresh in model.refreshes():  # once up front, so the timed steps are those after a refresh
         start = time.perf_counter()
-        model.refresh(refresh.name, StepInfo(0, 0, warmup + steps + 1, generator, 0, n // batch))
+        model.refresh(refresh.name, StepInfo(0, 0, warmup + 2 * steps + 1, generator, 0, n // batch))
         sync()
         refresh_s[refresh.name] = round(time.perf_counter() - start, 2)
 
+    compiled_graphs: list[int] = []  # the graphs dynamo made in each step (train.compile)
+
     def one_step(i: int, logs: dict[str, OpLog] | None = None) -> None:
         nonlocal batches, fixed
+        graphs = counters["stats"]["unique_graphs"]
         phase = (lambda name: logs[name]) if logs else (lambda name: contextlib.nullcontext())
-        info = StepInfo(0, i, warmup + steps + 1, generator, i, n // batch)
+        info = StepInfo(0, i, warmup + 2 * steps + 1, generator, i, n // batch)
         if compute_only and fixed is not None:
             b, views = fixed
         else:
@@ -73,6 +80,7 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
                 batches = loader.epoch(i)
                 b = next(batches)
             with phase("views"):
+                model.begin_step(info)
                 views = model.views(b, info)
             if compute_only:
                 fixed = (b, views)
@@ -80,27 +88,43 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
             training_step(optimizer, lambda: step_fn(views, b, info), dev.type if autocast else None)
         with phase("after_step"):
             model.after_step(info)
+        compiled_graphs.append(counters["stats"]["unique_graphs"] - graphs)
 
-    for i in range(warmup):
-        one_step(i)
-    sync()
-    # Per-step times: the median is robust to the transient slowdowns of a shared machine.
-    times = []
-    with timed_sections() as sections:
-        for i in range(warmup, warmup + steps):
-            start = time.perf_counter()
+    with compiled_views(compile, config.train.compile_backend, config.train.compile_mode):
+        start = time.perf_counter()
+        one_step(0)
+        sync()
+        first_step_seconds = time.perf_counter() - start  # with compile: the compilation
+        for i in range(1, warmup):
             one_step(i)
-            sync()
-            times.append(time.perf_counter() - start)
-    logs = {name: OpLog() for name in ("views", "step", "after_step")}
-    one_step(warmup + steps, logs)
-    median = statistics.median(times)
-    return {"method": method, "overrides": list(overrides), "backbone": backbone, "device": dev.type, "batch": batch,
-            "mode": "compute_only" if compute_only else "pipeline", "img_per_s": round(batch / median, 1),
-            "img_per_s_mean": round(batch * steps / sum(times), 1), "steps": steps, "compile": compile,
-            "channels_last": channels_last,
-            "autocast_bf16": autocast, "env": environment(),
-            "ops": {name: log.total for name, log in logs.items()},
-            "host_syncs": {name: dict(log.syncs) for name, log in logs.items() if log.syncs},
-            **({"solver_frac": round(sections["solver"] / sum(times), 4)} if "solver" in sections else {}),
-            **({"refresh_s": refresh_s, "images": n} if refresh_s else {})}
+        sync()
+        # A run of steps between two synchronisations: the host queues work while the device runs, as in training.
+        start = time.perf_counter()
+        for i in range(warmup, warmup + steps):
+            one_step(i)
+        sync()
+        run_seconds = time.perf_counter() - start
+        # Then each step between two synchronisations, the solver timed within (synchronised, so kept out
+        # of the run above): the median is robust to the transient slowdowns of a shared machine.
+        times = []
+        with timed_sections() as sections:
+            for i in range(warmup + steps, warmup + 2 * steps):
+                start = time.perf_counter()
+                one_step(i)
+                sync()
+                times.append(time.perf_counter() - start)
+        logs = {name: OpLog() for name in ("views", "step", "after_step")}
+        with torch.compiler.set_stance("force_eager"):  # the ops the code asks for (compiled frames skip a dispatch mode)
+            one_step(warmup + 2 * steps, logs)
+        median = statistics.median(times)
+        return {"method": method, "overrides": list(overrides), "backbone": backbone, "device": dev.type, "batch": batch,
+                "mode": "compute_only" if compute_only else "pipeline", "img_per_s": round(batch / median, 1),
+                "img_per_s_mean": round(batch * steps / sum(times), 1), "img_per_s_run": round(batch * steps / run_seconds, 1),
+                "steps": steps, "compile": compile, "first_step_s": round(first_step_seconds, 2),
+                **({"compiled_graphs": compiled_graphs} if compile else {}),
+                "channels_last": channels_last,
+                "autocast_bf16": autocast, "env": environment(),
+                "ops": {name: log.total for name, log in logs.items()},
+                "host_syncs": {name: dict(log.syncs) for name, log in logs.items() if log.syncs},
+                **({"solver_frac": round(sections["solver"] / sum(times), 4)} if "solver" in sections else {}),
+                **({"refresh_s": refresh_s, "images": n} if refresh_s else {})}

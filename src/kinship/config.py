@@ -91,7 +91,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = False  # torch.compile the method's forward (the step's loss)
+    compile_backend: str = "inductor"  # inductor | eager (dynamo's tracing alone: checks graph breaks fast) | ...
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     sync_bn: bool = True  # under DDP on GPU
     checkpoint_every: int = 1  # epochs
     # for jobs interrupted more often than an epoch lasts: also checkpoint every N steps and/or every
@@ -361,6 +363,8 @@ def validate(config: RunConfig) -> None:
         (config.optim.schedule in ("cosine", "fixmatch"), f"optim.schedule must be cosine or fixmatch, got '{config.optim.schedule}'"),
         (not config.optim.nesterov or config.optim.name == "sgd", "optim.nesterov is for optim.name: sgd"),
         (config.train.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got '{config.train.precision}'"),
+        (config.train.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+         f"train.compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got '{config.train.compile_mode}'"),
         (config.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got '{config.train.device}'"),
         (config.eval.knn_k >= 1, "eval.knn_k must be >= 1"),
         (config.eval.knn_temperature > 0, "eval.knn_temperature must be > 0"),

@@ -67,16 +67,20 @@ def scaled_lr(lr: float, batch: int, reference_batch: int) -> float:
 def build_optimizer(model: nn.Module, config: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
     lr = scaled_lr(config.lr, global_batch, config.lr_batch)
     groups = parameter_groups(model, config)
+    # on a GPU, SGD and AdamW update every parameter in one fused kernel; LARS in a few multi-tensor ops
+    params = [p for g in groups for p in g["params"]]
+    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
     if config.name == "sgd":
         for g in groups:
             g.pop("lars_exclude", None)
-        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov,
+                               **fused)
     if config.name == "lars":
         return LARS(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, eta=config.lars_eta,
                     clip=config.lars_clip)
     for g in groups:
         g.pop("lars_exclude", None)
-    return torch.optim.AdamW(groups, lr=lr, betas=config.betas, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=config.betas, weight_decay=config.weight_decay, **fused)
 
 
 def cosine_ramp(step: int, total_steps: int, base: float, final: float = 1.0) -> float:

@@ -57,6 +57,20 @@ def tune_cuda(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def compiled(module: nn.Module, enabled: bool, backend: str = "inductor", mode: str = "default") -> nn.Module:
+    """``module`` under ``torch.compile`` when ``enabled`` (``train.compile``, ``compile_backend``,
+    ``compile_mode``); ``mode`` applies to the inductor backend only."""
+    if not enabled:
+        return module
+    try:
+        return torch.compile(module, backend=backend, mode=None if mode == "default" or backend != "inductor" else mode)
+    except Exception as exc:  # dynamo's InvalidBackend and friends: a config value that cannot work
+        if backend in torch._dynamo.list_backends(exclude_tags=()):
+            raise
+        raise ConfigError(f"train.compile_backend '{backend}' is not a torch.compile backend "
+                          f"({', '.join(torch._dynamo.list_backends())}): {str(exc).splitlines()[0]}") from None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,7 +158,10 @@ _SECTION_SECONDS: dict[str, float] | None = None
 def section(name: str) -> Iterator[None]:
     """A named part of a step (``solver``: an assignment solver), visible in ``torch.profiler``
     traces as ``kinship.<name>``; while :func:`timed_sections` is active its wall time (device
-    synchronised) is added up."""
+    synchronised) is added up. Inside a compiled region it marks nothing (graphs have no host clock)."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     with torch.profiler.record_function(f"kinship.{name}"):
         if _SECTION_SECONDS is None:
             yield

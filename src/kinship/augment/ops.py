@@ -1,10 +1,12 @@
 """Batched image augmentations with an independent random draw per sample.
 
-All ops take float images (B, 3, H, W) in [0, 1] on any device, a ``torch.Generator`` on the
-same device and the batch's :class:`~kinship.sampling.Shard`, and return a new batch. They follow
-torchvision's definitions (same parameter ranges and formulas), so a recipe from a paper carries
-over, but draw parameters per sample in one batched call instead of once per PIL image: the draws
-are made for the global batch and each process applies its shard's rows (see :mod:`kinship.sampling`).
+Each random op comes in two parts: ``draw_<op>`` makes its per-sample random numbers from a
+``torch.Generator``, for the global batch, and keeps the batch's :class:`~kinship.sampling.Shard`
+rows (see :mod:`kinship.sampling`); the op itself is a pure function of float images (B, 3, H, W)
+in [0, 1] and those numbers, so that a view's draws can all be made first and the transforms
+compiled as one graph (a generator cannot enter one). They follow torchvision's definitions (same
+parameter ranges and formulas), so a recipe from a paper carries over, but with parameters per
+sample in one batched call instead of once per PIL image.
 
 An op applied with probability p transforms every image and keeps the result where the image's
 coin came up (``torch.where``): selecting the images first would give a shape that depends on the
@@ -21,41 +23,48 @@ import torch.nn.functional as F
 from kinship.sampling import Shard, coin, uniform
 
 
-@functools.lru_cache(maxsize=None)
 def constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor of a few Python numbers, copied to the device once (not at every step)."""
+    """A tensor of a few Python numbers, copied to the device once (not at every step); inside a
+    compiled graph, a constant of the graph."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, device=device, dtype=dtype)
+    return _cached_constant(values, device, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(values, device=device, dtype=dtype)
 
 
-def sample_crop_boxes(
-    shard: Shard,
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    generator: torch.Generator,
-    device: torch.device,
-    aspect: torch.Tensor | None = None,
-    attempts: int = 10,
-) -> torch.Tensor:
-    """torchvision's RandomResizedCrop box sampler, vectorised: (shard.size, 4) boxes (x0, y0, w, h) in
-    stored pixels for this shard's rows; the draws are made for the whole global batch.
+def draw_crop_boxes(shard: Shard, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator,
+                    device: torch.device, attempts: int = 10) -> dict[str, torch.Tensor]:
+    """RandomResizedCrop's draws: ``attempts`` area fractions ~ U(scale) and aspects (log-uniform in
+    ``ratio``) per sample, then the position of the crop (left, top ~ U(0, 1))."""
+    n = shard.total
+    return {"area_fraction": shard.rows(uniform(n * attempts, *scale, generator, device).view(n, attempts)),
+            "crop_aspect": torch.exp(shard.rows(uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), generator,
+                                                        device).view(n, attempts))),
+            "left": shard.rows(torch.rand(n, generator=generator, device=device)),
+            "top": shard.rows(torch.rand(n, generator=generator, device=device))}
 
-    Each sample makes ``attempts`` draws of area fraction ~ U(scale) and log aspect ~ U(log ratio)
-    and keeps its first box that fits; a sample with none falls back to the central crop with the
-    aspect ratio clamped to ``ratio``, as torchvision does. Area and aspect are those of the
-    *original* image: ``aspect`` (shard.size,) holds each image's original width / height where the
+
+def crop_boxes(height: int, width: int, ratio: tuple[float, float], area_fraction: torch.Tensor, crop_aspect: torch.Tensor,
+               left: torch.Tensor, top: torch.Tensor, aspect: torch.Tensor | None = None) -> torch.Tensor:
+    """torchvision's RandomResizedCrop box sampler, vectorised: (n, 4) boxes (x0, y0, w, h) in stored
+    pixels from the draws of :func:`draw_crop_boxes`.
+
+    Each sample keeps its first attempt that fits; a sample with none falls back to the central
+    crop with the aspect ratio clamped to ``ratio``, as torchvision does. Area and aspect are those
+    of the *original* image: ``aspect`` (n,) holds each image's original width / height where the
     store resized it to (height, width) regardless of its shape (ImageFolder data), so that crops
     cover the whole image with the geometry torchvision would give on the file; None: the stored
     shape is the original one.
     """
-    n = shard.total
-    area_fraction = shard.rows(uniform(n * attempts, *scale, generator, device).view(n, attempts))
-    crop_aspect = torch.exp(shard.rows(uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), generator, device).view(n, attempts)))
+    n = len(left)
     # the original's width / height; lengths in units of the stored height, the original being
     # (original * height) x height
-    original = (torch.full((shard.size, 1), width / height, device=device) if aspect is None
-                else aspect.to(device).float().view(-1, 1))
+    original = (torch.full((n, 1), width / height, device=left.device) if aspect is None
+                else aspect.to(left.device).float().view(-1, 1))
     target_area = height * height * original * area_fraction
     w = torch.round(torch.sqrt(target_area * crop_aspect) * (width / height) / original)  # back to stored pixels
     h = torch.round(torch.sqrt(target_area / crop_aspect))
@@ -72,8 +81,6 @@ def sample_crop_boxes(
     w = torch.where(any_fit, w, fw)
     h = torch.where(any_fit, h, fh)
     # torchvision: top = randint(0, H - h + 1), left = randint(0, W - w + 1)
-    left = shard.rows(torch.rand(n, generator=generator, device=device))
-    top = shard.rows(torch.rand(n, generator=generator, device=device))
     x0 = torch.where(any_fit, torch.floor(left * (width - w + 1)), torch.div(width - fw, 2, rounding_mode="floor"))
     y0 = torch.where(any_fit, torch.floor(top * (height - h + 1)), torch.div(height - fh, 2, rounding_mode="floor"))
     return torch.stack([x0, y0, w, h], dim=1)
@@ -140,72 +147,75 @@ def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return maxc.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
-def color_jitter(
-    images: torch.Tensor,
-    p: float,
-    brightness: float,
-    contrast: float,
-    saturation: float,
-    hue: float,
-    generator: torch.Generator,
-    shard: Shard,
-) -> torch.Tensor:
-    """torchvision ColorJitter applied with probability ``p``, factors drawn per sample.
+def draw_color_jitter(shard: Shard, p: float, brightness: float, contrast: float, saturation: float, hue: float,
+                      generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """ColorJitter's draws: a coin with probability ``p``, then the factors ~ U(max(0, 1 - s), 1 + s)
+    of each nonzero strength s and the hue shift ~ U(-hue, hue) (in turns)."""
+    n = shard.total
+    draws = {"select": shard.rows(coin(n, p, generator, device))}
+    for name, s in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+        if s > 0:
+            draws[name] = shard.rows(uniform(n, max(0.0, 1 - s), 1 + s, generator, device))
+    if hue > 0:
+        draws["hue"] = shard.rows(uniform(n, -hue, hue, generator, device))
+    return draws
 
-    Order is fixed (brightness, contrast, saturation, hue); torchvision draws a random order per
-    call. The coins and factors are drawn for the whole global batch; this shard's rows are used.
+
+def color_jitter(images: torch.Tensor, select: torch.Tensor, brightness: torch.Tensor | None = None,
+                 contrast: torch.Tensor | None = None, saturation: torch.Tensor | None = None,
+                 hue: torch.Tensor | None = None) -> torch.Tensor:
+    """torchvision ColorJitter where ``select``, with per-sample factors (None: that part is off).
+
+    Order is fixed (brightness, contrast, saturation, hue); torchvision draws a random order per call.
     """
-    device, n = images.device, shard.total
-    select = shard.rows(coin(n, p, generator, device)).view(-1, 1, 1, 1)
-    factors = [shard.rows(uniform(n, max(0.0, 1 - s), 1 + s, generator, device)) if s > 0 else None
-               for s in (brightness, contrast, saturation)]
-    shift = shard.rows(uniform(n, -hue, hue, generator, device)) if hue > 0 else None
-    brightness_f, contrast_f, saturation_f = factors
     x = images
-    if brightness_f is not None:
-        x = (x * brightness_f.view(-1, 1, 1, 1)).clamp_(0, 1)
-    if contrast_f is not None:
+    if brightness is not None:
+        x = (x * brightness.view(-1, 1, 1, 1)).clamp_(0, 1)
+    if contrast is not None:
         mean = rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-        x = _blend(x, mean, contrast_f)
-    if saturation_f is not None:
-        x = _blend(x, rgb_to_grayscale(x), saturation_f)
-    if shift is not None:
-        x = _shift_hue(x, shift)
-    return torch.where(select, x, images)
+        x = _blend(x, mean, contrast)
+    if saturation is not None:
+        x = _blend(x, rgb_to_grayscale(x), saturation)
+    if hue is not None:
+        x = _shift_hue(x, hue)
+    return torch.where(select.view(-1, 1, 1, 1), x, images)
 
 
-def random_grayscale(images: torch.Tensor, p: float, generator: torch.Generator, shard: Shard) -> torch.Tensor:
-    select = shard.rows(coin(shard.total, p, generator, images.device)).to(images.dtype).view(-1, 1, 1, 1)
+def draw_coin(shard: Shard, p: float, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """The draw of an op applied with probability ``p`` and no other parameter (grayscale, solarize)."""
+    return {"select": shard.rows(coin(shard.total, p, generator, device))}
+
+
+def random_grayscale(images: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    select = select.to(images.dtype).view(-1, 1, 1, 1)
     return images * (1 - select) + rgb_to_grayscale(images) * select  # exact at select 0 and 1
 
 
-def gaussian_blur(
-    images: torch.Tensor, p: float, sigma: tuple[float, float], generator: torch.Generator, shard: Shard
-) -> torch.Tensor:
-    """Separable Gaussian blur with sigma ~ U(sigma) per sample, applied with probability ``p``.
+def draw_gaussian_blur(shard: Shard, p: float, sigma: tuple[float, float], generator: torch.Generator,
+                       device: torch.device) -> dict[str, torch.Tensor]:
+    return {"select": shard.rows(coin(shard.total, p, generator, device)),
+            "sigma": shard.rows(uniform(shard.total, *sigma, generator, device))}
+
+
+def gaussian_blur(images: torch.Tensor, select: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of standard deviation ``sigma`` (n,) where ``select``.
 
     Kernel size is ~10% of the side (23 at 224 px, as in BYOL/MoCo v2), odd, at least 3.
     """
     n, c, height, width = images.shape
-    device = images.device
-    select = shard.rows(coin(shard.total, p, generator, device)).view(-1, 1, 1, 1)
-    sigmas = shard.rows(uniform(shard.total, *sigma, generator, device))
     k = max(3, 2 * int(round(0.05 * height)) + 1)
-    coords = torch.arange(k, device=device, dtype=images.dtype) - (k - 1) / 2
-    kernel = torch.exp(-(coords.view(1, -1) ** 2) / (2 * sigmas.view(-1, 1) ** 2))
+    coords = torch.arange(k, device=images.device, dtype=images.dtype) - (k - 1) / 2
+    kernel = torch.exp(-(coords.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).unsqueeze(1).expand(n, c, k).reshape(n * c, k)
     x = images.reshape(1, n * c, height, width)
     pad = k // 2
     x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kernel.view(-1, 1, 1, k), groups=n * c)
     x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), kernel.view(-1, 1, k, 1), groups=n * c)
-    return torch.where(select, x.view(n, c, height, width), images)
+    return torch.where(select.view(-1, 1, 1, 1), x.view(n, c, height, width), images)
 
 
-def random_solarize(
-    images: torch.Tensor, p: float, generator: torch.Generator, shard: Shard, threshold: float = 0.5
-) -> torch.Tensor:
-    select = shard.rows(coin(shard.total, p, generator, images.device)).view(-1, 1, 1, 1)
-    flip = (images >= threshold).to(images.dtype) * select.to(images.dtype)
+def random_solarize(images: torch.Tensor, select: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    flip = (images >= threshold).to(images.dtype) * select.view(-1, 1, 1, 1).to(images.dtype)
     return images * (1 - flip) + (1.0 - images) * flip  # exact at flip 0 and 1
 
 

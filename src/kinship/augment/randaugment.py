@@ -7,7 +7,8 @@ compare them op by op), so no loop runs over samples. :func:`rand_augment` draws
 ``ops`` slots, one operation per image among :data:`OPS` and its magnitude uniformly within
 FixMatch's ranges (Table 12, "RandAugment with random magnitude"), for the global batch as every
 augmentation here does (:mod:`kinship.sampling`), and applies each operation to the images that drew
-it: a loop over the 14 operations, not over images.
+it: a loop over the 14 operations, not over images. As in :mod:`kinship.augment.ops`, the draws
+(``draw_<op>``) are apart from the pure operations.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kinship.augment.ops import _blend, rgb_to_grayscale
+from kinship.augment.ops import _blend, constant, rgb_to_grayscale
 from kinship.blocks.mixing import box_masks
 from kinship.sampling import Shard, uniform
 
@@ -43,9 +44,8 @@ def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """torchvision ``adjust_sharpness``: blend with PIL's smoothing filter (3 x 3, centre 5, others 1,
     over 13) applied to the interior, the border pixels kept."""
-    kernel = torch.ones(3, 3, device=x.device, dtype=x.dtype)
-    kernel[1, 1] = 5.0
-    kernel = (kernel / 13).expand(x.shape[1], 1, 3, 3)
+    kernel = constant((1 / 13, 1 / 13, 1 / 13, 1 / 13, 5 / 13, 1 / 13, 1 / 13, 1 / 13, 1 / 13), x.device, x.dtype)
+    kernel = kernel.view(1, 1, 3, 3).expand(x.shape[1], 1, 3, 3)
     smooth = x.clone()
     smooth[..., 1:-1, 1:-1] = F.conv2d(x, kernel, groups=x.shape[1])
     return _blend(x, smooth, factor)
@@ -115,7 +115,7 @@ def affine(x: torch.Tensor, angle: torch.Tensor, translate: tuple[torch.Tensor, 
     xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w, device=x.device)
     ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h, device=x.device)
     base = torch.stack([xs.view(1, w).expand(h, w), ys.view(h, 1).expand(h, w), torch.ones(h, w, device=x.device)], dim=-1)
-    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=x.device)
+    scaled = theta.transpose(1, 2) / constant((0.5 * w, 0.5 * h), x.device, torch.float32)
     grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(scaled).view(n, h, w, 2)
     inside = torch.ones(n, 1, h, w, device=x.device, dtype=x.dtype)
     out = F.grid_sample(torch.cat([x, inside], dim=1), grid, mode="nearest", padding_mode="zeros", align_corners=False)
@@ -171,46 +171,76 @@ OPS = (
 )
 
 
-def rand_augment(x: torch.Tensor, ops: int, generator: torch.Generator, shard: Shard) -> torch.Tensor:
-    """``ops`` operations per image, each drawn uniformly from :data:`OPS` with a uniform magnitude
-    in its range (posterize: a whole number of bits, 4 to 8)."""
+def draw_rand_augment(shard: Shard, ops: int, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """RandAugment's draws for ``ops`` slots: per slot, an operation index per image (uniform over
+    :data:`OPS`) and a uniform number for its magnitude; (ops, n) each."""
     n = shard.total
+    choice, unit = [], []
     for _ in range(ops):
-        choice = shard.rows(torch.randint(len(OPS), (n,), generator=generator, device=x.device))
-        unit = shard.rows(torch.rand(n, generator=generator, device=x.device))
-        out = x.clone()
+        choice.append(shard.rows(torch.randint(len(OPS), (n,), generator=generator, device=device)))
+        unit.append(shard.rows(torch.rand(n, generator=generator, device=device)))
+    return {"choice": torch.stack(choice), "unit": torch.stack(unit)}
+
+
+def rand_augment(x: torch.Tensor, choice: torch.Tensor, unit: torch.Tensor, by_mask: bool | None = None) -> torch.Tensor:
+    """Per slot (a row of ``choice`` and ``unit``), operation ``OPS[choice]`` of each image with its
+    magnitude uniform in the operation's range (posterize: a whole number of bits, 4 to 8).
+    ``by_mask`` (default: on a GPU, and in a compiled graph) every operation runs on every image and
+    a mask keeps each image's own, so that the host never waits for the device; else each operation
+    runs on its images alone, picked by index (6x less work: the CPU's choice). Both give the same
+    images."""
+    by_mask = (x.is_cuda or torch.compiler.is_compiling()) if by_mask is None else by_mask
+    for slot_choice, slot_unit in zip(choice.unbind(0), unit.unbind(0)):
+        out = x if by_mask else x.clone()
         for k, (op, low, high) in enumerate(OPS):
-            rows = (choice == k).nonzero().squeeze(1)
-            if rows.numel() and op is not identity:
-                magnitude = low + (high - low) * unit[rows]
-                if op is posterize:
-                    magnitude = torch.floor(low + (high - low + 1) * unit[rows]).clamp(max=high)
-                out[rows] = op(x[rows], magnitude)
+            if op is identity:
+                continue
+            if by_mask:
+                out = torch.where(_column(slot_choice == k), op(x, magnitude(op, low, high, slot_unit)), out)
+                continue
+            rows = (slot_choice == k).nonzero().squeeze(1)
+            if rows.numel():
+                out[rows] = op(x[rows], magnitude(op, low, high, slot_unit[rows]))
         x = out
     return x
 
 
-def cutout(x: torch.Tensor, fraction: float, generator: torch.Generator, shard: Shard, fill: float = FILL) -> torch.Tensor:
-    """FixMatch's Cutout: a square of side ``fraction`` x the width (16 px at 32) centred on a uniform
-    pixel, clipped to the image, painted grey."""
+def magnitude(op, low: float, high: float, unit: torch.Tensor) -> torch.Tensor:
+    """Uniform in [low, high] from uniform ``unit`` draws; posterize's bits a whole number."""
+    if op is posterize:
+        return torch.floor(low + (high - low + 1) * unit).clamp(max=high)
+    return low + (high - low) * unit
+
+
+def draw_cutout(shard: Shard, height: int, width: int, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """Cutout's centre: a uniform pixel (row, column) per image."""
+    return {"cy": shard.rows(torch.floor(uniform(shard.total, 0, height, generator, device)).long()),
+            "cx": shard.rows(torch.floor(uniform(shard.total, 0, width, generator, device)).long())}
+
+
+def cutout(x: torch.Tensor, fraction: float, cy: torch.Tensor, cx: torch.Tensor, fill: float = FILL) -> torch.Tensor:
+    """FixMatch's Cutout: a square of side ``fraction`` x the width (16 px at 32) centred on pixel
+    (cy, cx), clipped to the image, painted grey."""
     n, _, h, w = x.shape
     side = int(fraction * w)
-    cy = torch.floor(uniform(shard.total, 0, h, generator, x.device)).long()
-    cx = torch.floor(uniform(shard.total, 0, w, generator, x.device)).long()
     boxes = torch.stack([(cy - side // 2).clamp(0, h), (cy + side - side // 2).clamp(0, h),
                          (cx - side // 2).clamp(0, w), (cx + side - side // 2).clamp(0, w)], dim=1)
-    return torch.where(box_masks(shard.rows(boxes), h, w), torch.full_like(x, fill), x)
+    return torch.where(box_masks(boxes, h, w), torch.full_like(x, fill), x)
 
 
-def pad_crop(x: torch.Tensor, pad: int, flip: torch.Tensor, generator: torch.Generator, shard: Shard) -> torch.Tensor:
+def draw_pad_crop(shard: Shard, pad: int, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """The padded crop's offsets: top and left, each uniform in 0..2 pad."""
+    return {"top": shard.rows(torch.randint(2 * pad + 1, (shard.total,), generator=generator, device=device)),
+            "left": shard.rows(torch.randint(2 * pad + 1, (shard.total,), generator=generator, device=device))}
+
+
+def pad_crop(x: torch.Tensor, pad: int, flip: torch.Tensor, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
     """FixMatch's weak view: mirror where ``flip``, then torchvision's RandomCrop(padding=pad,
-    padding_mode="reflect") at the image's own size: a translation by up to ``pad`` pixels, the
-    border filled by reflection."""
+    padding_mode="reflect") at the image's own size: a translation by ``top``, ``left`` - ``pad``
+    pixels, the border filled by reflection."""
     n, c, h, w = x.shape
     x = torch.where(_column(flip), x.flip(-1), x)
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    top = shard.rows(torch.randint(2 * pad + 1, (shard.total,), generator=generator, device=x.device))
-    left = shard.rows(torch.randint(2 * pad + 1, (shard.total,), generator=generator, device=x.device))
     rows = (top.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
     cols = (left.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
     return padded[torch.arange(n, device=x.device).view(n, 1, 1, 1), torch.arange(c, device=x.device).view(1, c, 1, 1), rows, cols]

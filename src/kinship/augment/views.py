@@ -10,7 +10,8 @@ with the geometry torchvision gives on the file, and the evaluation view can be 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -27,42 +28,73 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0)
 
 
+Draws = dict[str, dict[str, torch.Tensor]]  # a view's random numbers, by op
+
+
+def draw_view(recipe: AugmentConfig, shard: Shard, height: int, width: int, generator: torch.Generator,
+              device: torch.device) -> Draws:
+    """Every random number one view of a batch of (height, width) images needs, by op, drawn in the
+    order the ops apply, for the global batch (this shard's rows kept: the view of an image does not
+    depend on how the batch is split across processes)."""
+    draws: Draws = {}
+    if recipe.crop_mode == "pad":
+        draws["flip"] = ops.draw_coin(shard, recipe.flip_p, generator, device)
+        draws["pad_crop"] = randaugment.draw_pad_crop(shard, recipe.pad, generator, device)
+    else:
+        draws["crop"] = ops.draw_crop_boxes(shard, recipe.crop_scale, recipe.crop_ratio, generator, device)
+        draws["flip"] = ops.draw_coin(shard, recipe.flip_p, generator, device)
+    if recipe.jitter_p > 0:
+        draws["jitter"] = ops.draw_color_jitter(shard, recipe.jitter_p, recipe.brightness, recipe.contrast, recipe.saturation,
+                                                recipe.hue, generator, device)
+    if recipe.grayscale_p > 0:
+        draws["grayscale"] = ops.draw_coin(shard, recipe.grayscale_p, generator, device)
+    if recipe.blur_p > 0:
+        draws["blur"] = ops.draw_gaussian_blur(shard, recipe.blur_p, recipe.blur_sigma, generator, device)
+    if recipe.solarize_p > 0:
+        draws["solarize"] = ops.draw_coin(shard, recipe.solarize_p, generator, device)
+    if recipe.randaugment > 0:
+        draws["randaugment"] = randaugment.draw_rand_augment(shard, recipe.randaugment, generator, device)
+    if recipe.cutout > 0:
+        draws["cutout"] = randaugment.draw_cutout(shard, recipe.crop_size, recipe.crop_size, generator, device)
+    return draws
+
+
+def render_view(images: torch.Tensor, recipe: AugmentConfig, draws: Draws, aspect: torch.Tensor | None = None) -> torch.Tensor:
+    """The view of float images (B, 3, H, W) in [0, 1] that ``draws`` (:func:`draw_view`) define:
+    normalised, ``crop_size``, channels_last. A pure function: no generator, nothing read back.
+    ``aspect``: each image's original width / height when the store resized it to a square (None:
+    the stored shape is the original)."""
+    _, _, height, width = images.shape
+    if recipe.crop_mode == "pad":
+        x = randaugment.pad_crop(resized(images, recipe.crop_size), recipe.pad, draws["flip"]["select"], **draws["pad_crop"])
+    else:
+        boxes = ops.crop_boxes(height, width, recipe.crop_ratio, **draws["crop"], aspect=aspect)
+        x = ops.crop_resize_flip(images, boxes, recipe.crop_size, draws["flip"]["select"])
+    if "jitter" in draws:
+        x = ops.color_jitter(x, **draws["jitter"])
+    if "grayscale" in draws:
+        x = ops.random_grayscale(x, **draws["grayscale"])
+    if "blur" in draws:
+        x = ops.gaussian_blur(x, **draws["blur"])
+    if "solarize" in draws:
+        x = ops.random_solarize(x, **draws["solarize"])
+    if "randaugment" in draws:
+        x = randaugment.rand_augment(x, **draws["randaugment"])
+    if "cutout" in draws:
+        x = randaugment.cutout(x, recipe.cutout, **draws["cutout"])
+    return ops.normalize(x, recipe.mean, recipe.std).contiguous(memory_format=torch.channels_last)
+
+
 def augment(
     images: torch.Tensor, recipe: AugmentConfig, generator: torch.Generator, shard: Shard | None = None,
     aspect: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One random view per image: float images in [0, 1] -> normalised float views of ``crop_size``.
 
-    ``shard``: where these images sit in the global batch (default: they are the whole batch); the
-    random parameters are drawn for the global batch, so the view of an image does not depend on
-    how the batch is split across processes. ``aspect``: each image's original width / height when
-    the store resized it to a square (None: the stored shape is the original).
+    ``shard``: where these images sit in the global batch (default: they are the whole batch).
     """
-    n, _, height, width = images.shape
-    device = images.device
-    shard = shard or Shard.whole(n)
-    if recipe.crop_mode == "pad":
-        flip = shard.rows(torch.rand(shard.total, generator=generator, device=device) < recipe.flip_p)
-        x = randaugment.pad_crop(resized(images, recipe.crop_size), recipe.pad, flip, generator, shard)
-    else:
-        boxes = ops.sample_crop_boxes(shard, height, width, recipe.crop_scale, recipe.crop_ratio, generator, device, aspect)
-        flip = shard.rows(torch.rand(shard.total, generator=generator, device=device) < recipe.flip_p)
-        x = ops.crop_resize_flip(images, boxes, recipe.crop_size, flip)
-    if recipe.jitter_p > 0:
-        x = ops.color_jitter(
-            x, recipe.jitter_p, recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue, generator, shard
-        )
-    if recipe.grayscale_p > 0:
-        x = ops.random_grayscale(x, recipe.grayscale_p, generator, shard)
-    if recipe.blur_p > 0:
-        x = ops.gaussian_blur(x, recipe.blur_p, recipe.blur_sigma, generator, shard)
-    if recipe.solarize_p > 0:
-        x = ops.random_solarize(x, recipe.solarize_p, generator, shard)
-    if recipe.randaugment > 0:
-        x = randaugment.rand_augment(x, recipe.randaugment, generator, shard)
-    if recipe.cutout > 0:
-        x = randaugment.cutout(x, recipe.cutout, generator, shard)
-    return ops.normalize(x, recipe.mean, recipe.std).contiguous(memory_format=torch.channels_last)
+    shard = shard or Shard.whole(len(images))
+    return render_view(images, recipe, draw_view(recipe, shard, *images.shape[-2:], generator, images.device), aspect)
 
 
 def resized(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -73,9 +105,36 @@ def resized(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def make_views(batch: "Batch", recipes: list[AugmentConfig], generator: torch.Generator) -> list[torch.Tensor]:
-    """One view per recipe of the batch's uint8 images (decoded to float once)."""
-    x = to_float(batch.images)
-    return [augment(x, recipe, generator, batch.shard, batch.aspect) for recipe in recipes]
+    """One view per recipe of the batch's uint8 images: every view's draws first, then the
+    transforms in one call of :func:`render_views` (compiled under :func:`compiled_views`)."""
+    height, width = batch.images.shape[-2:]
+    draws = [draw_view(recipe, batch.shard, height, width, generator, batch.images.device) for recipe in recipes]
+    return _render(batch.images, tuple(recipes), draws, batch.aspect)
+
+
+def render_views(images: torch.Tensor, recipes: tuple[AugmentConfig, ...], draws: list[Draws],
+                 aspect: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The views of uint8 images (decoded to float once) that ``draws`` define, one per recipe."""
+    x = to_float(images)
+    return [render_view(x, recipe, view_draws, aspect) for recipe, view_draws in zip(recipes, draws)]
+
+
+_render = render_views
+
+
+@contextlib.contextmanager
+def compiled_views(enabled: bool, backend: str = "inductor", mode: str = "default") -> Iterator[None]:
+    """While active (``train.compile``), :func:`make_views` runs :func:`render_views` compiled as one
+    graph (``fullgraph``: a graph break is an error), which fuses the views' elementwise ops."""
+    global _render
+    previous = _render
+    if enabled:
+        _render = torch.compile(render_views, fullgraph=True, backend=backend,
+                                mode=None if mode == "default" or backend != "inductor" else mode)
+    try:
+        yield
+    finally:
+        _render = previous
 
 
 def center_view(images: torch.Tensor, recipe: AugmentConfig, aspect: torch.Tensor | None = None) -> torch.Tensor:

@@ -84,7 +84,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
 
 @full_precision
 @torch.no_grad()
-def mira_targets(logits: torch.Tensor, tau: float = 0.225, beta: float = 2 / 3, iterations: int = 30) -> torch.Tensor:
+def mira_targets(logits: torch.Tensor, tau: float = 0.225, beta: float | torch.Tensor = 2 / 3, iterations: int = 30) -> torch.Tensor:
     """MIRA's pseudo-labels W (..., B, K) for teacher logits (..., B, K), beta in [0, 1); leading
     dimensions are independent problems (both crops at once: (2, B, K)).
 
@@ -98,7 +98,7 @@ def mira_targets(logits: torch.Tensor, tau: float = 0.225, beta: float = 2 / 3, 
     exponential. A prototype whose column of k underflows to zero everywhere (dead) has m = 0; it
     gets weight 1 in the iteration (where it meets only zeros of k) instead of inf, and so no mass.
     """
-    if not 0.0 <= beta < 1.0:
+    if not isinstance(beta, torch.Tensor) and not 0.0 <= beta < 1.0:  # a tensor (a schedule's value) is checked where set
         raise ValueError(f"MIRA's beta must lie in [0, 1), got {beta}")
     k = torch.softmax(_working(logits).reshape(-1, *logits.shape[-2:]) / (tau * (1.0 - beta)), dim=-1)  # (P, B, K)
     k_over_b = (k / global_batch_size(logits)).mT  # (P, K, B)
@@ -122,6 +122,12 @@ def constrained_assignment(features: torch.Tensor, centres: torch.Tensor, duals:
     return (_working(features) @ _working(centres).T + _working(duals)).argmax(dim=1)
 
 
+def label_counts(labels: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(k,) how many of ``labels`` (B,) fall in each cluster: ``bincount(labels, minlength=k)``
+    without its read-back of the largest label (sums of ones: exact in floating point)."""
+    return torch.zeros(k, dtype=dtype, device=labels.device).index_add_(0, labels, torch.ones_like(labels, dtype=dtype))
+
+
 @full_precision
 @torch.no_grad()
 def dual_step(duals: torch.Tensor, labels: torch.Tensor, gamma: float, eta: float) -> torch.Tensor:
@@ -132,7 +138,7 @@ def dual_step(duals: torch.Tensor, labels: torch.Tensor, gamma: float, eta: floa
     gamma < 1, as the official code (``update_center_mini_batch``); the paper writes it always, but
     gamma = 1 is an equality constraint, whose duals must be able to go negative to shrink a cluster."""
     k = duals.shape[0]
-    counts = all_reduce(torch.bincount(labels, minlength=k).to(torch.float64), "sum")
+    counts = all_reduce(label_counts(labels, k, torch.float64), "sum")
     step = duals.to(torch.float64) - eta * (counts / counts.sum() - gamma / k)
     return (step.clamp_min(0) if gamma < 1 else step).to(duals.dtype)
 
@@ -167,11 +173,11 @@ class OnlineCentres(nn.Module):
         """Add this process's features (B, d) under their labels (B,); every process must call it."""
         x = features.to(self.sums.dtype)  # fp32 (or the buffers' fp64): no autocast op below
         self.sums += all_reduce(torch.zeros_like(self.sums).index_add_(0, labels, x), "sum")
-        self.counts += all_reduce(torch.bincount(labels, minlength=len(self.counts)).to(self.counts.dtype), "sum")
-        seen = self.counts > 0
-        self.running[seen] = nn.functional.normalize(self.sums[seen], dim=1)
+        self.counts += all_reduce(label_counts(labels, len(self.counts), self.counts.dtype), "sum")
+        seen = (self.counts > 0).unsqueeze(1)  # a mask, not an index: nothing read back
+        self.running.copy_(torch.where(seen, nn.functional.normalize(self.sums, dim=1), self.running))
         if self.renormalise_per_batch:  # the next batch continues from the unit centre
-            self.sums[seen] = self.running[seen] * self.counts[seen, None]
+            self.sums.copy_(torch.where(seen, self.running * self.counts.unsqueeze(1), self.sums))
 
     def end_epoch(self, weight: float = 1.0) -> None:
         """C^{t-1} <- C^t; the next epoch's running centres start from it. ``weight`` < 1: the
@@ -185,7 +191,7 @@ class OnlineCentres(nn.Module):
 
 
 @torch.no_grad()
-def update_label_slots(slots: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, factor: float) -> None:
+def update_label_slots(slots: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, factor: float | torch.Tensor) -> None:
     """CoKe's moving-average labels (Sec. 3.4, single view, stage 2), in place, for one row per image:
     v <- (1 - factor) v + factor onehot(y) with ``factor`` = 1 / (epochs averaged so far), kept as the
     L largest entries: slots (B, L) cluster ids, weights (B, L), labels (B,). A label already in a

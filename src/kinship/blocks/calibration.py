@@ -68,12 +68,14 @@ class RunningMean(nn.Module):
     def push(self, batch_mean: torch.Tensor) -> None:
         """Add this process's batch mean (dim,), averaged over processes (equal batch sizes)."""
         value = all_reduce(batch_mean.detach().to(self.rows.dtype).clone()) / world_size()
-        self.rows[self.ptr] = value
+        self.rows.index_copy_(0, self.ptr.view(1), value.unsqueeze(0))  # a tensor index: no read-back
         self.ptr.copy_((self.ptr + 1) % self.rows.shape[0])
         self.count.copy_(torch.clamp(self.count + 1, max=self.rows.shape[0]))
 
     def mean(self) -> torch.Tensor:
-        return self.rows[: max(int(self.count), 1)].mean(dim=0)
+        """The mean of the rows pushed so far (row 0, zeros, before any push), by a mask: no read-back."""
+        written = torch.arange(len(self.rows), device=self.rows.device) < self.count.clamp_min(1)
+        return (self.rows * written.unsqueeze(1)).sum(dim=0) / self.count.clamp_min(1)
 
     @torch.no_grad()
     def reset(self, fill: torch.Tensor) -> None:

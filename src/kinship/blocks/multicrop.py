@@ -15,9 +15,10 @@ def forward_crops(
     sizes): the global crops together, then the local ones; BN sees one batch per resolution.
     ``per_crop``: one pass per crop instead, so that BN normalises each view with its own statistics
     (BYOL's and MIRA's code)."""
+    if per_crop:
+        return [network(crop) for crop in crops]
     outputs: list[torch.Tensor] = []
-    key = (lambda crop: id(crop)) if per_crop else (lambda crop: crop.shape[1:])
-    for _, group in itertools.groupby(crops, key=key):
+    for _, group in itertools.groupby(crops, key=lambda crop: crop.shape[1:]):
         group = list(group)
         outputs += network(torch.cat(group)).chunk(len(group))
     return outputs

@@ -24,16 +24,6 @@ class FifoQueue(nn.Module):
         self.columns = columns
         for name in columns:
             self.register_buffer(f"column_{name}", torch.full((size,), -1, dtype=torch.long))
-        self._filled_on_host = 0  # ``filled`` known without reading it back from the device
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._filled_on_host = int(self.filled)  # once per load, not per step
-
-    @property
-    def is_full(self) -> bool:
-        """Every slot written at least once."""
-        return self._filled_on_host == self.size
 
     @property
     def size(self) -> int:
@@ -65,4 +55,3 @@ class FifoQueue(nn.Module):
             self.column(name)[slots] = values.to(torch.long)
         self.ptr.copy_((self.ptr + n) % self.size)
         self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
-        self._filled_on_host = min(self._filled_on_host + n, self.size)

@@ -63,18 +63,24 @@ class BatchPlan(_Split):
         self.size, self.seed = size, seed
         self.steps_per_pass = size // global_batch
         self.steps_per_epoch = steps_per_epoch or self.steps_per_pass
-        self._pass, self._perm = -1, torch.empty(0)
+        self._pass, self._perm, self._copies = -1, torch.empty(0), {}
 
-    def permutation(self, number: int) -> torch.Tensor:
+    def permutation(self, number: int, device: torch.device | None = None) -> torch.Tensor:
+        """Pass ``number``'s permutation, drawn on the CPU (the same numbers on every device); with
+        ``device``, copied there once per pass, so that a step's indices need no copy."""
         if number != self._pass:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + number)
-            self._pass, self._perm = number, torch.randperm(self.size, generator=g)
-        return self._perm
+            self._pass, self._perm, self._copies = number, torch.randperm(self.size, generator=g), {}
+        if device is None or torch.device(device) == self._perm.device:
+            return self._perm
+        if device not in self._copies:
+            self._copies[device] = self._perm.to(device)
+        return self._copies[device]
 
-    def indices(self, epoch: int, step: int) -> torch.Tensor:
+    def indices(self, epoch: int, step: int, device: torch.device | None = None) -> torch.Tensor:
         number, batch = divmod(epoch * self.steps_per_epoch + step, self.steps_per_pass)  # with one pass per epoch: (epoch, step)
         start = batch * self.global_batch + self.rank * self.local_batch
-        return self.permutation(number)[start : start + self.local_batch]
+        return self.permutation(number, device)[start : start + self.local_batch]
 
 
 class LabeledPlan(_Split):
@@ -124,7 +130,7 @@ class TensorLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         for step in range(start_step, self.plan.steps_per_epoch):
-            batch = self.read(self.plan.indices(epoch, step))
+            batch = self.read(self.plan.indices(epoch, step, self.data.images.device))
             batch.shard = self.plan.shard
             batch.labeled = labeled_batch(self, self.labeled_plan, epoch * self.plan.steps_per_epoch + step)
             yield batch

@@ -5,9 +5,12 @@ banks, caches, centres, tables) as parameters or buffers, so that ``state_dict``
 a resumed run needs; state that spans samples is kept identical on every process (gathered or
 all-reduced). It is built with its config section, a backbone and the :class:`TrainData` handle.
 
-Each step the trainer calls ``views(batch, step)`` (augmentation, outside any autograd or DDP
-wrapper), then ``forward(views, batch, step)`` for a loss and logs, steps the optimizer, then
-``after_step`` (EMA targets live there). Besides, a method may declare
+Each step the trainer calls ``begin_step(step)`` (host-side decisions), ``views(batch, step)``
+(augmentation, outside any autograd or DDP wrapper), then ``forward(views, batch, step)`` for a loss
+and logs, steps the optimizer, then ``after_step`` (EMA targets live there). ``forward`` is what
+``train.compile`` compiles: it reads no number that changes from step to step on the host (the
+step's schedule values live in tensors that ``begin_step`` fills, its phases in flags that
+``begin_step`` sets), so one graph serves every step of a phase. Besides, a method may declare
 
 - ``scan_epochs``: leading epochs whose steps run ``forward`` under ``no_grad`` with no optimizer
   step and no ``after_step`` (``step.update`` is False); the learning-rate schedule starts after them;
@@ -118,6 +121,11 @@ class Method(nn.Module):
         """True if some steps leave trainable parameters without a gradient (prototypes frozen in
         the first epochs): DDP then finds them at every step, and leaves them untouched."""
         return False
+
+    def begin_step(self, step: StepInfo) -> dict[str, float]:
+        """Host-side work before the step: schedule values written into buffers that ``forward``
+        reads, phase flags (prototypes frozen, queue in use); returns the values to log."""
+        return {}
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         """The augmented views of ``batch`` this method trains on."""

@@ -66,7 +66,10 @@ class BYOL(Method):
         with torch.no_grad():
             targets = forward_crops(self.target, views[::-1] if cfg.symmetric else views[1:], cfg.per_view_bn)
         loss = sum(byol_loss(p, z) for p, z in zip(predictions, targets))  # l(v1 -> v2) [+ l(v2 -> v1)]
-        return loss, {"momentum": self.momentum(step)}
+        return loss, {}
+
+    def begin_step(self, step: StepInfo) -> dict[str, float]:
+        return {"momentum": self.momentum(step)}
 
     def momentum(self, step: StepInfo) -> float:
         return cosine_ramp(step.step, step.total_steps, self.config.momentum_base, self.config.momentum_final)

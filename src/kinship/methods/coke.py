@@ -124,6 +124,9 @@ class CoKe(Method):
         self.heads = nn.ModuleList(ClusteringHead(k, config.dim, data.size, slots, config.centre_update == "per_batch")
                                    for k in config.clusters)
         self._scan_tail: tuple[torch.Tensor, list[int]] | None = None  # set by views(), used by forward() of the same step
+        # the epoch's phase, set by begin_step: the centres the assignment uses, the label averaging
+        self.stage2 = self.averaged_targets = False
+        self.register_buffer("average_weight", torch.ones(()), persistent=False)  # 1 / epochs averaged (stage 2)
 
     @property
     def eval_recipe(self) -> AugmentConfig:
@@ -159,6 +162,12 @@ class CoKe(Method):
             return 1.0
         return 1.0 / (self.training_epoch(epoch) - self.config.moving_average_after + 1)
 
+    def begin_step(self, step: StepInfo) -> dict[str, float]:
+        self.stage2 = self.in_stage2(step.epoch)
+        self.averaged_targets = self.in_stage2(step.epoch - 1)  # one view: the averaged labels exist from then on
+        self.average_weight.fill_(self.moving_average_weight(step.epoch))
+        return {}
+
     # -- views: the batch, and in the scan's last step the images the dropped tail left out --------
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         cfg = self.config
@@ -187,7 +196,7 @@ class CoKe(Method):
             index = torch.cat([index, tail])
             sizes = [len(batch.index) + n for n in tail_sizes]
             self._scan_tail = None
-        stage2 = self.in_stage2(step.epoch)
+        stage2 = self.stage2
         outputs = forward_crops(self.embed, views, cfg.per_view_bn)
         x = [F.normalize(out[:, : cfg.dim].float(), dim=1) for out in outputs]  # projections
         q = [F.normalize(out[:, cfg.dim :].float(), dim=1) for out in outputs] if cfg.pred_weight > 0 else []  # predictions
@@ -197,32 +206,32 @@ class CoKe(Method):
             assigned = [constrained_assignment(xbar, head.centres.previous if stage2 else head.centres.running, head.duals)
                         for head in self.heads]
         if not step.update:  # scan: assignment only
-            self.update_clusters(xbar, index, sizes, assigned, step)
+            self.update_clusters(xbar, index, sizes, assigned)
             return torch.zeros((), device=xbar.device), {}
         losses = []
         for head, y_prev, y_now in zip(self.heads, previous, assigned):
             centres = head.centres.previous if cfg.loss_centres == "previous" else head.centres.running.clone()
             labels = y_prev if cfg.loss_labels == "previous" else y_now
             labels = torch.where(labels >= 0, labels, y_now)  # no scan epoch: an image's first epoch uses its current label
-            losses.append(self.head_loss(head, centres, labels, index, x, q, step.epoch))
+            losses.append(self.head_loss(head, centres, labels, index, x, q))
         loss = torch.stack(losses).mean()
-        self.update_clusters(xbar, index, sizes, assigned, step)
+        self.update_clusters(xbar, index, sizes, assigned)
         return loss, {"dual_max": self.heads[0].duals.max()}
 
     def head_loss(self, head: ClusteringHead, centres: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
-                  x: list[torch.Tensor], q: list[torch.Tensor], epoch: int) -> torch.Tensor:
+                  x: list[torch.Tensor], q: list[torch.Tensor]) -> torch.Tensor:
         """Eq. 14 for one head: soft cross-entropy of every crop's projection (and prediction) logits
         against its target, the global crops' mean and the local crops' mean weighted."""
         cfg = self.config
         with torch.autocast(centres.device.type, enabled=False):
             proj = [v @ centres.T for v in x]
             pred = [v @ centres.T for v in q]
-        onehot = F.one_hot(labels, head.k).to(proj[0].dtype)
+        onehot = torch.zeros_like(proj[0]).scatter_(1, labels.unsqueeze(1), 1.0)  # F.one_hot reads the labels' range back
         if cfg.views == 2:  # Alg. 2: the other view's projection against C_prev is the reference
             reference = [torch.softmax(p.detach() / cfg.temperature, dim=1) for p in proj[:2]]
             targets = [cfg.alpha * onehot + (1 - cfg.alpha) * reference[1 - v] for v in range(2)]
             targets += [cfg.alpha * onehot + (1 - cfg.alpha) * (reference[0] + reference[1]) / 2] * cfg.local_crops
-        elif self.in_stage2(epoch - 1):  # one view, after the first stage-2 epoch: moving-average labels
+        elif self.averaged_targets:  # one view, after the first stage-2 epoch: moving-average labels
             soft = slot_targets(head.slots[index], head.slot_weights[index], head.k, cfg.label_temperature)
             targets = [torch.where(soft.sum(1, keepdim=True) > 0, soft, onehot)]
         else:
@@ -242,10 +251,10 @@ class CoKe(Method):
 
     @torch.no_grad()
     def update_clusters(self, xbar: torch.Tensor, index: torch.Tensor, sizes: list[int] | None,
-                        assigned: list[torch.Tensor], step: StepInfo) -> None:
+                        assigned: list[torch.Tensor]) -> None:
         """Eq. 18 and Eq. 13 on the global batch, then the new labels (gathered) into every table."""
         cfg = self.config
-        stage2 = self.in_stage2(step.epoch)
+        stage2 = self.stage2
         with section("solver"):
             everyone = all_gather_cat(index, sizes)
             for head, y in zip(self.heads, assigned):
@@ -259,7 +268,7 @@ class CoKe(Method):
                 head.labels[everyone] = y
                 if stage2:
                     slots, weights = head.slots[everyone], head.slot_weights[everyone]
-                    update_label_slots(slots, weights, y, self.moving_average_weight(step.epoch))
+                    update_label_slots(slots, weights, y, self.average_weight)
                     head.slots[everyone], head.slot_weights[everyone] = slots, weights
 
     @torch.no_grad()

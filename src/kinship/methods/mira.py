@@ -71,6 +71,9 @@ class MIRA(Method):
         self.head = PrototypeHead(config.dim, config.prototypes)
         if config.ema_teacher:
             self.teacher = EMATarget(backbone, self.projector)
+        # this step's beta (set by begin_step) and whether the prototypes are frozen
+        self.register_buffer("beta", torch.tensor(float(config.beta_start)), persistent=False)
+        self.prototypes_frozen = config.freeze_prototypes_epochs > 0
 
     @property
     def eval_backbone(self) -> nn.Module:
@@ -92,22 +95,24 @@ class MIRA(Method):
         cfg = self.config
         return make_views(batch, [cfg.view1, cfg.view2, *[cfg.local] * cfg.local_crops], step.generator)
 
-    def beta(self, step: StepInfo) -> float:
-        return cosine_ramp(step.step, step.total_steps, self.config.beta_start, self.config.beta_end)
+    def begin_step(self, step: StepInfo) -> dict[str, float]:
+        beta = cosine_ramp(step.step, step.total_steps, self.config.beta_start, self.config.beta_end)
+        self.beta.fill_(beta)  # a tensor: the compiled forward neither guards on it nor recompiles
+        self.prototypes_frozen = step.epoch < self.config.freeze_prototypes_epochs
+        return {"beta": beta}
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         cfg = self.config
-        frozen = step.epoch < cfg.freeze_prototypes_epochs
+        frozen = self.prototypes_frozen
         logits = forward_crops(lambda x: self.head(self.projector(self.backbone(x)), frozen), views, cfg.per_view_bn)
         with torch.no_grad():
             teacher = self.teacher if cfg.ema_teacher else nn.Sequential(self.backbone, self.projector)
             teacher_logits = forward_crops(lambda x: self.head(teacher(x), frozen=True), views[:2], cfg.per_view_bn)
-            beta = self.beta(step)
             with section("solver"):
-                targets = mira_targets(torch.stack(teacher_logits), cfg.tau_teacher, beta, cfg.iterations).unbind(0)
+                targets = mira_targets(torch.stack(teacher_logits), cfg.tau_teacher, self.beta, cfg.iterations).unbind(0)
         loss = swapped_prediction_loss(targets, logits, cfg.tau_student)
         marginal = torch.cat(targets).mean(0)
-        return loss, {"beta": beta, "target_entropy": -(marginal * marginal.clamp_min(1e-12).log()).sum()}
+        return loss, {"target_entropy": -(marginal * marginal.clamp_min(1e-12).log()).sum()}
 
     def after_step(self, step: StepInfo) -> None:
         # applied after the optimizer step; the code applies it before the next teacher forward: the

@@ -150,6 +150,7 @@ class SsCL(Method):
         self.running = RunningMean(config.window, classes)  # p~_s
         self.register_buffer("prototypes", torch.zeros(classes, config.dim))  # P
         self.register_buffer("assigned", torch.full((data.size,), -1, dtype=torch.long))  # c_u of every image
+        self.refreshed = False  # whether a refresh has assigned the images, known on the host
         self.register_buffer("bank", torch.zeros(data.info.labeled, config.dim))  # K_b: labeled keys, by labeled rank
         if data.labels is not None:  # training (not a checkpoint loaded for evaluation)
             labeled = data.labeled
@@ -171,9 +172,9 @@ class SsCL(Method):
     def runs_key_network(self) -> bool:
         return self.config.runs_key_network
 
-    @property
-    def refreshed(self) -> bool:
-        return bool(self.assigned.amax() >= 0) if len(self.assigned) else False
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.refreshed = bool(len(self.assigned)) and bool(self.assigned.amax() >= 0)  # once per load
 
     @property
     def eval_recipe(self) -> AugmentConfig:
@@ -193,12 +194,18 @@ class SsCL(Method):
     # -- views --------------------------------------------------------------------------------
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         """[weak(x)] of the labeled batch, then [weak(u), strong(u)] of the unlabeled one (not drawn
-        in a supervised-only run)."""
+        in a supervised-only run); after the first refresh, with labeled positives, also the draw of
+        each unlabeled image's positives: its rows of the bank (B, n_pos) and whether found (B, n_pos)
+        (random draws stay out of the compiled forward)."""
+        cfg = self.config
         if batch.labeled is None:
-            raise ConfigError(f"method {self.config.name} needs train.labeled_batch_size > 0")
-        views = make_views(batch.labeled, [self.config.weak], step.generator)
+            raise ConfigError(f"method {cfg.name} needs train.labeled_batch_size > 0")
+        views = make_views(batch.labeled, [cfg.weak], step.generator)
         if self.uses_unlabeled:
-            views += make_views(batch, [self.config.weak, self.config.strong], step.generator)
+            views += make_views(batch, [cfg.weak, cfg.strong], step.generator)
+        if self.uses_unlabeled and self.refreshed and cfg.contrastive_weight > 0 and cfg.positives > 0:
+            classes = self.assigned[batch.index]
+            views += sample_members(self.members, classes, cfg.positives, step.generator, batch.shard)
         return views
 
     # -- the step -----------------------------------------------------------------------------
@@ -214,7 +221,7 @@ class SsCL(Method):
         if not self.uses_unlabeled:  # supervised-only: L = L_sup on the labeled batch alone
             loss_sup = F.cross_entropy(self.classifier(self.backbone(views[0])).float(), labeled.labels)
             return loss_sup, {"loss_sup": loss_sup.detach()}
-        x_weak, u_weak, u_strong = views
+        x_weak, u_weak, u_strong, *positives = views
         n_x, n_u = len(x_weak), len(u_weak)
         features = self.backbone(torch.cat([x_weak, u_weak, u_strong]))
         logits_x, logits_weak, logits_strong = self.classifier(features).float().split([n_x, n_u, n_u])
@@ -233,7 +240,7 @@ class SsCL(Method):
         loss_ctr = torch.zeros((), device=features.device)
         logs: dict = {}
         if cfg.contrastive_weight > 0:
-            loss_ctr, logs = self.contrastive(features[n_x + n_u :], keys[n_x:], batch, step, active)
+            loss_ctr, logs = self.contrastive(features[n_x + n_u :], keys[n_x:], batch, positives)
         if keys is not None:
             self.write_labeled_keys(labeled.index, keys[:n_x])
             self.queue.push(keys[n_x:])
@@ -245,19 +252,20 @@ class SsCL(Method):
         return loss, {"loss_sup": loss_sup.detach(), "loss_pl": loss_pl.detach(), "loss_ctr": loss_ctr.detach(),
                       "mask_rate": mask.mean(), **logs}
 
-    def contrastive(self, strong_features: torch.Tensor, own_keys: torch.Tensor, batch: Batch, step: StepInfo,
-                    active: bool) -> tuple[torch.Tensor, dict]:
+    def contrastive(self, strong_features: torch.Tensor, own_keys: torch.Tensor, batch: Batch,
+                    positives: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """Eq. 5 over the unlabeled queries: own key (alpha 1) and, after the first refresh, n_pos
-        labeled keys of the assigned class (alpha_u), against the queue."""
+        labeled keys of the assigned class (alpha_u; ``positives``: their rows of the bank and
+        whether found, drawn with the views), against the queue."""
         cfg = self.config
         query = F.normalize(self.projector(strong_features).float(), dim=1)
         negatives = query @ self.queue.rows.clone().T  # a snapshot: the queue is written after the loss
         positive, weight = (query * own_keys).sum(dim=1, keepdim=True), torch.ones_like(negatives[:, :1])
         valid = torch.ones_like(positive, dtype=torch.bool)
         logs: dict = {}
-        if active and cfg.positives > 0:
+        if positives:
+            rows, found = positives
             classes = self.assigned[batch.index]
-            rows, found = sample_members(self.members, classes, cfg.positives, step.generator, batch.shard)
             mined = torch.einsum("bd,bpd->bp", query, self.bank[rows])
             alpha = torch.ones(len(query), device=query.device)
             if cfg.self_paced:  # cosine to the nearest (or the assigned) prototype, in [0, 1], no gradient
@@ -314,6 +322,7 @@ class SsCL(Method):
         assigned[labeled] = y  # a labeled image's class is known
         self.prototypes.copy_(prototypes)
         self.assigned.copy_(assigned)
+        self.refreshed = True
         self.running.reset(p_s.mean(dim=0))
         broadcast(self.prototypes, self.assigned, self.bank, self.running.rows)  # one state, whatever each device's rounding
         metrics = {"seconds": time.perf_counter() - start}

@@ -64,6 +64,9 @@ class SwAV(Method):
         self.head = PrototypeHead(config.dim, config.prototypes)
         if config.queue_size:
             self.queues = nn.ModuleList([FifoQueue(config.queue_size, config.dim, init="zeros") for _ in range(2)])
+        # phases, decided on the host before each step (begin_step)
+        self.prototypes_frozen = config.freeze_prototypes_epochs > 0
+        self.queue_in_use = self.queue_full = False
 
     @property
     def eval_recipe(self) -> AugmentConfig:
@@ -80,15 +83,25 @@ class SwAV(Method):
         cfg = self.config
         return make_views(batch, [cfg.global_crop] * 2 + [cfg.local] * cfg.local_crops, step.generator)
 
+    def begin_step(self, step: StepInfo) -> dict[str, float]:
+        cfg = self.config
+        self.prototypes_frozen = step.epoch < cfg.freeze_prototypes_epochs
+        self.queue_in_use = bool(cfg.queue_size) and step.epoch >= cfg.queue_start_epoch
+        if not self.queue_in_use:
+            self.queue_full = False
+        elif not self.queue_full:  # read back only until full (a few steps after the start, once after a load)
+            self.queue_full = bool(self.queues[0].filled == cfg.queue_size)
+        return {}
+
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         cfg = self.config
-        frozen = step.epoch < cfg.freeze_prototypes_epochs
+        frozen = self.prototypes_frozen
         embeddings = forward_crops(lambda x: F.normalize(self.projector(self.backbone(x)), dim=1), views)
         logits = [self.head(z, frozen) for z in embeddings]
         with torch.no_grad():
             scores = [logits[s].detach() for s in range(2)]  # fp32: the head and the solver run outside autocast
-            queues = self.queues if cfg.queue_size and step.epoch >= cfg.queue_start_epoch else []
-            if queues and queues[0].is_full:  # SwAV uses the queue once it is full
+            queues = self.queues if self.queue_in_use else []
+            if self.queue_full:  # SwAV uses the queue once it is full
                 scores = [torch.cat([self.head(torch.tensor_split(q.rows, world_size())[rank()], frozen=True), x])
                           for q, x in zip(queues, scores)]
             with section("solver"):  # both crops' problems in one call

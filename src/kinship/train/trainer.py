@@ -29,6 +29,7 @@ from torch import nn
 
 from kinship import checkpoint
 from kinship.assembly import RunData, build_method, load_run_data, make_loader
+from kinship.augment.views import compiled_views
 from kinship.blocks.features import extract_features, pixel_features
 from kinship.blocks.knn import knn_accuracy, topk_accuracy
 from kinship.config import RunConfig, save_config, to_dict
@@ -37,7 +38,7 @@ from kinship.errors import CheckpointError, NonFiniteLossError
 from kinship.methods import Method, StepInfo
 from kinship.optim import build_optimizer, learning_rate, scaled_lr, set_learning_rate, training_step
 from kinship.runtime import (
-    agree, all_reduce, init_distributed, is_distributed, progress_bar, rank, resolve_device, tune_cpu_allocator, tune_cuda, use_bf16,
+    agree, all_reduce, compiled, init_distributed, is_distributed, progress_bar, rank, resolve_device, tune_cpu_allocator, tune_cuda, use_bf16,
     world_size,
 )
 
@@ -208,6 +209,12 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train (or resume) to the end of the schedule or a stop; the run's summary."""
+        t = self.config.train
+        with compiled_views(t.compile, t.compile_backend, t.compile_mode):
+            return self.run()
+
+    def run(self) -> dict:
         config, device = self.config, self.device
         torch.manual_seed(config.train.seed)
         self.start_time = self.last_save = time.time()
@@ -221,7 +228,7 @@ class Trainer:
         if is_distributed():
             model = nn.parallel.DistributedDataParallel(
                 method, find_unused_parameters=method.unused_parameters, **no_buffer_sync())
-        step_fn = torch.compile(model) if config.train.compile else model
+        step_fn = compiled(model, config.train.compile, config.train.compile_backend, config.train.compile_mode)
         optimizer = build_optimizer(method, config.optim, config.train.batch_size)
         plan = BatchPlan(data.handle.size, config.train.batch_size, config.train.seed, rank(), world_size(),
                          config.train.steps_per_epoch)
@@ -287,8 +294,9 @@ class Trainer:
             bar.close()
             if bar.disable and self.is_main and config.train.progress:  # no bar (not a terminal): one line per epoch
                 steps = pos.step_in_epoch - epoch_first_step
+                loss_text = "" if math.isnan(mean_loss) else f"loss {mean_loss:.4f}, "  # nan: stopped before this epoch's first log line
                 self.log(f"epoch {pos.epoch + 1}/{schedule.epochs}: step {pos.step_in_epoch}/{schedule.steps_per_epoch}, "
-                         f"loss {mean_loss:.4f}, {steps * config.train.batch_size / max(time.time() - epoch_tick, 1e-9):.0f} img/s")
+                         f"{loss_text}{steps * config.train.batch_size / max(time.time() - epoch_tick, 1e-9):.0f} img/s")
             if pos.step_in_epoch == schedule.steps_per_epoch:  # the epoch is complete
                 metrics = method.on_epoch_end(pos.epoch)
                 if metrics:
@@ -313,19 +321,21 @@ class Trainer:
         return self.summary
 
     def step(self, method: Method, step_fn: nn.Module, optimizer: torch.optim.Optimizer, batch, info: StepInfo):
-        """One step: augment, then an optimizer step (or, in a scan epoch, the forward alone)."""
+        """One step: the method's host-side decisions, augment, then an optimizer step (or, in a scan
+        epoch, the forward alone)."""
+        scheduled = method.begin_step(info)
         views = method.views(batch, info)
         check = (lambda loss: self.check_finite(loss.item(), info.epoch, info.step)) if self.device.type == "cpu" else None
         if info.update:
             loss, logs = training_step(optimizer, lambda: step_fn(views, batch, info),
                                        self.device.type if self.autocast else None, check)
             method.after_step(info)
-            return loss, logs
+            return loss, {**logs, **scheduled}
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, logs = method(views, batch, info)  # no DDP wrapper: nothing to reduce
         if check is not None:
             check(loss)
-        return loss, logs
+        return loss, {**logs, **scheduled}
 
     def run_refreshes(self, method: Method, info: StepInfo) -> None:
         """The method's refreshes due at this position, each once: the record (in the checkpoint)
