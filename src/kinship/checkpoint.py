@@ -34,8 +34,33 @@ def save_atomic(obj: Any, path: Path) -> None:
     _write_atomic(path, lambda f: torch.save(obj, f))
 
 
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    _write_atomic(path, lambda f: f.write(data))
+
+
 def write_text_atomic(text: str, path: Path) -> None:
-    _write_atomic(path, lambda f: f.write(text.encode()))
+    write_bytes_atomic(text.encode(), path)
+
+
+def load_compile_cache(path: Path) -> bool:
+    """Hot-load the compiled artifacts (inductor's kernels, autotuning results) that
+    :func:`save_compile_cache` wrote at ``path``: the same graphs then compile from them instead of
+    generating code, on a fresh machine too. False where there is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    torch.compiler.load_cache_artifacts(path.read_bytes())
+    return True
+
+
+def save_compile_cache(path: Path) -> bool:
+    """Write every artifact this process's compilations made so far to ``path``, atomically; False
+    where there is nothing to write (nothing compiled, or a backend without artifacts)."""
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None or not artifacts[0]:
+        return False
+    write_bytes_atomic(artifacts[0], path)
+    return True
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:

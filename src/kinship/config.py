@@ -94,6 +94,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the method's forward (the step's loss)
     compile_backend: str = "inductor"  # inductor | eager (dynamo's tracing alone: checks graph breaks fast) | ...
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    # the compiled artifacts, saved with every checkpoint and loaded at the start ("": OUT/compile_cache.bin):
+    # a resumed run, or another run pointed at the file, compiles from them
+    compile_cache: str = ""
     sync_bn: bool = True  # under DDP on GPU
     checkpoint_every: int = 1  # epochs
     # for jobs interrupted more often than an epoch lasts: also checkpoint every N steps and/or every

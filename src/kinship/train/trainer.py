@@ -142,6 +142,7 @@ class Trainer:
         self.autocast = use_bf16(self.config.train.precision, self.device)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.ckpt_path = self.out_dir / "last.pt"
+        self.compile_cache = Path(self.config.train.compile_cache or self.out_dir / "compile_cache.bin")
         self.refreshes: dict[str, dict[str, int]] = {}  # name -> {"count", "step" of the last run}
         self.loss_sum = torch.zeros((), device=self.device)  # this process's losses since the last log line
         self.loss_count = 0
@@ -161,6 +162,8 @@ class Trainer:
         self.last_save = time.time()
         if not self.is_main:
             return
+        if self.config.train.compile:
+            checkpoint.save_compile_cache(self.compile_cache)
         state = {
             "config": to_dict(self.config),
             "method": method.state_dict(),
@@ -229,6 +232,8 @@ class Trainer:
             model = nn.parallel.DistributedDataParallel(
                 method, find_unused_parameters=method.unused_parameters, **no_buffer_sync())
         step_fn = compiled(model, config.train.compile, config.train.compile_backend, config.train.compile_mode)
+        if config.train.compile and checkpoint.load_compile_cache(self.compile_cache):
+            self.log(f"compiling from the artifacts in {self.compile_cache}")
         optimizer = build_optimizer(method, config.optim, config.train.batch_size)
         plan = BatchPlan(data.handle.size, config.train.batch_size, config.train.seed, rank(), world_size(),
                          config.train.steps_per_epoch)
