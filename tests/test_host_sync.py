@@ -30,12 +30,13 @@ SMALL = {"mocov2": ["method.queue_size=128"], "msf": ["method.bank_size=256", "m
          "supervised": SEMI, "sscl": SEMI, "fixmatch": SEMI}
 
 
+SMALL["cmsf-semi"] = SMALL["cmsf"] + ["method.constraint=semi"]
 SMALL["swav-queue"] = ["method.queue_size=64", "method.queue_start_epoch=0"]  # full from the third step
 SMALL["clim"] = ["method.queue_size=128", "method.clusters=20", "method.neighbours=10", "method.positives=4",
                  "method.kmeans_iters=2", "method.refresh_start=0"]  # with its positives: the bench refreshes first
 
 
-@pytest.mark.parametrize("name", ["byol", "mocov2", "msf", "cmsf", "swav", "swav-queue", "mira", "coke", "clim", "supervised",
+@pytest.mark.parametrize("name", ["byol", "mocov2", "msf", "cmsf", "cmsf-semi", "swav", "swav-queue", "mira", "coke", "clim", "supervised",
                                   "sscl", "fixmatch"])
 def test_a_step_has_no_host_synchronisation(name):
     """begin_step and views, forward + backward + optimizer step, after_step: the bench's counted

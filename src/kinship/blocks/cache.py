@@ -19,15 +19,18 @@ class SampleCache(nn.Module):
 
     @torch.no_grad()
     def exchange(
-        self, index: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor | None = None
+        self, index: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor | None = None, where: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read the cached rows and valid flags of ``index`` (n,), then write ``rows`` (n, dim) there.
+        """Read the cached rows and valid flags of ``index`` (n,), then write ``rows`` (n, dim) there,
+        only where ``where`` (n,) bool is True if given (a mask, not a selection of the rows: nothing
+        is read back from the device).
 
         ``index`` must not repeat within one call (the batch plan drops no image twice per step).
         """
         previous, was_valid = self.rows[index].clone(), self.valid[index].clone()
-        self.rows[index] = rows.to(self.rows.dtype)
-        self.valid.index_fill_(0, index, 1.0)  # a Python scalar through index_put_ would be copied to the device
+        write = torch.ones_like(index, dtype=torch.bool) if where is None else where
+        self.rows[index] = torch.where(write.unsqueeze(1), rows.to(self.rows.dtype), previous)
+        self.valid[index] = torch.where(write, torch.ones_like(was_valid), was_valid)
         if labels is not None:
-            self.labels[index] = labels.to(torch.long)
+            self.labels[index] = torch.where(write, labels.to(torch.long), self.labels[index])
         return previous, was_valid

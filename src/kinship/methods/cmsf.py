@@ -185,8 +185,7 @@ class CMSF(Method):
                 w, w_valid = w[everyone], w_valid[everyone]
             if cfg.constraint == "semi":
                 cached = all_labels if cfg.cache_confident else all_gather_cat(batch.labels)
-                known = (cached >= 0).nonzero().squeeze(1)
-                self.labeled.exchange(all_index[known], all_u[known], cached[known])
+                self.labeled.exchange(all_index, all_u, cached, where=cached >= 0)
             self.bank.push_gathered(all_u, label=all_labels, index=all_index)  # before the search (paper)
 
             valid = self.bank.valid().unsqueeze(0)  # (1, M): a broadcast row, never a dense (B, M) mask
