@@ -62,6 +62,10 @@ def test_solvers_dispatch_few_ops_and_no_sync_and_solve_both_crops_at_once():
         assert not log.syncs
         counts[iterations] = log.total
     assert counts[30] - counts[29] == 5 and counts[30] <= 170  # five ops per fixed-point iteration
+    beta = torch.tensor(2 / 3)  # as MIRA's schedule gives it under compile: three ops more in all, no sync
+    with OpLog() as log:
+        from_tensor = mira_targets(logits, 0.225, beta, 30)
+    assert not log.syncs and log.total <= counts[30] + 3 and torch.allclose(from_tensor, both, atol=1e-6)
     for crop in range(2):
         assert torch.allclose(both[crop], mira_targets(logits[crop], 0.225, 2 / 3, 30), atol=1e-6)
     with OpLog() as log:

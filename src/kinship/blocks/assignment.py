@@ -104,10 +104,11 @@ def mira_targets(logits: torch.Tensor, tau: float = 0.225, beta: float | torch.T
     k_over_b = (k / global_batch_size(logits)).mT  # (P, K, B)
     mass = all_reduce(k_over_b.sum(dim=-1, keepdim=True), "sum")  # (P, K, 1) mean_i k_ij: only grows below
     dead = (mass == 0).to(mass.dtype)
+    exponent = -beta  # once: a tensor beta would be negated at every iteration
     for _ in range(iterations):
-        row_norm = torch.bmm(k, (mass + dead).pow(-beta))  # (P, B, 1) sum_j k_ij u_j^c
+        row_norm = torch.bmm(k, (mass + dead).pow(exponent))  # (P, B, 1) sum_j k_ij u_j^c
         mass = all_reduce(torch.bmm(k_over_b, row_norm.reciprocal()), "sum")  # Eq. 7: u_j^(1/(1-beta))
-    w = k * (mass + dead).pow(-beta).mT  # Eq. 5
+    w = k * (mass + dead).pow(exponent).mT  # Eq. 5
     return (w / w.sum(dim=-1, keepdim=True)).reshape(logits.shape)
 
 
