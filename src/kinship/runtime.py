@@ -68,7 +68,7 @@ def compiled(module: nn.Module, enabled: bool, backend: str = "inductor", mode: 
         if backend in torch._dynamo.list_backends(exclude_tags=()):
             raise
         raise ConfigError(f"train.compile_backend '{backend}' is not a torch.compile backend "
-                          f"({', '.join(torch._dynamo.list_backends())}): {str(exc).splitlines()[0]}") from None
+                          f"(eager, {', '.join(torch._dynamo.list_backends())}, ...): {str(exc).splitlines()[0]}") from None
 
 
 def resolve_device(name: str) -> torch.device:
