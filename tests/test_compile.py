@@ -20,6 +20,8 @@ from kinship.augment.views import compiled_views, make_views
 from kinship.bench import bench
 from kinship.config import AugmentConfig
 from kinship.data import Batch
+from kinship.errors import ConfigError
+from kinship.runtime import compiled
 from kinship.train.trainer import Trainer
 from test_host_sync import SMALL
 from test_trainer import assert_resumed_exactly, losses, resume_values
@@ -102,3 +104,8 @@ def test_the_compile_cache_serves_a_fresh_machine(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         lines.append(out.stdout.split())
     assert lines == [["False", "True", "0"], ["True", "None", "1"]]
+
+
+def test_a_backend_that_does_not_exist_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.compile_backend 'inductr'.*did you mean: 'inductor'"):
+        compiled(torch.nn.Linear(2, 2), True, backend="inductr")
