@@ -17,13 +17,12 @@ from torch._dynamo.utils import counters
 from kinship import checkpoint
 from kinship.assembly import build_config
 from kinship.augment.views import compiled_views, make_views
-from kinship.bench import bench
 from kinship.config import AugmentConfig
 from kinship.data import Batch
 from kinship.errors import ConfigError
 from kinship.runtime import compiled
 from kinship.train.trainer import Trainer
-from test_host_sync import SMALL
+from test_host_sync import small_bench
 from test_trainer import assert_resumed_exactly, losses, resume_values
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -36,9 +35,7 @@ FIRST_STEP = {"sscl": 3, "fixmatch": 3}
 def compiled_steps(name: str) -> dict:
     torch._dynamo.reset()
     counters.clear()
-    result = bench(name.split("-")[0], "cpu", "convnet", batch=32, steps=1, compute_only=False, warmup=2, width=8,
-                   compile=True, overrides=SMALL.get(name, []) + ["train.compile_backend=eager"], tune_allocator=False,
-                   images=512)
+    result = small_bench(name, ["train.compile_backend=eager"], compile=True)
     return {"graphs": result["compiled_graphs"], "breaks": sum(counters["graph_break"].values())}
 
 

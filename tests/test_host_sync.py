@@ -36,6 +36,12 @@ SMALL["clim"] = ["method.queue_size=128", "method.clusters=20", "method.neighbou
                  "method.kmeans_iters=2", "method.refresh_start=0"]  # with its positives: the bench refreshes first
 
 
+def small_bench(name: str, extra: list[str] = (), **kwargs) -> dict:
+    """Five steps of the bench for ``name`` (a method, or a variant of :data:`SMALL`) on 512 images, batch 32."""
+    return bench(name.split("-")[0], "cpu", "convnet", batch=32, steps=1, compute_only=False, warmup=2, width=8,
+                 overrides=SMALL.get(name, []) + list(extra), tune_allocator=False, images=512, **kwargs)
+
+
 @pytest.mark.parametrize("name", ["byol", "mocov2", "msf", "cmsf", "cmsf-semi", "swav", "swav-queue", "mira", "coke", "clim", "supervised",
                                   "sscl", "fixmatch"])
 def test_a_step_has_no_host_synchronisation(name):
@@ -43,8 +49,7 @@ def test_a_step_has_no_host_synchronisation(name):
     step (after four others, which may copy constants to the device once) records no syncing op;
     but RandAugment (SsCL's and FixMatch's strong view) on a CPU, which picks each operation's images
     by index there, where it costs nothing (on a GPU it masks: tests/test_randaugment.py)."""
-    result = bench(name.split("-")[0], "cpu", "convnet", batch=32, steps=1, compute_only=False, warmup=2, width=8,
-                   overrides=SMALL.get(name, []), tune_allocator=False, images=512)
+    result = small_bench(name)
     if name in ("sscl", "fixmatch"):
         assert set(result["host_syncs"]) == {"views"} and set(result["host_syncs"]["views"]) == {"aten.nonzero"}
     else:

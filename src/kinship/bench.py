@@ -56,12 +56,13 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    total_steps = warmup + 2 * steps + 1  # warm-up, the run, the steps synchronised one by one, the counted one
     batches = iter(())
     fixed: tuple | None = None
     refresh_s = {}
     for refresh in model.refreshes():  # once up front, so the timed steps are those after a refresh
         start = time.perf_counter()
-        model.refresh(refresh.name, StepInfo(0, 0, warmup + 2 * steps + 1, generator, 0, n // batch))
+        model.refresh(refresh.name, StepInfo(0, 0, total_steps, generator, 0, n // batch))
         sync()
         refresh_s[refresh.name] = round(time.perf_counter() - start, 2)
 
@@ -71,7 +72,7 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
         nonlocal batches, fixed
         graphs = counters["stats"]["unique_graphs"]
         phase = (lambda name: logs[name]) if logs else (lambda name: contextlib.nullcontext())
-        info = StepInfo(0, i, warmup + 2 * steps + 1, generator, i, n // batch)
+        info = StepInfo(0, i, total_steps, generator, i, n // batch)
         if compute_only and fixed is not None:
             b, views = fixed
         else:

@@ -9,7 +9,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -57,13 +57,13 @@ def tune_cuda(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def compiled(module: nn.Module, enabled: bool, backend: str = "inductor", mode: str = "default") -> nn.Module:
-    """``module`` under ``torch.compile`` when ``enabled`` (``train.compile``, ``compile_backend``,
-    ``compile_mode``); ``mode`` applies to the inductor backend only."""
+def compiled(fn: Callable, enabled: bool, backend: str = "inductor", mode: str = "default", fullgraph: bool = False) -> Callable:
+    """``fn`` (a module or a function) under ``torch.compile`` when ``enabled`` (``train.compile``,
+    ``compile_backend``, ``compile_mode``; ``mode`` applies to the inductor backend only), else ``fn``."""
     if not enabled:
-        return module
+        return fn
     try:
-        return torch.compile(module, backend=backend, mode=None if mode == "default" or backend != "inductor" else mode)
+        return torch.compile(fn, fullgraph=fullgraph, backend=backend, mode=None if mode == "default" or backend != "inductor" else mode)
     except Exception as exc:  # dynamo's InvalidBackend and friends: a config value that cannot work
         if backend in torch._dynamo.list_backends(exclude_tags=()):
             raise

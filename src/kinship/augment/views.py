@@ -17,6 +17,7 @@ import torch
 
 from kinship.augment import ops, randaugment
 from kinship.config import AugmentConfig
+from kinship.runtime import compiled
 from kinship.sampling import Shard
 
 if TYPE_CHECKING:
@@ -127,10 +128,7 @@ def compiled_views(enabled: bool, backend: str = "inductor", mode: str = "defaul
     """While active (``train.compile``), :func:`make_views` runs :func:`render_views` compiled as one
     graph (``fullgraph``: a graph break is an error), which fuses the views' elementwise ops."""
     global _render
-    previous = _render
-    if enabled:
-        _render = torch.compile(render_views, fullgraph=True, backend=backend,
-                                mode=None if mode == "default" or backend != "inductor" else mode)
+    previous, _render = _render, compiled(render_views, enabled, backend, mode, fullgraph=True)
     try:
         yield
     finally:

@@ -63,19 +63,20 @@ class BatchPlan(_Split):
         self.size, self.seed = size, seed
         self.steps_per_pass = size // global_batch
         self.steps_per_epoch = steps_per_epoch or self.steps_per_pass
-        self._pass, self._perm, self._copies = -1, torch.empty(0), {}
+        self._pass, self._perm, self._on_device = -1, torch.empty(0), torch.empty(0)
 
     def permutation(self, number: int, device: torch.device | None = None) -> torch.Tensor:
         """Pass ``number``'s permutation, drawn on the CPU (the same numbers on every device); with
         ``device``, copied there once per pass, so that a step's indices need no copy."""
         if number != self._pass:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + number)
-            self._pass, self._perm, self._copies = number, torch.randperm(self.size, generator=g), {}
-        if device is None or torch.device(device) == self._perm.device:
+            self._pass, self._perm = number, torch.randperm(self.size, generator=g)
+            self._on_device = self._perm
+        if device is None:
             return self._perm
-        if device not in self._copies:
-            self._copies[device] = self._perm.to(device)
-        return self._copies[device]
+        if self._on_device.device != torch.device(device):
+            self._on_device = self._perm.to(device)
+        return self._on_device
 
     def indices(self, epoch: int, step: int, device: torch.device | None = None) -> torch.Tensor:
         number, batch = divmod(epoch * self.steps_per_epoch + step, self.steps_per_pass)  # with one pass per epoch: (epoch, step)
