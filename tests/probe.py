@@ -58,10 +58,13 @@ class Probe(Method):
     def scan_epochs(self) -> int:
         return self.config.scan
 
+    def view_recipes(self, labeled: bool = False) -> list:
+        return [self.config.augment]
+
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
-        views = make_views(batch, [self.config.augment], step.generator)
+        views = make_views(batch, self.view_recipes(), step.generator)
         if batch.labeled is not None:
-            views += make_views(batch.labeled, [self.config.augment], step.generator)
+            views += make_views(batch.labeled, self.view_recipes(labeled=True), step.generator)
         return views
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:

@@ -13,9 +13,10 @@ import torch
 
 from kinship.checkpoint import read_checkpoint
 from kinship.config import MethodConfig, RunConfig, parse_config, read_values
-from kinship.data import BatchPlan, DataInfo, ImageSet, LabeledPlan, StreamingLoader, TensorLoader, TrainData
+from kinship.data import BatchPlan, DataInfo, ImageSet, LabeledPlan, TensorLoader, TrainData
 from kinship.data import hide_unlabeled, labeled_subset, load_split
-from kinship.data.store import list_image_folder, read_image_files
+from kinship.data.store import list_image_folder, seeded_subset
+from kinship.data.stream import FileImages, StreamingLoader
 from kinship.data.subsets import corrupt_labels, map_labels, read_labeled_file, save_indices
 from kinship.errors import CheckpointError, DataError
 from kinship.methods import METHODS, Method
@@ -43,19 +44,42 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 @dataclass
 class RunData:
     handle: TrainData  # what the method sees (labels it may train on, images, embed_all)
-    bank: ImageSet  # k-NN bank: train images (or a subset) with ground-truth labels, on the device
-    test: ImageSet  # on the device
+    # k-NN bank: train images (or a subset) with ground-truth labels, and the test split: on the
+    # device, or (streamed data) files decoded a batch at a time
+    bank: ImageSet | FileImages
+    test: ImageSet | FileImages
     train: ImageSet | None = None  # the whole train split on the device, true labels (None when streaming)
+
+    @property
+    def streamed(self) -> bool:
+        return self.train is None
+
+
+def streamed_split(config: RunConfig, split: str, device: torch.device, classes: list[str] | None = None) -> FileImages:
+    """An ImageFolder split as a file list (nothing decoded), with ``data.train_limit`` / ``test_limit``
+    applied as :func:`~kinship.data.store.load_split` applies them; the test split's classes are
+    matched to the train split's by name."""
+    dc = config.data
+    if split == "test" and not dc.test_path:
+        raise DataError("data.test_path (the evaluation split's ImageFolder root) is required for imagefolder")
+    files, labels, names = list_image_folder(Path(dc.test_path if split == "test" else dc.path).expanduser())
+    if classes is not None and names != classes:
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            raise DataError(f"{dc.test_path} has class folders the train split lacks: {', '.join(unknown[:5])}")
+        labels = [classes.index(names[label]) for label in labels]
+    images = FileImages(files, torch.tensor(labels, dtype=torch.int64), classes or names, dc.image_size, device, dc.decode_threads)
+    keep = seeded_subset(len(images), dc.train_limit if split == "train" else dc.test_limit, split)
+    return images if keep is None else images.subset(keep)
 
 
 def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None) -> RunData:
-    """Decode the train and test splits once; hide labels outside the labeled subset, if any."""
+    """Decode the train and test splits once, or list their files (streamed data); hide labels
+    outside the labeled subset, if any."""
     dc = config.data
-    if dc.streaming:
-        if dc.name != "imagefolder":
-            raise DataError("data.streaming is for data.name: imagefolder")
-        files, file_labels, classes = list_image_folder(Path(dc.path).expanduser())
-        gt = torch.tensor(file_labels, dtype=torch.int64)
+    if dc.streams:
+        streamed = streamed_split(config, "train", device)
+        files, gt, classes = streamed.files, streamed.labels, streamed.classes
         train = None
     else:
         train = load_split(dc, "train")
@@ -79,33 +103,37 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         if out_dir is not None and rank() == 0:
             save_indices(labeled, out_dir / "labeled_indices.json")
     # k-NN bank: the whole train split, or a seeded subset (always a subset when streaming)
-    limit = config.eval.knn_train_limit or (10_000 if dc.streaming else 0)
+    limit = config.eval.knn_train_limit or (10_000 if train is None else 0)
     keep = None
     if 0 < limit < len(gt):
         keep = torch.randperm(len(gt), generator=torch.Generator().manual_seed(config.train.seed))[:limit].sort().values
     if train is None:
-        bank_files = files if keep is None else [files[i] for i in keep.tolist()]
-        bank_images, bank_aspect = read_image_files(bank_files, dc.image_size, dc.decode_threads)
-        bank = ImageSet(bank_images, gt if keep is None else gt[keep], classes, bank_aspect).to(device)
+        bank = streamed if keep is None else streamed.subset(keep)
+        test = streamed_split(config, "test", device, classes)
+        image_size = dc.image_size
     else:
         train = train.to(device)  # once: the bank and the method's handle share (or index) these tensors
         bank = train if keep is None else train[keep]  # ground-truth labels
-    test = load_split(dc, "test")
-    info = DataInfo(size=len(gt), num_classes=num_classes, image_size=bank.images.shape[-1], labeled=int((labels >= 0).sum()))
+        test = load_split(dc, "test").to(device)
+        image_size = bank.images.shape[-1]
+    info = DataInfo(size=len(gt), num_classes=num_classes, image_size=image_size, labeled=int((labels >= 0).sum()))
     handle = TrainData(info, labels.to(device), gt.to(device), None if train is None else train.images, files,
                        use_bf16(config.train.precision, device), dc.decode_threads, None if train is None else train.aspect)
-    return RunData(handle, bank, test.to(device), train)
+    return RunData(handle, bank, test, train)
 
 
-def make_loader(data: RunData, config: RunConfig, plan: BatchPlan, device: torch.device) -> TensorLoader | StreamingLoader:
-    """The unlabeled stream over the whole train split and, with ``train.labeled_batch_size``, the labeled one."""
+def make_loader(data: RunData, config: RunConfig, plan: BatchPlan, device: torch.device, method: Method) -> TensorLoader | StreamingLoader:
+    """The unlabeled stream over the whole train split and, with ``train.labeled_batch_size``, the
+    labeled one: from the images in memory, or decoded and cropped from the files for ``method``'s
+    view recipes."""
     labeled_plan = None
     if config.train.labeled_batch_size:
         labeled_plan = LabeledPlan(data.handle.labeled, config.train.labeled_batch_size, config.train.seed, rank(), world_size())
     if data.train is not None:
         return TensorLoader(data.train, plan, data.handle.labels, labeled_plan)
-    return StreamingLoader(data.handle.files, data.handle.labels.cpu(), data.handle.image_size, plan, device,
-                           config.data.workers, labeled_plan)
+    labeled_recipes = method.view_recipes(labeled=True) if labeled_plan is not None else []
+    return StreamingLoader(data.handle.files, data.handle.labels, plan, device, method.view_recipes(), labeled_recipes,
+                           labeled_plan, config.data.workers, config.data.prefetch, config.train.seed)
 
 
 def build_method(config: RunConfig, data: TrainData) -> Method:

@@ -43,8 +43,21 @@ class DataConfig:
     superclasses: bool = False  # cifar100: train and evaluate on its 20 super-classes (CIFAR-100-20, CoKe Table 18)
     label_map: str = ""  # JSON list: training label of each class (coarse labels, CMSF Table 5); evaluation keeps the fine ones
     decode_threads: int = 0  # 0: all cores
-    streaming: bool = False  # ImageFolder too big for memory: decode per batch in DataLoader workers
-    workers: int = 4  # streaming only
+    # decode each step's batch from the files in DataLoader workers, cropping each view from the original
+    # image (kinship.data.stream); null (default): on for imagefolder, off for the in-memory sources
+    streaming: bool | None = None
+    workers: int = 8  # streaming: decoding processes per training process, alive for the whole run
+    prefetch: int = 4  # streaming: batches each worker prepares ahead
+    # streaming: a file that cannot be read is replaced by the next readable one, logged with its path;
+    # the run stops once more than this share of the training images has failed
+    max_bad_files: float = 0.001
+    # in-memory sources: refuse to decode a split whose uint8 pixels exceed this many GiB (stream an ImageFolder instead)
+    memory_budget_gb: float = 32.0
+
+    @property
+    def streams(self) -> bool:
+        """Whether the train split is streamed from files (``streaming``, by default for an ImageFolder)."""
+        return self.name == "imagefolder" if self.streaming is None else self.streaming
 
 
 @dataclass
@@ -98,6 +111,8 @@ class TrainConfig:
     # a resumed run, or another run pointed at the file, compiles from them
     compile_cache: str = ""
     sync_bn: bool = True  # under DDP on GPU
+    # a collective that waits longer than this (a process died, a node hangs) ends the run with an error
+    dist_timeout_min: float = 30.0
     checkpoint_every: int = 1  # epochs
     # for jobs interrupted more often than an epoch lasts: also checkpoint every N steps and/or every
     # N minutes (mid-epoch checkpoints resume exactly, like epoch ones)
@@ -168,8 +183,11 @@ class EvalConfig:
     knn_temperature: float = 0.1
     knn_every: int = 10  # epochs; the last epoch is always evaluated
     classifier_every: int = 1  # epochs between test evaluations of a method's own classifiers (FixMatch: every epoch)
-    knn_train_limit: int = 0  # >0: size of the k-NN feature bank (a seeded subset of train)
+    knn_train_limit: int = 0  # >0: size of the k-NN feature bank (a seeded subset of train); streaming data: 0 means 10,000
     baselines: bool = True  # also k-NN on raw pixels and on the randomly initialised network
+    # >0: the raw-pixel baseline on this many bank and test images (seeded); streaming data: 0 means 1,000
+    # (a 224 px evaluation view is 600 KB of float pixels per image)
+    baseline_limit: int = 0
     batch_size: int = 512
     # `kinship eval`: weighted k-NN settings (DINO/MIRA k 20 T 0.07; MoCo demo k 200 T 0.1) and the
     # plain majority vote of CMSF/MSF ("NN", "20-NN")
@@ -382,6 +400,12 @@ def validate(config: RunConfig) -> None:
         (0.0 <= config.data.labeled_fraction <= 1.0, "data.labeled_fraction must be in [0, 1]"),
         (0.0 <= config.data.label_noise < 1.0, "data.label_noise must be in [0, 1)"),
         (not config.data.superclasses or config.data.name == "cifar100", "data.superclasses is for data.name: cifar100 (CIFAR-100-20)"),
+        (not config.data.streaming or config.data.name == "imagefolder", "data.streaming is for data.name: imagefolder"),
+        (config.data.workers >= 0 and config.data.prefetch >= 1, "data.workers must be >= 0 and data.prefetch >= 1"),
+        (0.0 <= config.data.max_bad_files < 1.0, "data.max_bad_files (a share of the training images) must be in [0, 1)"),
+        (config.data.memory_budget_gb > 0, "data.memory_budget_gb must be > 0"),
+        (config.train.dist_timeout_min > 0, "train.dist_timeout_min must be > 0"),
+        (config.eval.baseline_limit >= 0 and config.eval.knn_train_limit >= 0, "eval.baseline_limit and eval.knn_train_limit must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

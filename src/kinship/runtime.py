@@ -3,6 +3,7 @@ environment record."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import ctypes
 import os
 import platform
@@ -91,14 +92,15 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def init_distributed(device: torch.device) -> None:
-    """Join the process group that ``torchrun`` describes in the environment (no-op without it)."""
+def init_distributed(device: torch.device, timeout_min: float = 30.0) -> None:
+    """Join the process group that ``torchrun`` describes in the environment (no-op without it), on
+    one node or several; a collective that waits over ``timeout_min`` minutes raises instead of hanging."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1 or is_distributed():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
 
 
 @torch.no_grad()

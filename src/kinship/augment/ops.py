@@ -48,8 +48,8 @@ def draw_crop_boxes(shard: Shard, scale: tuple[float, float], ratio: tuple[float
             "top": shard.rows(torch.rand(n, generator=generator, device=device))}
 
 
-def crop_boxes(height: int, width: int, ratio: tuple[float, float], area_fraction: torch.Tensor, crop_aspect: torch.Tensor,
-               left: torch.Tensor, top: torch.Tensor, aspect: torch.Tensor | None = None) -> torch.Tensor:
+def crop_boxes(height: int | torch.Tensor, width: int | torch.Tensor, ratio: tuple[float, float], area_fraction: torch.Tensor,
+               crop_aspect: torch.Tensor, left: torch.Tensor, top: torch.Tensor, aspect: torch.Tensor | None = None) -> torch.Tensor:
     """torchvision's RandomResizedCrop box sampler, vectorised: (n, 4) boxes (x0, y0, w, h) in stored
     pixels from the draws of :func:`draw_crop_boxes`.
 
@@ -58,13 +58,15 @@ def crop_boxes(height: int, width: int, ratio: tuple[float, float], area_fractio
     of the *original* image: ``aspect`` (n,) holds each image's original width / height where the
     store resized it to (height, width) regardless of its shape (ImageFolder data), so that crops
     cover the whole image with the geometry torchvision would give on the file; None: the stored
-    shape is the original one.
+    shape is the original one. ``height`` and ``width`` may be (n,) tensors, one size per image (the
+    files of a streamed batch, cropped at decode time).
     """
     n = len(left)
+    height, width = (size.float().view(n, 1) if isinstance(size, torch.Tensor) else torch.full((n, 1), float(size), device=left.device)
+                     for size in (height, width))
     # the original's width / height; lengths in units of the stored height, the original being
     # (original * height) x height
-    original = (torch.full((n, 1), width / height, device=left.device) if aspect is None
-                else aspect.to(left.device).float().view(-1, 1))
+    original = width / height if aspect is None else aspect.to(left.device).float().view(-1, 1)
     target_area = height * height * original * area_fraction
     w = torch.round(torch.sqrt(target_area * crop_aspect) * (width / height) / original)  # back to stored pixels
     h = torch.round(torch.sqrt(target_area / crop_aspect))
@@ -75,9 +77,9 @@ def crop_boxes(height: int, width: int, ratio: tuple[float, float], area_fractio
     any_fit = fits.any(dim=1)
 
     # Fallback: central crop of the whole image, aspect clamped into the ratio range.
-    original = original.squeeze(1)
-    fw = torch.where(original > ratio[1], torch.round(width * ratio[1] / original), torch.full_like(original, width))
-    fh = torch.where(original < ratio[0], torch.round(height * original / ratio[0]), torch.full_like(original, height))
+    original, height, width = original.squeeze(1), height.squeeze(1), width.squeeze(1)
+    fw = torch.where(original > ratio[1], torch.round(width * ratio[1] / original), width)
+    fh = torch.where(original < ratio[0], torch.round(height * original / ratio[0]), height)
     w = torch.where(any_fit, w, fw)
     h = torch.where(any_fit, h, fh)
     # torchvision: top = randint(0, H - h + 1), left = randint(0, W - w + 1)

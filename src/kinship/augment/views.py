@@ -33,17 +33,18 @@ Draws = dict[str, dict[str, torch.Tensor]]  # a view's random numbers, by op
 
 
 def draw_view(recipe: AugmentConfig, shard: Shard, height: int, width: int, generator: torch.Generator,
-              device: torch.device) -> Draws:
+              device: torch.device, cropped: bool = False) -> Draws:
     """Every random number one view of a batch of (height, width) images needs, by op, drawn in the
     order the ops apply, for the global batch (this shard's rows kept: the view of an image does not
-    depend on how the batch is split across processes)."""
+    depend on how the batch is split across processes). ``cropped``: the images are this recipe's
+    random-resized crops already (cut and flipped while the files were decoded,
+    :mod:`kinship.data.stream`), so only the photometric ops are drawn."""
     draws: Draws = {}
     if recipe.crop_mode == "pad":
         draws["flip"] = ops.draw_coin(shard, recipe.flip_p, generator, device)
         draws["pad_crop"] = randaugment.draw_pad_crop(shard, recipe.pad, generator, device)
-    else:
-        draws["crop"] = ops.draw_crop_boxes(shard, recipe.crop_scale, recipe.crop_ratio, generator, device)
-        draws["flip"] = ops.draw_coin(shard, recipe.flip_p, generator, device)
+    elif not cropped:
+        draws.update(draw_geometry(recipe, shard, generator, device))
     if recipe.jitter_p > 0:
         draws["jitter"] = ops.draw_color_jitter(shard, recipe.jitter_p, recipe.brightness, recipe.contrast, recipe.saturation,
                                                 recipe.hue, generator, device)
@@ -60,14 +61,22 @@ def draw_view(recipe: AugmentConfig, shard: Shard, height: int, width: int, gene
     return draws
 
 
+def draw_geometry(recipe: AugmentConfig, shard: Shard, generator: torch.Generator, device: torch.device | str) -> Draws:
+    """The draws of a random-resized-crop recipe's geometry: the crop box, then the flip."""
+    return {"crop": ops.draw_crop_boxes(shard, recipe.crop_scale, recipe.crop_ratio, generator, device),
+            "flip": ops.draw_coin(shard, recipe.flip_p, generator, device)}
+
+
 def render_view(images: torch.Tensor, recipe: AugmentConfig, draws: Draws, aspect: torch.Tensor | None = None) -> torch.Tensor:
     """The view of float images (B, 3, H, W) in [0, 1] that ``draws`` (:func:`draw_view`) define:
     normalised, ``crop_size``, channels_last. A pure function: no generator, nothing read back.
     ``aspect``: each image's original width / height when the store resized it to a square (None:
-    the stored shape is the original)."""
+    the stored shape is the original). Without a "crop" draw the images are the crops already."""
     _, _, height, width = images.shape
     if recipe.crop_mode == "pad":
         x = randaugment.pad_crop(resized(images, recipe.crop_size), recipe.pad, draws["flip"]["select"], **draws["pad_crop"])
+    elif "crop" not in draws:
+        x = images
     else:
         boxes = ops.crop_boxes(height, width, recipe.crop_ratio, **draws["crop"], aspect=aspect)
         x = ops.crop_resize_flip(images, boxes, recipe.crop_size, draws["flip"]["select"])
@@ -107,15 +116,27 @@ def resized(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def make_views(batch: "Batch", recipes: list[AugmentConfig], generator: torch.Generator) -> list[torch.Tensor]:
     """One view per recipe of the batch's uint8 images: every view's draws first, then the
-    transforms in one call of :func:`render_views` (compiled under :func:`compiled_views`)."""
-    height, width = batch.images.shape[-2:]
-    draws = [draw_view(recipe, batch.shard, height, width, generator, batch.images.device) for recipe in recipes]
-    return _render(batch.images, tuple(recipes), draws, batch.aspect)
+    transforms in one call of :func:`render_views` (compiled under :func:`compiled_views`). A
+    streamed batch carries its crops (``batch.crops``, cut from the files as they were decoded): the
+    recipes must then be those the loader cropped for, or a prefix of them."""
+    if batch.crops is None:
+        height, width = batch.images.shape[-2:]
+        draws = [draw_view(recipe, batch.shard, height, width, generator, batch.images.device) for recipe in recipes]
+        return _render(batch.images, tuple(recipes), draws, batch.aspect)
+    made = batch.crops[: len(recipes)]
+    if [r for r, _ in made] != list(recipes):
+        raise RuntimeError(f"views of {len(recipes)} recipes asked of a streamed batch cropped for {len(batch.crops)} other ones: "
+                           "a method's views must follow its view_recipes")
+    draws = [draw_view(recipe, batch.shard, *crop.shape[-2:], generator, crop.device, cropped=True) for recipe, crop in made]
+    return _render([crop for _, crop in made], tuple(recipes), draws, None)
 
 
-def render_views(images: torch.Tensor, recipes: tuple[AugmentConfig, ...], draws: list[Draws],
+def render_views(images: torch.Tensor | list[torch.Tensor], recipes: tuple[AugmentConfig, ...], draws: list[Draws],
                  aspect: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """The views of uint8 images (decoded to float once) that ``draws`` define, one per recipe."""
+    """The views of uint8 images (decoded to float once) that ``draws`` define, one per recipe; or
+    of a list of uint8 crops, one per recipe."""
+    if isinstance(images, list):
+        return [render_view(to_float(x), recipe, view_draws) for x, recipe, view_draws in zip(images, recipes, draws)]
     x = to_float(images)
     return [render_view(x, recipe, view_draws, aspect) for recipe, view_draws in zip(recipes, draws)]
 

@@ -95,7 +95,8 @@ class TrainData:
         if self.images is not None:
             aspect = None if self.aspect is None else self.aspect[index]
             return Batch(index, self.images[index], self.labels[index], aspect=aspect)
-        images, aspect = read_image_files([self.files[i] for i in index.tolist()], self.image_size, self.decode_threads)
+        images, aspect = read_image_files([self.files[i] for i in index.tolist()], self.image_size, self.decode_threads,
+                                          substitute=True)
         return Batch(index, images.to(index.device), self.labels[index], aspect=aspect.to(index.device))
 
     @torch.no_grad()

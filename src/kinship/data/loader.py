@@ -14,12 +14,12 @@ Semi-supervised methods also get a labeled batch at every step (:class:`LabeledP
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from kinship.data.store import ImageSet, read_image_file, read_image_files
+from kinship.config import AugmentConfig
+from kinship.data.store import ImageSet
 from kinship.errors import DataError
 from kinship.sampling import Shard
 
@@ -27,11 +27,14 @@ from kinship.sampling import Shard
 @dataclass
 class Batch:
     index: torch.Tensor  # int64 (B,), dataset indices
-    images: torch.Tensor  # uint8 (B, 3, H, W)
+    images: torch.Tensor | None  # uint8 (B, 3, H, W); None for a streamed batch, which carries its crops
     labels: torch.Tensor  # int64 (B,), -1 where the label is hidden or absent
     shard: Shard | None = None  # where these rows sit in the global batch (None: they are all of it)
     labeled: "Batch | None" = None  # the labeled stream's batch of this step, when the run has one
     aspect: torch.Tensor | None = None  # float (B,): original width / height of images stored as squares
+    # a streamed batch: (recipe, uint8 (B, 3, S, S)) per view recipe of the method, the geometry
+    # (random-resized crop and flip) applied while the files were decoded (kinship.data.stream)
+    crops: tuple[tuple[AugmentConfig, torch.Tensor], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.shard is None:
@@ -137,53 +140,9 @@ class TensorLoader:
             yield batch
 
 
-def labeled_batch(loader: "TensorLoader | StreamingLoader", plan: LabeledPlan | None, global_step: int) -> Batch | None:
+def labeled_batch(loader: TensorLoader, plan: LabeledPlan | None, global_step: int) -> Batch | None:
     if plan is None:
         return None
     batch = loader.read(plan.indices(global_step))
     batch.shard = plan.shard
     return batch
-
-
-class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, files: list[Path], size: int) -> None:
-        self.files, self.size = files, size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, float]:
-        return read_image_file(self.files[i], self.size)
-
-
-class StreamingLoader:
-    """For image folders too big for memory: DataLoader workers decode each planned batch to uint8.
-
-    Only decoding runs in the workers; augmentation stays batched on the training device.
-    """
-
-    def __init__(
-        self, files: list[Path], labels: torch.Tensor, size: int, plan: BatchPlan, device: torch.device, workers: int,
-        labeled_plan: LabeledPlan | None = None,
-    ) -> None:
-        self.dataset, self.labels, self.plan, self.device, self.workers = _FileDataset(files, size), labels, plan, device, workers
-        self.labeled_plan = labeled_plan
-
-    def read(self, index: torch.Tensor) -> Batch:
-        """Decode the images of ``index`` here, on a thread pool (the labeled stream's small batches)."""
-        files = [self.dataset.files[i] for i in index.tolist()]
-        images, aspect = read_image_files(files, self.dataset.size)
-        index = index.to(self.device)
-        return Batch(index, images.to(self.device), self.labels.to(self.device)[index], aspect=aspect.to(self.device))
-
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        steps = range(start_step, self.plan.steps_per_epoch)
-        batches = [self.plan.indices(epoch, s).tolist() for s in steps]
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=self.workers, pin_memory=self.device.type == "cuda"
-        )
-        for step, indices, (images, aspect) in zip(steps, batches, loader):
-            index = torch.tensor(indices, device=self.device)
-            labeled = labeled_batch(self, self.labeled_plan, epoch * self.plan.steps_per_epoch + step)
-            yield Batch(index, images.to(self.device, non_blocking=True), self.labels.to(self.device)[index],
-                        self.plan.shard, labeled, aspect.float().to(self.device))

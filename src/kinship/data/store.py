@@ -195,16 +195,32 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, classes
 
 
-def read_image_files(files: list[Path], size: int, threads: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def read_image_files(files: list[Path], size: int, threads: int = 0, substitute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode image files on a thread pool (``threads`` 0: all cores) -> uint8 (N, 3, size, size) and
-    float (N,) original aspect ratios (:func:`read_image_file`)."""
+    float (N,) original aspect ratios (:func:`read_image_file`). ``substitute``: a file that cannot
+    be read is replaced by the next one of ``files`` that can (streamed data, whose bad files the
+    training stream reports), instead of an error."""
+
+    def read(i: int) -> tuple[torch.Tensor, float]:
+        for j in range(i, i + (len(files) if substitute else 1)):
+            try:
+                return read_image_file(files[j % len(files)], size)
+            except DataError:
+                if not substitute or j == i + len(files) - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     with ThreadPoolExecutor(_threads(threads)) as pool:
-        images, aspect = zip(*pool.map(lambda p: read_image_file(p, size), files))
+        images, aspect = zip(*pool.map(read, range(len(files))))
     return torch.stack(images), torch.tensor(aspect, dtype=torch.float32)
 
 
-def load_image_folder(root: Path, size: int, threads: int) -> ImageSet:
+def load_image_folder(root: Path, size: int, threads: int, budget_gb: float = float("inf")) -> ImageSet:
     files, labels, classes = list_image_folder(root)
+    need = len(files) * 3 * size * size / 2**30
+    if need > budget_gb:
+        raise DataError(f"{root}: {len(files)} images at {size} px take {need:.1f} GiB decoded, over data.memory_budget_gb "
+                        f"{budget_gb:g}: stream them (data.streaming: true, the default for imagefolder)")
     images, aspect = read_image_files(files, size, threads)
     return ImageSet(images, torch.tensor(labels, dtype=torch.int64), classes, aspect)
 
@@ -235,7 +251,7 @@ def load_split(config: DataConfig, split: str) -> ImageSet:
         if split == "test" and not config.test_path:
             raise DataError("data.test_path (the evaluation split's ImageFolder root) is required for imagefolder")
         root = Path(config.test_path).expanduser() if split == "test" else path
-        images = load_image_folder(root, config.image_size, threads)
+        images = load_image_folder(root, config.image_size, threads, config.memory_budget_gb)
     elif config.name == "synthetic":
         n = (config.train_limit or 512) if split == "train" else (config.test_limit or 256)
         images = synthetic(n, size=config.image_size, seed=0 if split == "train" else 1)
@@ -245,8 +261,37 @@ def load_split(config: DataConfig, split: str) -> ImageSet:
         )
     if config.superclasses:  # CIFAR-100-20: train and test on the 20 super-classes
         images = ImageSet(images.images, cifar100_superclasses(images.labels), list(CIFAR100_SUPERCLASS_NAMES), images.aspect)
-    limit = config.train_limit if split == "train" else config.test_limit
-    if 0 < limit < len(images):
-        g = torch.Generator().manual_seed(1234 if split == "train" else 4321)
-        images = images[torch.randperm(len(images), generator=g)[:limit].sort().values]
-    return images
+    keep = seeded_subset(len(images), config.train_limit if split == "train" else config.test_limit, split)
+    return images if keep is None else images[keep]
+
+
+def seeded_subset(n: int, limit: int, split: str) -> torch.Tensor | None:
+    """Sorted indices of ``data.train_limit`` / ``test_limit`` images of a split of ``n`` (seeded by
+    the split), or None for all of them."""
+    if not 0 < limit < n:
+        return None
+    g = torch.Generator().manual_seed(1234 if split == "train" else 4321)
+    return torch.randperm(n, generator=g)[:limit].sort().values
+
+
+def write_image_folder(root: Path, classes: int, per_class: int, width: int, height: int, seed: int = 0,
+                       quality: int = 90) -> list[Path]:
+    """An ImageFolder of JPEGs for tests and benchmarks: ``classes`` folders of ``per_class`` images
+    of about ``width`` x ``height`` px (each side drawn within +-20 %, so shapes vary as in ImageNet),
+    each class a colour and a stripe orientation under noise, as :func:`synthetic`."""
+    rng = np.random.default_rng(seed)
+    colours = rng.uniform(0.2, 0.8, size=(classes, 3))
+    files = []
+    for label in range(classes):
+        folder = root / f"class{label:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        angle = np.pi * label / classes
+        for i in range(per_class):
+            w, h = (int(s * rng.uniform(0.8, 1.2)) for s in (width, height))
+            yy, xx = np.mgrid[0:h, 0:w] * (32 / max(w, h))
+            stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 1.2)[..., None]
+            pixels = 0.5 * colours[label] + 0.3 * stripes + 0.25 + 0.1 * rng.standard_normal((h, w, 3))
+            path = folder / f"{label:04d}_{i:05d}.jpg"
+            Image.fromarray((pixels.clip(0, 1) * 255).astype(np.uint8)).save(path, quality=quality)
+            files.append(path)
+    return files

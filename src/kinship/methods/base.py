@@ -127,6 +127,12 @@ class Method(nn.Module):
         reads, phase flags (prototypes frozen, queue in use); returns the values to log."""
         return {}
 
+    def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
+        """The recipes of the views that ``views`` makes of the step's batch (``labeled``: of its
+        labeled batch), in order. A streaming loader cuts their crops while it decodes the files
+        (:mod:`kinship.data.stream`); a step may take a prefix of them."""
+        raise NotImplementedError(f"{type(self).__name__} declares no view_recipes, which streamed data needs")
+
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         """The augmented views of ``batch`` this method trains on."""
         raise NotImplementedError

@@ -56,8 +56,11 @@ class BYOL(Method):
     def eval_recipe(self) -> AugmentConfig:
         return self.config.view1
 
+    def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
+        return [self.config.view1, self.config.view2]
+
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
-        return make_views(batch, [self.config.view1, self.config.view2], step.generator)
+        return make_views(batch, self.view_recipes(), step.generator)
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         cfg = self.config

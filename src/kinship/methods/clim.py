@@ -39,7 +39,7 @@ from kinship.blocks.kmeans import kmeans
 from kinship.blocks.knn import nearest_neighbours
 from kinship.blocks.mixing import mix
 from kinship.blocks.positives import SELECTIONS, pair_purity, random_candidates, select_positives
-from kinship.config import RunConfig, check, check_choice
+from kinship.config import AugmentConfig, RunConfig, check, check_choice
 from kinship.losses import info_nce_with_queue, mixed_info_nce
 from kinship.methods.base import Batch, Refresh, StepInfo, TrainData
 from kinship.methods.mocov2 import MoCoV2, MoCoV2Config
@@ -130,11 +130,14 @@ class CLIM(MoCoV2):
         return [x if r == x.shape[-1] else F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
                 .contiguous(memory_format=torch.channels_last) for r in self.resolutions]
 
+    def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
+        return [self.config.augment, self.config.augment]
+
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         """[anchor queries, anchor keys] per resolution; with candidates then [mixed queries (or,
         without mixing, none), positive keys] per resolution and lambda (B,)."""
         cfg = self.config
-        query, key = make_views(batch, [cfg.augment, cfg.augment], step.generator)
+        query, key = make_views(batch, self.view_recipes(), step.generator)
         views = self.at_resolutions(query) + self.at_resolutions(key)
         if not self.has_candidates:
             return views

@@ -149,13 +149,15 @@ class CMSF(Method):
             self.classifier.eval()  # kept in eval mode during CMSF steps (paper)
         return self
 
-    def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
+    def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
         """[target view, online view, (third view for the constraint), local crops...]."""
         cfg = self.config
         target = cfg.weak if cfg.target_view == "weak" else cfg.strong
         third = [target] if cfg.constraint == "self" and cfg.constraint_view == "third_aug" else []
-        recipes = [target, cfg.strong, *third, *[cfg.local] * cfg.local_crops]
-        return make_views(batch, recipes, step.generator)
+        return [target, cfg.strong, *third, *[cfg.local] * cfg.local_crops]
+
+    def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
+        return make_views(batch, self.view_recipes(), step.generator)
 
     def predict(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return F.normalize(self.predictor(self.projector(self.backbone(x))).to(dtype), dim=1)

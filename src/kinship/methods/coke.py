@@ -169,9 +169,13 @@ class CoKe(Method):
         return {}
 
     # -- views: the batch, and in the scan's last step the images the dropped tail left out --------
+    def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
+        cfg = self.config
+        return [cfg.view1, cfg.view2][: cfg.views] + [cfg.local] * cfg.local_crops
+
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         cfg = self.config
-        recipes = [cfg.view1, cfg.view2][: cfg.views] + ([cfg.local] * cfg.local_crops if step.update else [])
+        recipes = self.view_recipes()[: cfg.views + (cfg.local_crops if step.update else 0)]  # the scan: global views only
         views = make_views(batch, recipes, step.generator)
         self._scan_tail = None
         if not step.update and step.step_in_epoch == step.steps_per_epoch - 1:

@@ -91,9 +91,12 @@ class MIRA(Method):
         projector = self.teacher[1] if self.config.ema_teacher else self.projector
         return self.head(projector(features), frozen=True)
 
-    def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
+    def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
         cfg = self.config
-        return make_views(batch, [cfg.view1, cfg.view2, *[cfg.local] * cfg.local_crops], step.generator)
+        return [cfg.view1, cfg.view2, *[cfg.local] * cfg.local_crops]
+
+    def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
+        return make_views(batch, self.view_recipes(), step.generator)
 
     def begin_step(self, step: StepInfo) -> dict[str, float]:
         beta = cosine_ramp(step.step, step.total_steps, self.config.beta_start, self.config.beta_end)

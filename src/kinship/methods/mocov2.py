@@ -94,8 +94,11 @@ class MoCoV2(Method):
             keys = shuffled_forward(self.key_encoder, x, seed) if self.config.shuffle_bn else self.key_encoder(x)
         return F.normalize(keys.to(self.queue.rows.dtype), dim=1)  # fp32 logits under autocast
 
+    def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
+        return [self.config.augment, self.config.augment]
+
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
-        return make_views(batch, [self.config.augment, self.config.augment], step.generator)
+        return make_views(batch, self.view_recipes(), step.generator)
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         x1, x2 = views

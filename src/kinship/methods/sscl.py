@@ -192,6 +192,10 @@ class SsCL(Method):
         return {"ema": self.chain(self.key[0], self.key[2]), "online": self.chain(self.backbone, self.classifier)}
 
     # -- views --------------------------------------------------------------------------------
+    def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
+        cfg = self.config
+        return [cfg.weak] if labeled else [cfg.weak, cfg.strong] if self.uses_unlabeled else []
+
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         """[weak(x)] of the labeled batch, then [weak(u), strong(u)] of the unlabeled one (not drawn
         in a supervised-only run); after the first refresh, with labeled positives, also the draw of
@@ -200,9 +204,9 @@ class SsCL(Method):
         cfg = self.config
         if batch.labeled is None:
             raise ConfigError(f"method {cfg.name} needs train.labeled_batch_size > 0")
-        views = make_views(batch.labeled, [cfg.weak], step.generator)
+        views = make_views(batch.labeled, self.view_recipes(labeled=True), step.generator)
         if self.uses_unlabeled:
-            views += make_views(batch, [cfg.weak, cfg.strong], step.generator)
+            views += make_views(batch, self.view_recipes(), step.generator)
         if self.uses_unlabeled and self.refreshed and cfg.contrastive_weight > 0 and cfg.positives > 0:
             classes = self.assigned[batch.index]
             views += sample_members(self.members, classes, cfg.positives, step.generator, batch.shard)

@@ -44,8 +44,11 @@ class Supervised(Method):
     def classifiers(self) -> dict[str, nn.Module]:
         return {"online": self.chain(self.backbone, self.classifier)}
 
+    def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
+        return [self.config.augment]
+
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
-        return make_views(batch, [self.config.augment], step.generator)
+        return make_views(batch, self.view_recipes(), step.generator)
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         logits = self.classifier(self.backbone(views[0])).float()

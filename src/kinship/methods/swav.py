@@ -79,9 +79,12 @@ class SwAV(Method):
     def cluster_scores(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.projector(features), frozen=True)
 
-    def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
+    def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
         cfg = self.config
-        return make_views(batch, [cfg.global_crop] * 2 + [cfg.local] * cfg.local_crops, step.generator)
+        return [cfg.global_crop] * 2 + [cfg.local] * cfg.local_crops
+
+    def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
+        return make_views(batch, self.view_recipes(), step.generator)
 
     def begin_step(self, step: StepInfo) -> dict[str, float]:
         cfg = self.config

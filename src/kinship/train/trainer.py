@@ -30,11 +30,13 @@ from torch import nn
 from kinship import checkpoint
 from kinship.assembly import RunData, build_method, load_run_data, make_loader
 from kinship.augment.views import compiled_views
-from kinship.blocks.features import extract_features, pixel_features
+from kinship.blocks.features import extract_features
 from kinship.blocks.knn import knn_accuracy, topk_accuracy
-from kinship.config import RunConfig, save_config, to_dict
-from kinship.data import BatchPlan
-from kinship.errors import CheckpointError, NonFiniteLossError
+from kinship.config import AugmentConfig, RunConfig, save_config, to_dict
+from kinship.data import BatchPlan, ImageSet, TensorLoader
+from kinship.data.store import seeded_subset
+from kinship.data.stream import FileImages, StreamingLoader
+from kinship.errors import CheckpointError, DataError, NonFiniteLossError
 from kinship.methods import Method, StepInfo
 from kinship.optim import build_optimizer, learning_rate, scaled_lr, set_learning_rate, training_step
 from kinship.runtime import (
@@ -98,11 +100,19 @@ def plain(value: Any) -> Any:
     return value
 
 
+def features(network: nn.Module, images: ImageSet | FileImages, recipe: AugmentConfig, config: RunConfig, autocast: bool) -> torch.Tensor:
+    """Evaluation-view features of an image set in memory (computed where called), or of streamed
+    files (each process decodes and embeds its share, the rows gathered: every process must call it)."""
+    if isinstance(images, FileImages):
+        return images.features(network, recipe, config.eval.batch_size, autocast)
+    return extract_features(network, images, recipe, config.eval.batch_size, autocast)
+
+
 def knn_eval(method: Method, data: RunData, config: RunConfig, autocast: bool) -> dict[str, float]:
     """Weighted k-NN top-1/top-5 of the method's backbone: train bank, test queries."""
     net = method.eval_backbone
-    bank = extract_features(net, data.bank, method.eval_recipe, config.eval.batch_size, autocast)
-    queries = extract_features(net, data.test, method.eval_recipe, config.eval.batch_size, autocast)
+    bank = features(net, data.bank, method.eval_recipe, config, autocast)
+    queries = features(net, data.test, method.eval_recipe, config, autocast)
     acc = knn_accuracy(bank, data.bank.labels, queries, data.test.labels, config.eval.knn_k, config.eval.knn_temperature)
     return {"top1": acc[1], "top5": acc[5]}
 
@@ -111,16 +121,26 @@ def classifier_eval(method: Method, data: RunData, config: RunConfig, autocast: 
     """Test top-1/top-5 of each of the method's own classifiers (``classifier_<name>_top1``)."""
     out = {}
     for name, network in method.classifiers().items():
-        scores = extract_features(network, data.test, method.eval_recipe, config.eval.batch_size, autocast)
+        scores = features(network, data.test, method.eval_recipe, config, autocast)
         acc = topk_accuracy(scores, data.test.labels)
         out.update({f"classifier_{name}_top1": acc[1], f"classifier_{name}_top5": acc[5]})
     return out
 
 
+def limited(images: ImageSet | FileImages, limit: int, split: str) -> ImageSet | FileImages:
+    """A seeded subset of ``limit`` images (all of them at 0)."""
+    keep = seeded_subset(len(images), limit, split)
+    return images if keep is None else images.subset(keep) if isinstance(images, FileImages) else images[keep]
+
+
 def pixel_knn(method: Method, data: RunData, config: RunConfig) -> float:
-    bank = pixel_features(data.bank, method.eval_recipe)
-    queries = pixel_features(data.test, method.eval_recipe)
-    return knn_accuracy(bank, data.bank.labels, queries, data.test.labels, config.eval.knn_k, config.eval.knn_temperature)[1]
+    """k-NN on the raw pixels of the evaluation view: of ``eval.baseline_limit`` bank and test images
+    (streamed data: 1,000 by default, a 224 px view being 600 KB of float pixels), or of all."""
+    limit = config.eval.baseline_limit or (1_000 if data.streamed else 0)
+    bank, test = limited(data.bank, limit, "train"), limited(data.test, limit, "test")
+    bank_pixels, test_pixels = (extract_features(nn.Flatten(), images, method.eval_recipe, config.eval.batch_size)
+                                for images in (bank, test))
+    return knn_accuracy(bank_pixels, bank.labels, test_pixels, test.labels, config.eval.knn_k, config.eval.knn_temperature)[1]
 
 
 @dataclass
@@ -135,7 +155,7 @@ class Trainer:
         tune_cpu_allocator()
         self.device = resolve_device(self.config.train.device)
         tune_cuda(self.device)
-        init_distributed(self.device)
+        init_distributed(self.device, self.config.train.dist_timeout_min)
         self.is_main = rank() == 0
         self.out_dir = Path(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +166,8 @@ class Trainer:
         self.refreshes: dict[str, dict[str, int]] = {}  # name -> {"count", "step" of the last run}
         self.loss_sum = torch.zeros((), device=self.device)  # this process's losses since the last log line
         self.loss_count = 0
+        self.loader: TensorLoader | StreamingLoader | None = None
+        self.bad_files: dict[str, str] = {}  # streamed files that failed to decode (every process's): path -> error
 
     # -- bookkeeping -------------------------------------------------------------------------
     def write_metrics(self, record: dict) -> None:
@@ -159,6 +181,7 @@ class Trainer:
     def save(self, method: Method, optimizer: torch.optim.Optimizer, pos: Position) -> None:
         """Called on every process: the partial loss sum is the global one (all-reduced)."""
         loss_sum = all_reduce(self.loss_sum.detach().clone())
+        self.collect_bad_files(pos)
         self.last_save = time.time()
         if not self.is_main:
             return
@@ -175,6 +198,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "world_size": world_size(),
             "data_info": dataclasses.asdict(method.data_info),
+            "bad_files": self.bad_files,
         }
         checkpoint.save_atomic(state, self.ckpt_path)
 
@@ -200,6 +224,7 @@ class Trainer:
             ) from exc
         torch.set_rng_state(state["torch_rng"].cpu())
         self.refreshes = {name: dict(record) for name, record in state.get("refreshes", {}).items()}
+        self.bad_files = dict(state.get("bad_files", {}))
         loss_sum, self.loss_count = state.get("loss_accumulator", [torch.zeros(()), 0])
         self.loss_sum = (loss_sum if self.is_main else torch.zeros(())).to(self.device)  # summed over processes at the next log
         if self.is_main and self.metrics_path.exists():  # drop lines written after the checkpoint
@@ -215,7 +240,11 @@ class Trainer:
         """Train (or resume) to the end of the schedule or a stop; the run's summary."""
         t = self.config.train
         with compiled_views(t.compile, t.compile_backend, t.compile_mode):
-            return self.run()
+            try:
+                return self.run()
+            finally:
+                if isinstance(self.loader, StreamingLoader):
+                    self.loader.close()  # its workers end with the run
 
     def run(self) -> dict:
         config, device = self.config, self.device
@@ -237,7 +266,8 @@ class Trainer:
         optimizer = build_optimizer(method, config.optim, config.train.batch_size)
         plan = BatchPlan(data.handle.size, config.train.batch_size, config.train.seed, rank(), world_size(),
                          config.train.steps_per_epoch)
-        loader = make_loader(data, config, plan, device)
+        loader = make_loader(data, config, plan, device, method)
+        self.loader = loader
         schedule = Schedule(plan.steps_per_epoch, method.scan_epochs, config.train.epochs)
 
         checkpoint.remove_stale_temporaries(self.ckpt_path)
@@ -251,8 +281,8 @@ class Trainer:
             if self.is_main:
                 self.metrics_path.unlink(missing_ok=True)
                 save_config(config, self.out_dir / "config.yaml")
-                if config.eval.baselines:
-                    self.baselines(method, data)
+            if config.eval.baselines:
+                self.baselines(method, data)
 
         generator = torch.Generator(device=device)
         stopping = False
@@ -281,6 +311,7 @@ class Trainer:
                 self.loss_count += 1
                 bar.update(1)
                 if pos.step_in_epoch % config.train.log_every == 0 or pos.step_in_epoch == schedule.steps_per_epoch:
+                    self.collect_bad_files(pos)
                     mean_loss = self.log_losses(pos, lr, logs, time.time() - tick, info.update)
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
                     tick = time.time()
@@ -368,6 +399,31 @@ class Trainer:
         self.loss_count = 0
         return mean_loss
 
+    def collect_bad_files(self, pos: Position) -> None:
+        """The streamed files that failed to decode since the last call, from every process: logged
+        with their paths, kept in the checkpoint; past ``data.max_bad_files`` of the training images,
+        the run stops (on every process alike: each holds the same record)."""
+        if not isinstance(self.loader, StreamingLoader):
+            return
+        new = [(path, self.loader.bad_files[path]) for path in self.loader.new_bad_files]
+        self.loader.new_bad_files.clear()
+        if is_distributed():
+            parts: list = [None] * world_size()
+            dist.all_gather_object(parts, new)
+            new = [item for part in parts for item in part]
+        new = [(path, error) for path, error in new if path not in self.bad_files]
+        if not new:
+            return
+        self.bad_files.update(new)
+        for path, error in new:
+            self.log(f"step {pos.global_step}: unreadable image {path} ({error}); replaced by the next readable file")
+        self.write_metrics({"epoch": pos.epoch + 1, "step": pos.global_step, "bad_files": [path for path, _ in new]})
+        share, size = self.config.data.max_bad_files, self.loader.plan.size
+        if len(self.bad_files) > share * size:
+            raise DataError(f"{len(self.bad_files)} of the {size} training images failed to decode, over data.max_bad_files "
+                            f"({share:g}); the first: {', '.join(list(self.bad_files)[:3])}. kinship check-data "
+                            f"{self.config.data.path} lists them all")
+
     def interruptions(self, pos: Position) -> tuple[bool, bool]:
         """(stop now, checkpoint now) after a step. Step counts decide alike on every process;
         decisions from the clock are agreed (one all-reduce, only when a clock option is set)."""
@@ -391,15 +447,20 @@ class Trainer:
             )
 
     def baselines(self, method: Method, data: RunData) -> None:
-        """k-NN on raw pixels and on the network at random init, on the same split and settings."""
-        pixel = pixel_knn(method, data, self.config)
+        """k-NN on raw pixels and on the network at random init, on the same split and settings
+        (on the main process; streamed data: the features on every process)."""
+        if not (self.is_main or data.streamed):
+            return
         random_init = knn_eval(method, data, self.config, self.autocast)["top1"]
+        if not self.is_main:
+            return
+        pixel = pixel_knn(method, data, self.config)
         self.summary.update(knn_pixel_top1=pixel, knn_random_init_top1=random_init)
         self.write_metrics({"epoch": 0, "knn_pixel_top1": pixel, "knn_random_init_top1": random_init})
         self.log(f"baselines: k-NN top-1 on raw pixels {pixel:.2f}%, on the random-init network {random_init:.2f}%")
 
     def monitor(self, method: Method, data: RunData, pos: Position) -> None:
-        if not self.is_main:
+        if not (self.is_main or data.streamed):
             return
         acc = knn_eval(method, data, self.config, self.autocast)
         self.summary.update(knn_top1=acc["top1"], knn_top5=acc["top5"])
@@ -407,7 +468,7 @@ class Trainer:
         self.log(f"epoch {pos.epoch}: k-NN top-1 {acc['top1']:.2f}% top-5 {acc['top5']:.2f}%")
 
     def monitor_classifiers(self, method: Method, data: RunData, pos: Position) -> None:
-        if not self.is_main:
+        if not (self.is_main or data.streamed):
             return
         acc = classifier_eval(method, data, self.config, self.autocast)
         self.summary.update(acc)
