@@ -157,14 +157,14 @@ print(json.dumps({"self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
 
 def test_peak_memory_of_a_streamed_run_does_not_grow_with_the_folder(tmp_path):
     """Peak RSS of the training process and of its largest worker, on folders of 160 and 640
-    images (96 px stored), a few steps and a k-NN evaluation over the whole bank: under 15 % more on
-    the folder 4x larger."""
+    images (96 px stored), a few steps and a k-NN evaluation over the whole bank (in chunks of 64):
+    under 15 % more on the folder 4x larger."""
     peaks = []
     for per_class in (40, 160):
         root = tmp_path / str(per_class)
         write_image_folder(root / "train", classes=4, per_class=per_class, width=160, height=120, seed=0, quality=75)
         write_image_folder(root / "test", classes=4, per_class=10, width=160, height=120, seed=1, quality=75)
-        values = streaming_run(root, **{"train.stop_after_steps": 4, "train.batch_size": 32})
+        values = streaming_run(root, **{"train.stop_after_steps": 4, "train.batch_size": 32, "eval.batch_size": 64})
         values["data"]["image_size"] = 96
         done = subprocess.run([sys.executable, "-c", MEMORY_RUN, json.dumps(values), str(root / "run")], capture_output=True,
                               text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -173,3 +173,33 @@ def test_peak_memory_of_a_streamed_run_does_not_grow_with_the_folder(tmp_path):
     small, large = peaks
     assert large["self_mb"] < 1.15 * small["self_mb"], peaks
     assert large["workers_mb"] < 1.15 * small["workers_mb"], peaks
+
+
+def test_two_nodes_on_loopback_equal_one_process_streamed(folder, tmp_path):
+    """``torchrun --nnodes 2 --node-rank R`` (one process per node, gloo, a shared --out) on the
+    streamed folder computes what one process computes on the same global batches: every process
+    decodes its own rows, the crops are drawn for the global batch."""
+    import socket
+
+    import yaml
+
+    values = streaming_run(folder, **{"train.epochs": 1, "eval.baselines": False})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(values))
+    Trainer(build_config(values), tmp_path / "one", log=lambda *_: None).fit()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               f"--node-rank={rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               "-m", "kinship.cli", "pretrain", "--config", str(config), "--out", str(tmp_path / "two")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    one, two = (checkpoint.load(tmp_path / run / "last.pt") for run in ("one", "two"))
+    assert two["world_size"] == 2 and one["position"] == two["position"]
+    for key, value in one["method"].items():
+        assert torch.allclose(value, two["method"][key], rtol=1e-5, atol=1e-6) if value.dtype.is_floating_point \
+            else torch.equal(value, two["method"][key]), key

@@ -6,6 +6,7 @@ below it (blocks, models, augment, data, methods) imports nothing from here or a
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,8 +133,9 @@ def make_loader(data: RunData, config: RunConfig, plan: BatchPlan, device: torch
     if data.train is not None:
         return TensorLoader(data.train, plan, data.handle.labels, labeled_plan)
     labeled_recipes = method.view_recipes(labeled=True) if labeled_plan is not None else []
+    workers = min(config.data.workers, len(os.sched_getaffinity(0)))  # more decoding processes than cores only queue
     return StreamingLoader(data.handle.files, data.handle.labels, plan, device, method.view_recipes(), labeled_recipes,
-                           labeled_plan, config.data.workers, config.data.prefetch, config.train.seed)
+                           labeled_plan, workers, config.data.prefetch, config.train.seed)
 
 
 def build_method(config: RunConfig, data: TrainData) -> Method:

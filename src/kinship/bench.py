@@ -7,8 +7,11 @@ the host wait for the device (:mod:`kinship.dispatch`)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
@@ -129,3 +132,49 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
                 "host_syncs": {name: dict(log.syncs) for name, log in logs.items() if log.syncs},
                 **({"solver_frac": round(sections["solver"] / sum(times), 4)} if "solver" in sections else {}),
                 **({"refresh_s": refresh_s, "images": n} if refresh_s else {})}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process plus that of each of its live child processes (the
+    DataLoader workers), from /proc (Linux); this process alone elsewhere."""
+    import resource
+
+    total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != os.getpid():
+                continue
+            status = (stat.parent / "status").read_text()
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+        total += next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
+    return round(total, 1)
+
+
+def loader_bench(folder: str, workers: int, batch: int, steps: int, image_size: int = 224, views: int = 2,
+                 prefetch: int = 4, warmup: int = 2) -> dict:
+    """Source images per second that the streaming loader delivers from an ImageFolder (``views``
+    random-resized crops RandomResizedCrop(image_size, (0.2, 1)) + flip per image, as MoCo v2's and
+    CoKe's loaders, uint8, on the CPU), after ``warmup`` batches, and the peak memory of this process
+    and its workers."""
+    from kinship.config import AugmentConfig
+    from kinship.data.store import list_image_folder
+    from kinship.data.stream import StreamingLoader
+
+    files, labels, _ = list_image_folder(Path(folder).expanduser())
+    plan = BatchPlan(len(files), batch, seed=0)
+    recipe = AugmentConfig(crop_size=image_size, crop_scale=(0.2, 1.0))
+    loader = StreamingLoader(files, torch.tensor(labels), plan, torch.device("cpu"), [recipe] * views, workers=workers,
+                             prefetch=prefetch)
+    batches = (b for epoch in itertools.count() for b in loader.epoch(epoch))
+    for _ in range(warmup):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    seconds = time.perf_counter() - start
+    result = {"loader": "kinship", "folder": str(folder), "images": len(files), "workers": workers, "batch": batch,
+              "steps": steps, "views": views, "image_size": image_size, "img_per_s": round(batch * steps / seconds, 1),
+              "peak_rss_mb": peak_rss_mb(), "env": environment()}
+    loader.close()
+    return result

@@ -1,4 +1,4 @@
-"""``kinship`` command line: pretrain, eval, export, views, pack-npz, bench."""
+"""``kinship`` command line: pretrain, eval, export, views, pack-npz, bench, check-data."""
 from __future__ import annotations
 
 import argparse
@@ -127,13 +127,33 @@ def cmd_pack_npz(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kinship.bench import bench
+    from kinship.bench import bench, loader_bench
 
+    if args.loader_only:
+        if not args.data:
+            raise ConfigError("bench --loader-only needs --data FOLDER (an ImageFolder root: FOLDER/<class>/<image>)")
+        print(json.dumps(loader_bench(args.data, args.workers, args.batch, args.steps, args.image_size, args.views)))
+        return 0
+    if not args.method:
+        raise ConfigError("bench needs --method NAME (or --loader-only --data FOLDER)")
     result = bench(args.method, args.device, args.backbone, args.batch, args.steps, args.compute_only,
                    compile=args.compile, precision=args.precision, width=args.width, overrides=args.set,
                    tune_allocator=not args.no_tune_allocator, channels_last=not args.no_channels_last)
     print(json.dumps(result))
     return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    """Exit status 0 when every image decodes, 1 (with one line per bad file) when some do not."""
+    from kinship.data.store import list_image_folder
+    from kinship.data.stream import check_files
+
+    files, _, classes = list_image_folder(Path(args.path).expanduser())
+    bad = check_files(files, progress=not args.no_progress)
+    for path, error in bad:
+        print(f"{path}: {error}")
+    print(f"{len(files) - len(bad)} of {len(files)} images in {len(classes)} classes decode; {len(bad)} do not")
+    return 1 if bad else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--out", required=True, help="the .npz to write")
     n.set_defaults(func=cmd_pack_npz)
 
-    b = sub.add_parser("bench", help="training throughput of one method, as one JSON line")
-    b.add_argument("--method", required=True)
+    b = sub.add_parser("bench", help="training throughput of one method, or of the streaming loader alone, as one JSON line")
+    b.add_argument("--method", help="the method to time (not with --loader-only)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--backbone", default="resnet18", help="resnet18 (CIFAR stem), resnet50 or convnet")
     b.add_argument("--width", type=int, default=32, help="convnet width")
@@ -194,7 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-tune-allocator", action="store_true", help="keep glibc's default malloc thresholds (to measure the tuning)")
     b.add_argument("--no-channels-last", action="store_true", help="keep the default memory format (to measure channels_last)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. method.symmetric=false")
+    b.add_argument("--loader-only", action="store_true",
+                   help="time the streaming loader alone on --data: source images/s and peak memory (this process and its workers)")
+    b.add_argument("--data", help="--loader-only: an ImageFolder root (FOLDER/<class>/<image>)")
+    b.add_argument("--workers", type=int, default=8, help="--loader-only: decoding processes")
+    b.add_argument("--image-size", type=int, default=224, help="--loader-only: output side of each crop")
+    b.add_argument("--views", type=int, default=2, help="--loader-only: random-resized crops per image")
     b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("check-data", help="list every image of a folder that does not decode, before a long run")
+    c.add_argument("path", help="an ImageFolder root (PATH/<class>/<image>)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_check_data)
 
     args = parser.parse_args(argv)
     try:

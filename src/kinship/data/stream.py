@@ -181,7 +181,10 @@ class StreamingLoader:
         self._batches: Iterator[dict] | None = None
         self._next_step = -1
 
-    def _start(self, step: int) -> None:
+    def start(self, epoch: int, step_in_epoch: int = 0) -> None:
+        """Start the workers on the batches from (``epoch``, ``step_in_epoch``) on; :meth:`epoch` does
+        it too, when its first step is not the one the workers prepare next."""
+        step = epoch * self.plan.steps_per_epoch + step_in_epoch
         self._batches = iter(torch.utils.data.DataLoader(
             self.dataset, batch_size=None, sampler=_Steps(self.plan, self.labeled_plan, step), num_workers=self.workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
@@ -189,9 +192,8 @@ class StreamingLoader:
         self._next_step = step
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        first = epoch * self.plan.steps_per_epoch + start_step
-        if self._batches is None or self._next_step != first:  # a new run, or the trainer jumped
-            self._start(first)
+        if self._batches is None or self._next_step != epoch * self.plan.steps_per_epoch + start_step:
+            self.start(epoch, start_step)
         for _ in range(start_step, self.plan.steps_per_epoch):
             out = next(self._batches)
             self._next_step += 1

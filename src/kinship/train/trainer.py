@@ -266,12 +266,11 @@ class Trainer:
         optimizer = build_optimizer(method, config.optim, config.train.batch_size)
         plan = BatchPlan(data.handle.size, config.train.batch_size, config.train.seed, rank(), world_size(),
                          config.train.steps_per_epoch)
-        loader = make_loader(data, config, plan, device, method)
-        self.loader = loader
         schedule = Schedule(plan.steps_per_epoch, method.scan_epochs, config.train.epochs)
 
         checkpoint.remove_stale_temporaries(self.ckpt_path)
-        if self.resume and self.ckpt_path.is_file():
+        resumed = self.resume and self.ckpt_path.is_file()
+        if resumed:
             pos = self.restore(method, optimizer)
             self.log(f"resumed from {self.ckpt_path} at epoch {pos.epoch + 1}, step {pos.global_step}")
         else:
@@ -281,8 +280,11 @@ class Trainer:
             if self.is_main:
                 self.metrics_path.unlink(missing_ok=True)
                 save_config(config, self.out_dir / "config.yaml")
-            if config.eval.baselines:
-                self.baselines(method, data)
+        self.loader = loader = make_loader(data, config, plan, device, method)
+        if isinstance(loader, StreamingLoader):  # its workers start decoding now, before the baselines fill this process
+            loader.start(pos.epoch, pos.step_in_epoch)
+        if not resumed and config.eval.baselines:
+            self.baselines(method, data)
 
         generator = torch.Generator(device=device)
         stopping = False
