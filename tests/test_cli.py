@@ -174,3 +174,30 @@ def test_views_picture_of_a_semi_supervised_method(tmp_path):
     assert main(["views", "--config", write_config(tmp_path, semi_values()), "--out", str(out), "--images", "4"]) == 0
     with Image.open(out) as im:
         assert im.size == (4 * 18 + 2, 4 * 18 + 2)  # original + 3 views
+
+
+def test_check_data_lists_every_file_that_does_not_decode(tmp_path, capsys):
+    from kinship.data.store import write_image_folder
+
+    files = write_image_folder(tmp_path, classes=2, per_class=3, width=40, height=30)
+    files[1].write_bytes(files[1].read_bytes()[:200])  # truncated
+    files[4].write_bytes(b"not an image")
+    assert main(["check-data", str(tmp_path), "--no-progress"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out[:-1]] == [str(files[1]), str(files[4])]
+    assert out[-1] == "4 of 6 images in 2 classes decode; 2 do not"
+    fails(capsys, ["check-data", str(tmp_path / "nowhere")], "image folder not found")
+
+
+def test_bench_loader_only_prints_images_per_second_and_peak_memory(tmp_path, capsys):
+    import json
+
+    from kinship.data.store import write_image_folder
+
+    write_image_folder(tmp_path, classes=2, per_class=8, width=60, height=40)
+    assert main(["bench", "--loader-only", "--data", str(tmp_path), "--workers", "1", "--batch", "4", "--steps", "2",
+                 "--image-size", "32", "--views", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["img_per_s"] > 0 and result["peak_rss_mb"] > 0 and result["images"] == 16
+    fails(capsys, ["bench", "--loader-only"], "--data FOLDER")
+    fails(capsys, ["bench"], "--method NAME")

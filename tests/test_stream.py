@@ -203,3 +203,22 @@ def test_two_nodes_on_loopback_equal_one_process_streamed(folder, tmp_path):
     for key, value in one["method"].items():
         assert torch.allclose(value, two["method"][key], rtol=1e-5, atol=1e-6) if value.dtype.is_floating_point \
             else torch.equal(value, two["method"][key]), key
+
+
+def test_the_device_decoder_cuts_the_same_crops(folder, tmp_path):
+    """``data.decoder: nvjpeg`` (here torchvision's decode_jpeg on the CPU, the same call that runs
+    nvJPEG on a GPU): the workers send bytes and boxes, the crops come out within a few levels of the
+    PIL path's (same draws, same boxes: only the resampling differs), and a run trains on them."""
+    files = sorted((folder / "train").rglob("*.jpg"))
+    plan = BatchPlan(len(files), 16, seed=0)
+    recipes = [AugmentConfig(crop_size=32), AugmentConfig(crop_size=16, crop_scale=(0.05, 0.3)), AugmentConfig(crop_size=24, crop_mode="pad")]
+    made = {}
+    for decoder in ("pil", "nvjpeg"):
+        loader = StreamingLoader(files, torch.arange(len(files)) % 2, plan, torch.device("cpu"), recipes, workers=0, decoder=decoder)
+        made[decoder] = next(loader.epoch(0))
+    for (recipe, ours), (_, theirs) in zip(made["pil"].crops, made["nvjpeg"].crops):
+        assert ours.shape == theirs.shape == (16, 3, recipe.crop_size, recipe.crop_size)
+        assert (ours.float() - theirs.float()).abs().mean() < 4, recipe
+    values = streaming_run(folder, **{"train.epochs": 1})
+    values["data"]["decoder"] = "nvjpeg"
+    assert Trainer(build_config(values), tmp_path / "run", log=lambda *_: None).fit()["epochs_done"] == 1

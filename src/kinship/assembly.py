@@ -135,7 +135,7 @@ def make_loader(data: RunData, config: RunConfig, plan: BatchPlan, device: torch
     labeled_recipes = method.view_recipes(labeled=True) if labeled_plan is not None else []
     workers = min(config.data.workers, len(os.sched_getaffinity(0)))  # more decoding processes than cores only queue
     return StreamingLoader(data.handle.files, data.handle.labels, plan, device, method.view_recipes(), labeled_recipes,
-                           labeled_plan, workers, config.data.prefetch, config.train.seed)
+                           labeled_plan, workers, config.data.prefetch, config.train.seed, config.data.decoder)
 
 
 def build_method(config: RunConfig, data: TrainData) -> Method:

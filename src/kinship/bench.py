@@ -152,11 +152,11 @@ def peak_rss_mb() -> float:
 
 
 def loader_bench(folder: str, workers: int, batch: int, steps: int, image_size: int = 224, views: int = 2,
-                 prefetch: int = 4, warmup: int = 2) -> dict:
+                 prefetch: int = 4, warmup: int = 2, device: str = "cpu", decoder: str = "pil") -> dict:
     """Source images per second that the streaming loader delivers from an ImageFolder (``views``
     random-resized crops RandomResizedCrop(image_size, (0.2, 1)) + flip per image, as MoCo v2's and
-    CoKe's loaders, uint8, on the CPU), after ``warmup`` batches, and the peak memory of this process
-    and its workers."""
+    CoKe's loaders, uint8 on ``device``; ``decoder`` as ``data.decoder``), after ``warmup`` batches
+    (timed up to the device's last copy), and the peak memory of this process and its workers."""
     from kinship.config import AugmentConfig
     from kinship.data.store import list_image_folder
     from kinship.data.stream import StreamingLoader
@@ -164,16 +164,22 @@ def loader_bench(folder: str, workers: int, batch: int, steps: int, image_size: 
     files, labels, _ = list_image_folder(Path(folder).expanduser())
     plan = BatchPlan(len(files), batch, seed=0)
     recipe = AugmentConfig(crop_size=image_size, crop_scale=(0.2, 1.0))
-    loader = StreamingLoader(files, torch.tensor(labels), plan, torch.device("cpu"), [recipe] * views, workers=workers,
-                             prefetch=prefetch)
+    dev = resolve_device(device)
+    loader = StreamingLoader(files, torch.tensor(labels), plan, dev, [recipe] * views, workers=workers, prefetch=prefetch,
+                             decoder=decoder)
     batches = (b for epoch in itertools.count() for b in loader.epoch(epoch))
     for _ in range(warmup):
         next(batches)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         next(batches)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    result = {"loader": "kinship", "folder": str(folder), "images": len(files), "workers": workers, "batch": batch,
+    result = {"loader": "kinship", "decoder": decoder, "device": dev.type, "folder": str(folder), "images": len(files),
+              "workers": workers, "batch": batch,
               "steps": steps, "views": views, "image_size": image_size, "img_per_s": round(batch * steps / seconds, 1),
               "peak_rss_mb": peak_rss_mb(), "env": environment()}
     loader.close()

@@ -132,7 +132,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.loader_only:
         if not args.data:
             raise ConfigError("bench --loader-only needs --data FOLDER (an ImageFolder root: FOLDER/<class>/<image>)")
-        print(json.dumps(loader_bench(args.data, args.workers, args.batch, args.steps, args.image_size, args.views)))
+        print(json.dumps(loader_bench(args.data, args.workers, args.batch, args.steps, args.image_size, args.views,
+                                      device=args.device, decoder=args.decoder)))
         return 0
     if not args.method:
         raise ConfigError("bench needs --method NAME (or --loader-only --data FOLDER)")
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--workers", type=int, default=8, help="--loader-only: decoding processes")
     b.add_argument("--image-size", type=int, default=224, help="--loader-only: output side of each crop")
     b.add_argument("--views", type=int, default=2, help="--loader-only: random-resized crops per image")
+    b.add_argument("--decoder", default="pil", choices=["pil", "nvjpeg"], help="--loader-only: as data.decoder")
     b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("check-data", help="list every image of a folder that does not decode, before a long run")

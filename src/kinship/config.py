@@ -48,6 +48,10 @@ class DataConfig:
     streaming: bool | None = None
     workers: int = 8  # streaming: decoding processes per training process, alive for the whole run
     prefetch: int = 4  # streaming: batches each worker prepares ahead
+    # streaming: pil (each worker decodes its images at the DCT reduction the crops allow and cuts them) |
+    # nvjpeg (workers send the JPEG bytes and crop boxes; torchvision.io.decode_jpeg decodes the batch on
+    # the training device, nvJPEG on a GPU, and roi_align cuts the crops there)
+    decoder: str = "pil"
     # streaming: a file that cannot be read is replaced by the next readable one, logged with its path;
     # the run stops once more than this share of the training images has failed
     max_bad_files: float = 0.001
@@ -402,6 +406,8 @@ def validate(config: RunConfig) -> None:
         (not config.data.superclasses or config.data.name == "cifar100", "data.superclasses is for data.name: cifar100 (CIFAR-100-20)"),
         (not config.data.streaming or config.data.name == "imagefolder", "data.streaming is for data.name: imagefolder"),
         (config.data.workers >= 0 and config.data.prefetch >= 1, "data.workers must be >= 0 and data.prefetch >= 1"),
+        (config.data.decoder in ("pil", "nvjpeg"), f"data.decoder must be pil or nvjpeg, got '{config.data.decoder}'"),
+        (config.data.decoder == "pil" or config.data.streams, "data.decoder nvjpeg is for streamed data (data.name: imagefolder)"),
         (0.0 <= config.data.max_bad_files < 1.0, "data.max_bad_files (a share of the training images) must be in [0, 1)"),
         (config.data.memory_budget_gb > 0, "data.memory_budget_gb must be > 0"),
         (config.train.dist_timeout_min > 0, "train.dist_timeout_min must be > 0"),

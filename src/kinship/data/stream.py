@@ -78,6 +78,32 @@ def crop_views(image: Image.Image, boxes: list[tuple[float, float, float, float]
     return out
 
 
+def jpeg_source(image: Image.Image, path: Path) -> torch.Tensor:
+    """The file's bytes (uint8) for a batched decode on the training device (``data.decoder:
+    nvjpeg``), once its compressed data has been checked by a decode at 1/8 scale (1/64 of the
+    work); a file that is not an RGB or grayscale JPEG, re-encoded as one (quality 95)."""
+    if image.format == "JPEG" and image.mode in ("RGB", "L"):
+        image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+        image.load()  # a truncated or corrupt file raises here
+        return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=95)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def crop_on_device(images: list[torch.Tensor], boxes: torch.Tensor, size: int, flip: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, size, size): box i (x0, y0, w, h) of decoded image i (uint8 (3, H, W)) resized by
+    ``roi_align`` (each output pixel the mean of about (box / size)^2 samples: antialiased), mirrored
+    where ``flip``; boxes and flips on the images' device, so nothing is read back."""
+    from torchvision.ops import roi_align
+
+    corners = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+    crops = torch.cat([roi_align(image.unsqueeze(0).float(), [corners[i : i + 1]], size, aligned=True)
+                       for i, image in enumerate(images)])
+    crops = torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
+    return crops.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def step_seed(seed: int, step: int, stream: int) -> int:
     """The seed of a step's decode-time draws (``stream`` 0: the batch, 1: the labeled batch)."""
     return ((seed * 1_000_003 + step) * 2 + stream) * 7 + 5
@@ -87,8 +113,9 @@ class FileCrops(torch.utils.data.Dataset):
     """The worker's side: a task (step, indices, labeled indices) -> the crops of every recipe."""
 
     def __init__(self, files: list[Path], recipes: list[AugmentConfig], labeled_recipes: list[AugmentConfig],
-                 shards: tuple[_Split, _Split | None], seed: int) -> None:
+                 shards: tuple[_Split, _Split | None], seed: int, decoder: str = "pil") -> None:
         self.files, self.recipes, self.labeled_recipes, self.shards, self.seed = files, recipes, labeled_recipes, shards, seed
+        self.decoder = decoder  # pil: crops made here | nvjpeg: the file's bytes and boxes, decoded on the device
 
     def __len__(self) -> int:
         return len(self.files)
@@ -107,19 +134,23 @@ class FileCrops(torch.utils.data.Dataset):
         bad: list[tuple[str, str]] = []
         images, used = map(list, zip(*(self.readable(i, bad) for i in index)))
         boxes, flips = self.boxes(draws, recipes, [image.size for image in images], slice(None))
-        crops = []
+        done = []
         for row, (image, i) in enumerate(zip(images, used)):
             while True:
                 try:
-                    crops.append(crop_views(image, boxes[row], sizes, flips[row]))
+                    done.append(crop_views(image, boxes[row], sizes, flips[row]) if self.decoder == "pil"
+                                else jpeg_source(image, self.files[i]))
                     break
                 except UNREADABLE as exc:  # the header was fine, the data is not: the next readable file
                     bad.append((str(self.files[i]), f"{type(exc).__name__}: {exc}"))
                     image, i = self.readable((i + 1) % len(self.files), bad)
                     (boxes[row],), (flips[row],) = self.boxes(draws, recipes, [image.size], slice(row, row + 1))
-        return {"index": torch.tensor(index, dtype=torch.int64),
-                "crops": [torch.from_numpy(np.stack([c[v] for c in crops])).permute(0, 3, 1, 2) for v in range(len(recipes))],
-                "bad": bad}
+        out = {"index": torch.tensor(index, dtype=torch.int64), "bad": bad}
+        if self.decoder == "pil":
+            out["crops"] = [torch.from_numpy(np.stack([c[v] for c in done])).permute(0, 3, 1, 2) for v in range(len(recipes))]
+        else:
+            out.update(jpeg=done, boxes=torch.tensor(boxes, dtype=torch.float32), flips=torch.tensor(flips, dtype=torch.bool))
+        return out
 
     def readable(self, i: int, bad: list[tuple[str, str]]) -> tuple[Image.Image, int]:
         """File ``i`` opened, or the next file of the list that opens (each failure noted in ``bad``)."""
@@ -171,11 +202,11 @@ class StreamingLoader:
 
     def __init__(self, files: list[Path], labels: torch.Tensor, plan: BatchPlan, device: torch.device,
                  recipes: list[AugmentConfig], labeled_recipes: list[AugmentConfig] = (), labeled_plan: LabeledPlan | None = None,
-                 workers: int = 8, prefetch: int = 4, seed: int = 0) -> None:
+                 workers: int = 8, prefetch: int = 4, seed: int = 0, decoder: str = "pil") -> None:
         self.plan, self.labeled_plan, self.device, self.workers, self.prefetch = plan, labeled_plan, device, workers, prefetch
         self.labels = labels.to(device)
         self.recipes, self.labeled_recipes = tuple(recipes), tuple(labeled_recipes)
-        self.dataset = FileCrops(files, list(recipes), list(labeled_recipes), (plan, labeled_plan), seed)
+        self.dataset = FileCrops(files, list(recipes), list(labeled_recipes), (plan, labeled_plan), seed, decoder)
         self.bad_files: dict[str, str] = {}  # every file that failed: path -> error
         self.new_bad_files: list[str] = []  # paths not reported yet (the trainer logs and clears them)
         self._batches: Iterator[dict] | None = None
@@ -208,8 +239,15 @@ class StreamingLoader:
                 self.bad_files[path] = error
                 self.new_bad_files.append(path)
         index = out["index"].to(self.device, non_blocking=True)
-        crops = tuple((recipe, crop.to(self.device, non_blocking=True)) for recipe, crop in zip(recipes, out["crops"]))
-        return Batch(index, None, self.labels[index], split.shard, crops=crops)
+        if "jpeg" in out:  # decoded here, on the training device (nvJPEG on a GPU), in one batched call
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            images = decode_jpeg(out["jpeg"], mode=ImageReadMode.RGB, device=self.device)
+            boxes, flips = out["boxes"].to(self.device, non_blocking=True), out["flips"].to(self.device, non_blocking=True)
+            made = [crop_on_device(images, boxes[:, v], recipe.crop_size, flips[:, v]) for v, recipe in enumerate(recipes)]
+        else:
+            made = [crop.to(self.device, non_blocking=True) for crop in out["crops"]]
+        return Batch(index, None, self.labels[index], split.shard, crops=tuple(zip(recipes, made)))
 
     def close(self) -> None:
         """Stop the workers (they also stop when the loader is garbage-collected)."""
