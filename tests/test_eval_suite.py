@@ -148,10 +148,10 @@ def test_label_sets_must_match():
     train = ImageSet(images, torch.tensor([0, 1, 0, 1]), ["a", "b"])
     test = ImageSet(images, torch.tensor([0, 1, 2, 2]), ["a", "b"])
     with pytest.raises(DataError, match=r"labels \[2\].*do not match"):
-        check_labels(RunData(TrainData(DataInfo(4, 2, 8), train.labels), train, test))
+        check_labels(RunData(TrainData(DataInfo(4, 2, 8), train.labels), train, test, train))
     renamed = ImageSet(images, torch.tensor([0, 1, 0, 1]), ["a", "c"])
     with pytest.raises(DataError, match="different classes"):
-        check_labels(RunData(TrainData(DataInfo(4, 2, 8), train.labels), train, renamed))
+        check_labels(RunData(TrainData(DataInfo(4, 2, 8), train.labels), train, renamed, train))
 
 
 def test_cli_eval_and_export(tiny_checkpoint, tmp_path, capsys):

@@ -82,9 +82,12 @@ def test_multi_crop_forward_is_one_pass_per_resolution():
     for crop, out in zip(crops, outputs):
         assert torch.allclose(out, network(nn.functional.adaptive_avg_pool2d(crop, 2)), atol=1e-6)
     assert forward_crops(pool, []) == []
+    one_by_one = [network(nn.functional.adaptive_avg_pool2d(crop, 2)) for crop in crops]
     calls.clear()
-    assert all(torch.equal(a, b) for a, b in zip(forward_crops(pool, crops, per_crop=True), outputs))
-    assert calls == [4] * 5  # per crop: BN would see each view's own statistics
+    # per crop: BN would see each view's own statistics (the same numbers as a pass per crop; a pass over
+    # a batch of 8 may round differently from two of 4 in the BLAS kernel, so the batched outputs are not the reference)
+    assert all(torch.equal(a, b) for a, b in zip(forward_crops(pool, crops, per_crop=True), one_by_one))
+    assert calls == [4] * 5
 
 
 def test_queue_fifo_wraps():

@@ -222,3 +222,30 @@ def test_the_device_decoder_cuts_the_same_crops(folder, tmp_path):
     values = streaming_run(folder, **{"train.epochs": 1})
     values["data"]["decoder"] = "nvjpeg"
     assert Trainer(build_config(values), tmp_path / "run", log=lambda *_: None).fit()["epochs_done"] == 1
+
+
+def test_the_evaluation_suite_reads_a_streamed_folder(folder, tmp_path):
+    """``kinship eval`` on a streamed run: the SGD linear probe and the fine-tuning read the train
+    split's files a batch at a time."""
+    from kinship.eval.suite import Evaluation
+
+    values = streaming_run(folder, **{"train.epochs": 1, "eval.linear.mode": "sgd", "eval.linear.epochs": 1,
+                                      "eval.finetune.epochs": 1, "eval.finetune.fractions": [0.25]})
+    Trainer(build_config(values), tmp_path / "run", log=lambda *_: None).fit()
+    evaluation = Evaluation(tmp_path / "run" / "last.pt", tmp_path / "eval", [], progress=False, log=lambda *_: None)
+    assert evaluation.data.streamed
+    linear, finetune = evaluation.run("linear"), evaluation.run("finetune")
+    assert linear["mode"] == "sgd" and 0 <= linear["top1"] <= 100
+    assert [row["images"] for row in finetune["settings"]] == [20] and 0 <= finetune["settings"][0]["top1"] <= 100
+
+
+def test_an_image_folder_over_the_memory_budget_is_refused_before_decoding(folder, tmp_path):
+    from kinship.errors import ConfigError, DataError
+
+    values = streaming_run(folder)
+    values["data"].update(streaming=False, image_size=256, memory_budget_gb=0.01)  # 80 x 192 KiB = 15 MiB
+    with pytest.raises(DataError, match="over data.memory_budget_gb 0.01: stream them"):
+        Trainer(build_config(values), tmp_path / "run", log=lambda *_: None).fit()
+    values["data"].update(name="synthetic", streaming=True)
+    with pytest.raises(ConfigError, match="data.streaming is for data.name: imagefolder"):
+        build_config(values)

@@ -49,11 +49,11 @@ class RunData:
     # device, or (streamed data) files decoded a batch at a time
     bank: ImageSet | FileImages
     test: ImageSet | FileImages
-    train: ImageSet | None = None  # the whole train split on the device, true labels (None when streaming)
+    train: ImageSet | FileImages  # the whole train split with true labels: on the device, or its files
 
     @property
     def streamed(self) -> bool:
-        return self.train is None
+        return isinstance(self.train, FileImages)
 
 
 def streamed_split(config: RunConfig, split: str, device: torch.device, classes: list[str] | None = None) -> FileImages:
@@ -68,7 +68,8 @@ def streamed_split(config: RunConfig, split: str, device: torch.device, classes:
         unknown = sorted(set(names) - set(classes))
         if unknown:
             raise DataError(f"{dc.test_path} has class folders the train split lacks: {', '.join(unknown[:5])}")
-        labels = [classes.index(names[label]) for label in labels]
+        position = {name: i for i, name in enumerate(classes)}
+        labels = [position[names[label]] for label in labels]
     images = FileImages(files, torch.tensor(labels, dtype=torch.int64), classes or names, dc.image_size, device, dc.decode_threads)
     keep = seeded_subset(len(images), dc.train_limit if split == "train" else dc.test_limit, split)
     return images if keep is None else images.subset(keep)
@@ -81,7 +82,7 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
     if dc.streams:
         streamed = streamed_split(config, "train", device)
         files, gt, classes = streamed.files, streamed.labels, streamed.classes
-        train = None
+        train = streamed
     else:
         train = load_split(dc, "train")
         files, gt, classes = None, train.labels.clone(), train.classes
@@ -104,11 +105,11 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         if out_dir is not None and rank() == 0:
             save_indices(labeled, out_dir / "labeled_indices.json")
     # k-NN bank: the whole train split, or a seeded subset (always a subset when streaming)
-    limit = config.eval.knn_train_limit or (10_000 if train is None else 0)
+    limit = config.eval.knn_train_limit or (10_000 if dc.streams else 0)
     keep = None
     if 0 < limit < len(gt):
         keep = torch.randperm(len(gt), generator=torch.Generator().manual_seed(config.train.seed))[:limit].sort().values
-    if train is None:
+    if dc.streams:
         bank = streamed if keep is None else streamed.subset(keep)
         test = streamed_split(config, "test", device, classes)
         image_size = dc.image_size
@@ -118,8 +119,9 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         test = load_split(dc, "test").to(device)
         image_size = bank.images.shape[-1]
     info = DataInfo(size=len(gt), num_classes=num_classes, image_size=image_size, labeled=int((labels >= 0).sum()))
-    handle = TrainData(info, labels.to(device), gt.to(device), None if train is None else train.images, files,
-                       use_bf16(config.train.precision, device), dc.decode_threads, None if train is None else train.aspect)
+    images, aspect = (None, None) if dc.streams else (train.images, train.aspect)
+    handle = TrainData(info, labels.to(device), gt.to(device), images, files, use_bf16(config.train.precision, device),
+                       dc.decode_threads, aspect)
     return RunData(handle, bank, test, train)
 
 
@@ -130,7 +132,7 @@ def make_loader(data: RunData, config: RunConfig, plan: BatchPlan, device: torch
     labeled_plan = None
     if config.train.labeled_batch_size:
         labeled_plan = LabeledPlan(data.handle.labeled, config.train.labeled_batch_size, config.train.seed, rank(), world_size())
-    if data.train is not None:
+    if not data.streamed:
         return TensorLoader(data.train, plan, data.handle.labels, labeled_plan)
     labeled_recipes = method.view_recipes(labeled=True) if labeled_plan is not None else []
     workers = min(config.data.workers, len(os.sched_getaffinity(0)))  # more decoding processes than cores only queue

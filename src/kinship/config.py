@@ -31,7 +31,7 @@ class DataConfig:
     path: str = "../shared/data/cifar10-jpeg.npz"  # npz file, torchvision root, or ImageFolder root
     test_path: str = ""  # ImageFolder only: the evaluation split's root
     download: bool = False  # torchvision datasets: download when missing (only when asked)
-    image_size: int = 32  # ImageFolder / STL-10: stored side length after resize
+    image_size: int = 32  # STL-10, in-memory ImageFolder: stored side after resize; streamed ImageFolder: side of eval and random-access reads
     train_limit: int = 0  # >0: a seeded random subset of the train split (quick runs)
     test_limit: int = 0  # >0: a seeded random subset of the test split
     labeled_per_class: int = 0  # >0: labeled subset with N images per class

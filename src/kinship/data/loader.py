@@ -41,7 +41,7 @@ class Batch:
             self.shard = Shard.whole(len(self.index))
 
 
-class _Split:
+class Split:
     """A global batch of ``global_batch`` rows cut into equal slices, slice r for process r."""
 
     def __init__(self, global_batch: int, rank: int, world: int, key: str) -> None:
@@ -55,7 +55,7 @@ class _Split:
         return Shard(self.rank * self.local_batch, self.local_batch, self.global_batch)
 
 
-class BatchPlan(_Split):
+class BatchPlan(Split):
     def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, steps_per_epoch: int = 0) -> None:
         super().__init__(global_batch, rank, world, "train.batch_size")
         if size < global_batch:
@@ -87,7 +87,7 @@ class BatchPlan(_Split):
         return self.permutation(number, device)[start : start + self.local_batch]
 
 
-class LabeledPlan(_Split):
+class LabeledPlan(Split):
     """The labeled stream: the global labeled batch of step s is positions [s B, (s + 1) B) of an
     endless sequence of seeded shuffles of the labeled set (pass p shuffled by (seed, p)), so 40
     labels feed a labeled batch of 64 as well as 4,000 do; process r takes its r-th slice."""

@@ -51,6 +51,10 @@ class ImageSet:
         aspect = None if self.aspect is None else self.aspect[rows]
         return ImageSet(self.images[rows], self.labels[rows], self.classes, aspect)
 
+    def subset(self, rows: torch.Tensor) -> "ImageSet":
+        """The images of ``rows`` (as :class:`~kinship.data.stream.FileImages`, whose subsets stay undecoded)."""
+        return self[rows]
+
     def to(self, device: torch.device) -> "ImageSet":
         aspect = None if self.aspect is None else self.aspect.to(device)
         return ImageSet(self.images.to(device), self.labels.to(device), self.classes, aspect)

@@ -35,11 +35,12 @@ from torch import nn
 from kinship.augment import ops
 from kinship.augment.views import draw_geometry
 from kinship.config import AugmentConfig
-from kinship.data.loader import Batch, BatchPlan, LabeledPlan, _Split
+from kinship.data.loader import Batch, BatchPlan, LabeledPlan, Split
 from kinship.data.store import ImageSet, read_image_files
 from kinship.errors import DataError
 from kinship.blocks.features import View, extract_features
 from kinship.runtime import all_gather_cat, progress_bar, rank, world_size
+from kinship.sampling import Shard
 
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 SUBSTITUTE_TRIES = 16  # consecutive unreadable files before the stream gives up
@@ -113,7 +114,7 @@ class FileCrops(torch.utils.data.Dataset):
     """The worker's side: a task (step, indices, labeled indices) -> the crops of every recipe."""
 
     def __init__(self, files: list[Path], recipes: list[AugmentConfig], labeled_recipes: list[AugmentConfig],
-                 shards: tuple[_Split, _Split | None], seed: int, decoder: str = "pil") -> None:
+                 shards: tuple[Shard, Shard | None], seed: int, decoder: str = "pil") -> None:
         self.files, self.recipes, self.labeled_recipes, self.shards, self.seed = files, recipes, labeled_recipes, shards, seed
         self.decoder = decoder  # pil: crops made here | nvjpeg: the file's bytes and boxes, decoded on the device
 
@@ -127,16 +128,16 @@ class FileCrops(torch.utils.data.Dataset):
             out["labeled"] = self.decode(labeled, self.labeled_recipes, self.shards[1], step_seed(self.seed, step, 1))
         return out
 
-    def decode(self, index: list[int], recipes: list[AugmentConfig], split: _Split, seed: int) -> dict:
+    def decode(self, index: list[int], recipes: list[AugmentConfig], shard: Shard, seed: int) -> dict:
         generator = torch.Generator().manual_seed(seed)
-        draws = [draw_geometry(r, split.shard, generator, "cpu") if r.crop_mode == "resized" else None for r in recipes]
+        draws = [draw_geometry(r, shard, generator, "cpu") if r.crop_mode == "resized" else None for r in recipes]
         sizes = [r.crop_size for r in recipes]
         bad: list[tuple[str, str]] = []
         images, used = map(list, zip(*(self.readable(i, bad) for i in index)))
         boxes, flips = self.boxes(draws, recipes, [image.size for image in images], slice(None))
         done = []
         for row, (image, i) in enumerate(zip(images, used)):
-            while True:
+            for _ in range(SUBSTITUTE_TRIES):
                 try:
                     done.append(crop_views(image, boxes[row], sizes, flips[row]) if self.decoder == "pil"
                                 else jpeg_source(image, self.files[i]))
@@ -145,6 +146,8 @@ class FileCrops(torch.utils.data.Dataset):
                     bad.append((str(self.files[i]), f"{type(exc).__name__}: {exc}"))
                     image, i = self.readable((i + 1) % len(self.files), bad)
                     (boxes[row],), (flips[row],) = self.boxes(draws, recipes, [image.size], slice(row, row + 1))
+            else:
+                raise self.too_many(bad)
         out = {"index": torch.tensor(index, dtype=torch.int64), "bad": bad}
         if self.decoder == "pil":
             out["crops"] = [torch.from_numpy(np.stack([c[v] for c in done])).permute(0, 3, 1, 2) for v in range(len(recipes))]
@@ -160,8 +163,12 @@ class FileCrops(torch.utils.data.Dataset):
             except UNREADABLE as exc:
                 bad.append((str(self.files[i]), f"{type(exc).__name__}: {exc}"))
                 i = (i + 1) % len(self.files)
-        raise DataError(f"{SUBSTITUTE_TRIES} consecutive unreadable images, the last {bad[-1][0]} ({bad[-1][1]}): "
-                        "kinship check-data FOLDER lists every file that does not decode")
+        raise self.too_many(bad)
+
+    @staticmethod
+    def too_many(bad: list[tuple[str, str]]) -> DataError:
+        return DataError(f"{SUBSTITUTE_TRIES} unreadable images in a row, the last {bad[-1][0]} ({bad[-1][1]}): "
+                         "kinship check-data FOLDER lists every file that does not decode")
 
     @staticmethod
     def boxes(draws: list, recipes: list[AugmentConfig], sizes: list[tuple[int, int]], rows: slice) -> tuple[list, list]:
@@ -206,7 +213,8 @@ class StreamingLoader:
         self.plan, self.labeled_plan, self.device, self.workers, self.prefetch = plan, labeled_plan, device, workers, prefetch
         self.labels = labels.to(device)
         self.recipes, self.labeled_recipes = tuple(recipes), tuple(labeled_recipes)
-        self.dataset = FileCrops(files, list(recipes), list(labeled_recipes), (plan, labeled_plan), seed, decoder)
+        shards = (plan.shard, None if labeled_plan is None else labeled_plan.shard)
+        self.dataset = FileCrops(files, list(recipes), list(labeled_recipes), shards, seed, decoder)
         self.bad_files: dict[str, str] = {}  # every file that failed: path -> error
         self.new_bad_files: list[str] = []  # paths not reported yet (the trainer logs and clears them)
         self._batches: Iterator[dict] | None = None
@@ -233,7 +241,7 @@ class StreamingLoader:
                 batch.labeled = self._batch(out["labeled"], self.labeled_recipes, self.labeled_plan)
             yield batch
 
-    def _batch(self, out: dict, recipes: tuple[AugmentConfig, ...], split: _Split) -> Batch:
+    def _batch(self, out: dict, recipes: tuple[AugmentConfig, ...], split: Split) -> Batch:
         for path, error in out["bad"]:
             if path not in self.bad_files:
                 self.bad_files[path] = error
@@ -266,14 +274,17 @@ class FileImages:
     def __len__(self) -> int:
         return len(self.files)
 
-    def subset(self, index: torch.Tensor | range) -> "FileImages":
-        rows = torch.as_tensor(list(index), dtype=torch.int64)
+    def subset(self, index: torch.Tensor) -> "FileImages":
+        """The files of ``index``, not decoded."""
+        rows = index.cpu()
         return FileImages([self.files[i] for i in rows.tolist()], self.labels[rows.to(self.labels.device)], self.classes,
                           self.size, self.device, self.threads)
 
-    def __getitem__(self, rows: slice) -> ImageSet:
-        images, aspect = read_image_files(self.files[rows], self.size, self.threads, substitute=True)
-        return ImageSet(images, self.labels[rows].cpu(), self.classes, aspect).to(self.device)
+    def __getitem__(self, rows: slice | torch.Tensor) -> ImageSet:
+        """The images of ``rows`` decoded, on the device (an :class:`ImageSet`'s rows)."""
+        index = torch.arange(len(self))[rows] if isinstance(rows, slice) else rows.cpu()
+        images, aspect = read_image_files([self.files[i] for i in index.tolist()], self.size, self.threads, substitute=True)
+        return ImageSet(images, self.labels[index.to(self.labels.device)].cpu(), self.classes, aspect).to(self.device)
 
     def features(self, network: nn.Module, view: View, batch_size: int, autocast: bool) -> torch.Tensor:
         """:func:`~kinship.blocks.features.extract_features` of every image, each process decoding

@@ -19,6 +19,7 @@ from kinship.blocks.features import extract_features
 from kinship.blocks.knn import topk_accuracy
 from kinship.config import AugmentConfig
 from kinship.data.store import ImageSet
+from kinship.data.stream import FileImages
 from kinship.errors import NonFiniteLossError
 from kinship.eval.linear import Standardizer
 from kinship.optim import cosine_ramp, scaled_lr, training_step
@@ -60,7 +61,7 @@ def train_recipe(eval_recipe: AugmentConfig, crop_scale: tuple[float, float]) ->
 
 def train_classifier(
     model: Classifier,
-    data: ImageSet,
+    data: ImageSet | FileImages,
     recipe: AugmentConfig,
     epochs: int,
     batch_size: int,
@@ -74,10 +75,10 @@ def train_classifier(
     progress: bool = False,
     desc: str = "classifier",
 ) -> list[float]:
-    """SGD with cross-entropy on augmented views of ``data`` (its images, labels and aspect ratios);
-    learning rates are given at batch 256 and scaled linearly. Cosine over all steps, or x0.1 at
-    each epoch in ``milestones``. Returns epoch losses."""
-    device = data.images.device
+    """SGD with cross-entropy on augmented views of ``data`` (its images, labels and aspect ratios, in
+    memory or decoded a batch at a time from files); learning rates are given at batch 256 and scaled
+    linearly. Cosine over all steps, or x0.1 at each epoch in ``milestones``. Returns epoch losses."""
+    device = next(model.parameters()).device
     groups = [{"params": list(model.head.parameters()), "base_lr": scaled_lr(lr_head, batch_size, 256)}]
     if model.train_backbone:
         groups.append({"params": list(model.backbone.parameters()), "base_lr": scaled_lr(lr_backbone, batch_size, 256)})

@@ -160,8 +160,6 @@ class Evaluation:
 
     def finetune(self) -> dict:
         fc = self.config.eval.finetune
-        if self.data.train is None:
-            raise DataError("semi-supervised fine-tuning needs the train split in memory; it is off with data.streaming")
         labels = self.data.train.labels
         settings = [("fraction", v) for v in fc.fractions] + [("per_class", v) for v in fc.per_class]
         rows = []
@@ -170,7 +168,7 @@ class Evaluation:
             tag = f"{100 * value:g}pct" if kind == "fraction" else f"{value}perclass"
             subset = labeled_subset(labels, value if kind == "per_class" else 0, value if kind == "fraction" else 0.0, fc.seed)
             save_indices(subset, self.out_dir / f"finetune_{tag}_indices.json")
-            sub = self.data.train[subset]
+            sub = self.data.train.subset(subset)
             sub_labels = sub.labels
             feats = extract_features(self.backbone, sub, self.recipe, self.config.eval.batch_size, self.autocast)
             test_feats = self.features().test

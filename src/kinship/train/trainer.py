@@ -130,7 +130,7 @@ def classifier_eval(method: Method, data: RunData, config: RunConfig, autocast: 
 def limited(images: ImageSet | FileImages, limit: int, split: str) -> ImageSet | FileImages:
     """A seeded subset of ``limit`` images (all of them at 0)."""
     keep = seeded_subset(len(images), limit, split)
-    return images if keep is None else images.subset(keep) if isinstance(images, FileImages) else images[keep]
+    return images if keep is None else images.subset(keep)
 
 
 def pixel_knn(method: Method, data: RunData, config: RunConfig) -> float:
