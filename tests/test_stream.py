@@ -249,3 +249,27 @@ def test_an_image_folder_over_the_memory_budget_is_refused_before_decoding(folde
     values["data"].update(name="synthetic", streaming=True)
     with pytest.raises(ConfigError, match="data.streaming is for data.name: imagefolder"):
         build_config(values)
+
+
+def test_the_evaluation_view_of_a_streamed_file_is_torchvisions_resize_and_center_crop(tmp_path):
+    """A streamed bank or test image under an ``eval_resize`` view is decoded as torchvision's
+    Resize(256) + CenterCrop(224) of the file (within rounding), not cut from the image squeezed into
+    a 256 px square, which loses the resolution of the longer side (stripes across it, here)."""
+    from kinship.augment.views import center_view
+    from kinship.data.stream import FileImages
+    from torchvision.transforms import CenterCrop, Compose, PILToTensor, Resize
+
+    x = np.arange(500)[None, :, None]
+    files = [tmp_path / "wide.png", tmp_path / "tall.png"]  # stripes of a 7 px period across the longer side
+    Image.fromarray(np.broadcast_to(127.5 + 100 * np.sin(2 * np.pi * x / 7), (375, 500, 3)).astype(np.uint8)).save(files[0])
+    Image.fromarray(np.ascontiguousarray(np.asarray(Image.open(files[0])).transpose(1, 0, 2))).save(files[1])
+    recipe = AugmentConfig(crop_size=224, eval_resize=256, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    source, rest = FileImages(files, torch.zeros(2, dtype=torch.int64), ["a"], 256, torch.device("cpu")).for_view(recipe)
+    batch = source[0:2]
+    ours = center_view(batch.images, rest, batch.aspect) * 255
+    reference = Compose([Resize(256), CenterCrop(224), PILToTensor()])
+    theirs = torch.stack([reference(Image.open(path).convert("RGB")).float() for path in files])
+    squeezed = FileImages(files, torch.zeros(2, dtype=torch.int64), ["a"], 256, torch.device("cpu"))[0:2]
+    before = center_view(squeezed.images, recipe, squeezed.aspect) * 255
+    error, error_before = (ours - theirs).abs().mean(), (before - theirs).abs().mean()
+    assert error < 2 and error_before > 10 * error, (error, error_before)

@@ -52,7 +52,11 @@ def extract_features(
     desc: str = "features",
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """uint8 images -> float32 outputs (N, D) of ``network`` in eval mode (a tuple when the network
-    returns several tensors, e.g. a projection and class logits from one pass)."""
+    returns several tensors, e.g. a projection and class logits from one pass). A source that decodes
+    files may decode them as the view needs (``for_view``: streamed files, a Resize + CenterCrop view
+    cut from each file)."""
+    if hasattr(images, "for_view"):
+        images, view = images.for_view(view)
     was_training = network.training
     network.eval()
     try:

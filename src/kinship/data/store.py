@@ -7,6 +7,7 @@ marks an unlabeled image (STL-10's unlabeled split).
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -164,14 +165,26 @@ def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def read_image_file(path: Path, size: int) -> tuple[torch.Tensor, float]:
+def read_image_file(path: Path, size: int, center: int = 0) -> tuple[torch.Tensor, float]:
     """One image file -> (uint8 (3, size, size), original width / height): the *whole* image resized
     to a square, so that random-resized crops can reach its borders; the aspect ratio lets the crop
-    sampler and the evaluation view undo the squeeze (:mod:`kinship.augment.views`)."""
+    sampler and the evaluation view undo the squeeze (:mod:`kinship.augment.views`). ``center`` > 0:
+    instead torchvision's Resize(center) + CenterCrop(size) of the file (its rounding included),
+    decoded at the JPEG reduction that keeps the crop at least ``size`` px (aspect 1 returned)."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
             w, h = img.size
+            if center:
+                short, long = min(w, h), max(w, h)
+                new_w, new_h = (center, int(center * long / short)) if w <= h else (int(center * long / short), center)
+                left, top = round((new_w - size) / 2) * w / new_w, round((new_h - size) / 2) * h / new_h
+                box_w, box_h = size * w / new_w, size * h / new_h
+                img.draft("RGB", (math.ceil(w * size / box_w), math.ceil(h * size / box_h)))
+                sx, sy = img.width / w, img.height / h
+                img = img.convert("RGB").resize((size, size), Image.BILINEAR,
+                                                box=(left * sx, top * sy, (left + box_w) * sx, (top + box_h) * sy))
+                return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), 1.0
+            img = img.convert("RGB")
             img = img.resize((size, size), Image.BILINEAR)
             return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), w / h
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -199,16 +212,17 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, classes
 
 
-def read_image_files(files: list[Path], size: int, threads: int = 0, substitute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def read_image_files(files: list[Path], size: int, threads: int = 0, substitute: bool = False,
+                     center: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode image files on a thread pool (``threads`` 0: all cores) -> uint8 (N, 3, size, size) and
-    float (N,) original aspect ratios (:func:`read_image_file`). ``substitute``: a file that cannot
+    float (N,) original aspect ratios (:func:`read_image_file`, ``center`` as there). ``substitute``: a file that cannot
     be read is replaced by the next one of ``files`` that can (streamed data, whose bad files the
     training stream reports), instead of an error."""
 
     def read(i: int) -> tuple[torch.Tensor, float]:
         for j in range(i, i + (len(files) if substitute else 1)):
             try:
-                return read_image_file(files[j % len(files)], size)
+                return read_image_file(files[j % len(files)], size, center)
             except DataError:
                 if not substitute or j == i + len(files) - 1:
                     raise

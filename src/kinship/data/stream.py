@@ -21,6 +21,7 @@ trainer stops the run once more than ``data.max_bad_files`` of the training imag
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import math
@@ -268,8 +269,9 @@ class FileImages:
     split of streamed data, whose features are extracted in batches without holding the pixels."""
 
     def __init__(self, files: list[Path], labels: torch.Tensor, classes: list[str], size: int, device: torch.device,
-                 threads: int = 0) -> None:
+                 threads: int = 0, center: int = 0) -> None:
         self.files, self.labels, self.classes, self.size, self.device, self.threads = files, labels, classes, size, device, threads
+        self.center = center  # > 0: decode Resize(center) + CenterCrop(size) of each file (see for_view), not the whole image
 
     def __len__(self) -> int:
         return len(self.files)
@@ -278,13 +280,26 @@ class FileImages:
         """The files of ``index``, not decoded."""
         rows = index.cpu()
         return FileImages([self.files[i] for i in rows.tolist()], self.labels[rows.to(self.labels.device)], self.classes,
-                          self.size, self.device, self.threads)
+                          self.size, self.device, self.threads, self.center)
+
+    def for_view(self, view: View) -> tuple["FileImages", View]:
+        """These files as :func:`~kinship.blocks.features.extract_features` reads them for ``view``, and
+        what is left of the view to apply: a Resize + CenterCrop evaluation view (``eval_resize``) is
+        decoded from each file as torchvision makes it, where cutting it from the whole image squeezed
+        into a ``data.image_size`` square would lose resolution along the longer side; any other view
+        works on the whole images."""
+        if not (isinstance(view, AugmentConfig) and view.eval_resize > 0):
+            return self, view
+        views = FileImages(self.files, self.labels, self.classes, view.crop_size, self.device, self.threads, view.eval_resize)
+        return views, dataclasses.replace(view, eval_resize=0)  # the rest: normalisation
 
     def __getitem__(self, rows: slice | torch.Tensor) -> ImageSet:
         """The images of ``rows`` decoded, on the device (an :class:`ImageSet`'s rows)."""
         index = torch.arange(len(self))[rows] if isinstance(rows, slice) else rows.cpu()
-        images, aspect = read_image_files([self.files[i] for i in index.tolist()], self.size, self.threads, substitute=True)
-        return ImageSet(images, self.labels[index.to(self.labels.device)].cpu(), self.classes, aspect).to(self.device)
+        images, aspect = read_image_files([self.files[i] for i in index.tolist()], self.size, self.threads, substitute=True,
+                                          center=self.center)
+        labels = self.labels[index.to(self.labels.device)].cpu()
+        return ImageSet(images, labels, self.classes, None if self.center else aspect).to(self.device)
 
     def features(self, network: nn.Module, view: View, batch_size: int, autocast: bool) -> torch.Tensor:
         """:func:`~kinship.blocks.features.extract_features` of every image, each process decoding
