@@ -73,6 +73,7 @@ def extract_features(
         network.train(was_training)
 
 
-def pixel_features(images: torch.Tensor | Images, recipe: AugmentConfig) -> torch.Tensor:
-    """Raw normalised pixels of the evaluation view, flattened: the 'no learning at all' k-NN baseline."""
-    return apply_view(recipe, images).flatten(1).float()
+def pixel_features(images: torch.Tensor | ImageSource, recipe: AugmentConfig, batch_size: int = 512) -> torch.Tensor:
+    """Raw normalised pixels of the evaluation view, flattened, a chunk at a time: the 'no learning
+    at all' k-NN baseline."""
+    return extract_features(nn.Flatten(), images, recipe, batch_size)

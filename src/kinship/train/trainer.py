@@ -30,7 +30,7 @@ from torch import nn
 from kinship import checkpoint
 from kinship.assembly import RunData, build_method, load_run_data, make_loader
 from kinship.augment.views import compiled_views
-from kinship.blocks.features import extract_features
+from kinship.blocks.features import extract_features, pixel_features
 from kinship.blocks.knn import knn_accuracy, topk_accuracy
 from kinship.config import AugmentConfig, RunConfig, save_config, to_dict
 from kinship.data import BatchPlan, ImageSet, TensorLoader
@@ -138,8 +138,7 @@ def pixel_knn(method: Method, data: RunData, config: RunConfig) -> float:
     (streamed data: 1,000 by default, a 224 px view being 600 KB of float pixels), or of all."""
     limit = config.eval.baseline_limit or (1_000 if data.streamed else 0)
     bank, test = limited(data.bank, limit, "train"), limited(data.test, limit, "test")
-    bank_pixels, test_pixels = (extract_features(nn.Flatten(), images, method.eval_recipe, config.eval.batch_size)
-                                for images in (bank, test))
+    bank_pixels, test_pixels = (pixel_features(images, method.eval_recipe, config.eval.batch_size) for images in (bank, test))
     return knn_accuracy(bank_pixels, bank.labels, test_pixels, test.labels, config.eval.knn_k, config.eval.knn_temperature)[1]
 
 
