@@ -273,3 +273,22 @@ def test_the_evaluation_view_of_a_streamed_file_is_torchvisions_resize_and_cente
     before = center_view(squeezed.images, recipe, squeezed.aspect) * 255
     error, error_before = (ours - theirs).abs().mean(), (before - theirs).abs().mean()
     assert error < 2 and error_before > 10 * error, (error, error_before)
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "coke", "clusters": [4], "hidden": 32, "dim": 16, "view1": {"crop_size": 16}, "view2": {"crop_size": 16}},
+    {"name": "clim", "queue_size": 64, "augment": {"crop_size": 16}, "resolutions": [16, 12], "clusters": 4, "neighbours": 4,
+     "positives": 2, "refresh_start": 1, "refresh_every": 1},
+    {"name": "sscl", "queue_size": 64, "hidden": 32, "dim": 16, "refresh_every": 1, "weak": {"crop_size": 16},
+     "strong": {"crop_size": 16, "randaugment": 2}},
+], ids=lambda m: m["name"])
+def test_methods_that_read_beyond_their_batch_train_on_a_streamed_folder(folder, tmp_path, method):
+    """CoKe's scan epoch labels the tail the batches leave out (80 images, batch 24), CLIM fetches each
+    anchor's positives after its refresh, SsCL reads its labeled stream and refreshes its prototypes:
+    images read by index from the files beside the streamed crops, each for two epochs."""
+    values = streaming_run(folder, **{"method": method, "train.batch_size": 24, "train.epochs": 2})
+    if method["name"] == "sscl":
+        values["data"]["labeled_per_class"] = 6
+        values["train"]["labeled_batch_size"] = 8
+    summary = Trainer(build_config(values), tmp_path / "run", log=lambda *_: None).fit()
+    assert summary["epochs_done"] == 2 + (method["name"] == "coke") and 0 <= summary["knn_top1"] <= 100

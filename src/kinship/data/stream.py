@@ -35,11 +35,11 @@ from torch import nn
 
 from kinship.augment import ops
 from kinship.augment.views import draw_geometry
+from kinship.blocks.features import View, extract_features
 from kinship.config import AugmentConfig
 from kinship.data.loader import Batch, BatchPlan, LabeledPlan, Split
 from kinship.data.store import ImageSet, read_image_files
 from kinship.errors import DataError
-from kinship.blocks.features import View, extract_features
 from kinship.runtime import all_gather_cat, progress_bar, rank, world_size
 from kinship.sampling import Shard
 
@@ -227,8 +227,7 @@ class StreamingLoader:
         step = epoch * self.plan.steps_per_epoch + step_in_epoch
         self._batches = iter(torch.utils.data.DataLoader(
             self.dataset, batch_size=None, sampler=_Steps(self.plan, self.labeled_plan, step), num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=self.prefetch if self.workers else None))
+            pin_memory=self.device.type == "cuda", prefetch_factor=self.prefetch if self.workers else None))
         self._next_step = step
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
