@@ -66,3 +66,9 @@ def short_demo(tmp_path_factory, cifar_npz) -> tuple[Path, dict]:
     ])
     summary = Trainer(config, out, log=lambda *_: None).fit()
     return out, summary
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_compile_cache(tmp_path_factory):
+    """Compiled artifacts of the tests go to a folder of their own, not the user's ~/.cache/kinship."""
+    os.environ["KINSHIP_CACHE"] = str(tmp_path_factory.mktemp("kinship_cache"))

@@ -24,7 +24,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                               "give --config for the first start: the same command then serves every restart")
     config = load_config(config_path, args.set)
     log = print if rank() == 0 else (lambda *_: None)
-    summary = Trainer(config, Path(args.out), resume=args.resume, log=log).fit()
+    summary = Trainer(config, Path(args.out), resume=args.resume, log=log, compile_cache=args.compile_cache,
+                      allow_changes=args.allow_changes).fit()
     if rank() == 0:
         parts = [f"k-NN top-1 {summary['knn_top1']:.2f}%" if "knn_top1" in summary else "no k-NN evaluation yet"]
         if "knn_pixel_top1" in summary:
@@ -168,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/last.pt, or start the run if OUT has no checkpoint yet (one command for "
                         "the first start and every restart)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: accept config keys changed since the checkpoint beyond those that only say when to "
+                        "stop, save or log (the run then no longer continues exactly)")
+    p.add_argument("--compile-cache", type=Path, metavar="FILE",
+                   help="with train.compile: load compiled artifacts from FILE and save them there; torch runs the code "
+                        "such a file holds, so name only a file you trust (default: this user's ~/.cache/kinship)")
     p.set_defaults(func=cmd_pretrain)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint: knn, linear, finetune, clustering, purity, tsne, curves, classifier or all")

@@ -111,9 +111,6 @@ class TrainConfig:
     compile: bool = False  # torch.compile the method's forward (the step's loss)
     compile_backend: str = "inductor"  # inductor | eager (dynamo's tracing alone: checks graph breaks fast) | ...
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
-    # the compiled artifacts, saved with every checkpoint and loaded at the start ("": OUT/compile_cache.bin):
-    # a resumed run, or another run pointed at the file, compiles from them
-    compile_cache: str = ""
     sync_bn: bool = True  # under DDP on GPU
     # a collective that waits longer than this (a process died, a node hangs) ends the run with an error
     dist_timeout_min: float = 30.0
@@ -355,6 +352,12 @@ def parse_config(values: dict, method_configs: Mapping[str, type[MethodConfig]])
     """Turn a nested dict (from YAML) into a validated :class:`RunConfig`; ``method_configs`` maps
     each ``method.name`` to its config dataclass."""
     values = dict(values)
+    train = values.get("train")
+    if isinstance(train, dict) and "compile_cache" in train:  # a key of earlier releases, in their saved config.yaml
+        if train["compile_cache"]:
+            raise ConfigError("train.compile_cache is no longer read from a config: torch runs the code such a file "
+                              "holds, so name a file you trust on the command line (kinship pretrain --compile-cache FILE)")
+        values["train"] = {k: v for k, v in train.items() if k != "compile_cache"}
     method_values = dict(values.pop("method", None) or {})
     if "name" not in method_values:
         raise ConfigError("config key 'method.name' is required")

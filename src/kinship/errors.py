@@ -24,3 +24,7 @@ class CheckpointError(KinshipError, ValueError):
 
 class NonFiniteLossError(KinshipError, RuntimeError):
     """A loss became NaN or infinite; the message names the step and what was kept."""
+
+
+class WriteError(KinshipError, OSError):
+    """A file could not be written (a full disk, a missing permission); the previous file is kept."""

@@ -118,14 +118,11 @@ def training_step(
     optimizer: torch.optim.Optimizer,
     compute_loss: Callable[[], tuple[torch.Tensor, dict]],
     autocast_device: str | None = None,
-    check_loss: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """One optimizer step: the loss (under bf16 autocast on ``autocast_device`` when given), an
-    optional check of it before anything changes, then zero_grad, backward, step."""
+    """One optimizer step: the loss (under bf16 autocast on ``autocast_device`` when given), then
+    zero_grad, backward, step."""
     with torch.autocast(autocast_device or "cpu", dtype=torch.bfloat16, enabled=autocast_device is not None):
         loss, logs = compute_loss()
-    if check_loss is not None:
-        check_loss(loss)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -36,7 +36,7 @@ from kinship.config import AugmentConfig, RunConfig, save_config, to_dict
 from kinship.data import BatchPlan, ImageSet, TensorLoader
 from kinship.data.store import seeded_subset
 from kinship.data.stream import FileImages, StreamingLoader
-from kinship.errors import CheckpointError, DataError, NonFiniteLossError
+from kinship.errors import CheckpointError, DataError, NonFiniteLossError, WriteError
 from kinship.methods import Method, StepInfo
 from kinship.optim import build_optimizer, learning_rate, scaled_lr, set_learning_rate, training_step
 from kinship.runtime import (
@@ -59,6 +59,15 @@ def no_buffer_sync() -> dict[str, bool]:
     the newer name's one sync at init changes nothing)."""
     params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+# the config keys a resumed run may change: when to stop, save, log or evaluate, how many processes
+# read the files, and where a collective times out; none of them changes what a step computes
+FREE_ON_RESUME = frozenset({
+    "train.epochs", "train.time_limit_min", "train.stop_after_steps", "train.stop_after_epochs", "train.checkpoint_every",
+    "train.checkpoint_every_steps", "train.checkpoint_every_min", "train.log_every", "train.progress", "train.dist_timeout_min",
+    "train.allow_resharding", "eval.knn_every", "eval.classifier_every", "data.workers", "data.prefetch", "data.decode_threads",
+})
 
 
 @dataclass
@@ -149,6 +158,9 @@ class Trainer:
     resume: bool = False
     log: Any = print
     summary: dict = field(default_factory=dict)
+    # a file of compiled artifacts the user trusts (--compile-cache); default: this user's cache folder
+    compile_cache: Path | None = None
+    allow_changes: bool = False  # --allow-changes: resume with config keys changed beyond FREE_ON_RESUME
 
     def __post_init__(self) -> None:
         tune_cpu_allocator()
@@ -161,7 +173,7 @@ class Trainer:
         self.autocast = use_bf16(self.config.train.precision, self.device)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.ckpt_path = self.out_dir / "last.pt"
-        self.compile_cache = Path(self.config.train.compile_cache or self.out_dir / "compile_cache.bin")
+        self.compile_cache = Path(self.compile_cache or checkpoint.compile_cache_path(to_dict(self.config), self.device))
         self.refreshes: dict[str, dict[str, int]] = {}  # name -> {"count", "step" of the last run}
         self.loss_sum = torch.zeros((), device=self.device)  # this process's losses since the last log line
         self.loss_count = 0
@@ -180,12 +192,16 @@ class Trainer:
     def save(self, method: Method, optimizer: torch.optim.Optimizer, pos: Position) -> None:
         """Called on every process: the partial loss sum is the global one (all-reduced)."""
         loss_sum = all_reduce(self.loss_sum.detach().clone())
+        self.check_finite(loss_sum.item(), pos)  # the one read-back of a save: a diverged run writes nothing
         self.collect_bad_files(pos)
         self.last_save = time.time()
         if not self.is_main:
             return
         if self.config.train.compile:
-            checkpoint.save_compile_cache(self.compile_cache)
+            try:
+                checkpoint.save_compile_cache(self.compile_cache)
+            except (WriteError, RuntimeError) as exc:  # a speed-up only: the checkpoint must not depend on it
+                self.log(f"compiled artifacts not saved ({str(exc).splitlines()[0]}); the checkpoint is written all the same")
         state = {
             "config": to_dict(self.config),
             "method": method.state_dict(),
@@ -201,8 +217,26 @@ class Trainer:
         }
         checkpoint.save_atomic(state, self.ckpt_path)
 
-    def restore(self, method: Method, optimizer: torch.optim.Optimizer) -> Position:
+    def resume_state(self) -> dict:
+        """The checkpoint to continue, read before any data: a pre-training checkpoint whose config
+        is this run's, but for the keys of :data:`FREE_ON_RESUME` (or any, with ``allow_changes``)."""
         state = checkpoint.read_checkpoint(self.ckpt_path, self.device)
+        missing = [key for key in ("position", "optimizer", "torch_rng", "metrics_lines") if key not in state]
+        if missing:
+            raise CheckpointError(f"{self.ckpt_path} lacks {', '.join(missing)}: it is not a checkpoint a run can continue from")
+        changed = changed_settings(state["config"], to_dict(self.config))
+        fixed = {key: values for key, values in changed.items() if key not in FREE_ON_RESUME}
+        listing = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in (fixed or changed).items())
+        if fixed and not self.allow_changes:
+            raise CheckpointError(
+                f"{self.ckpt_path} was written with other settings: {listing}. Resume with the run's own config "
+                f"(--resume without --config reads {self.out_dir / 'config.yaml'}), or accept the change with --allow-changes "
+                "(the run then no longer computes what it would have)")
+        if changed:
+            self.log("resuming with changed settings: " + listing)
+        return state
+
+    def restore(self, method: Method, optimizer: torch.optim.Optimizer, state: dict) -> Position:
         saved_world = state.get("world_size", 1)
         if saved_world != world_size() and not self.config.train.allow_resharding:
             raise CheckpointError(
@@ -210,9 +244,6 @@ class Trainer:
                 f"with {saved_world} (torchrun --nproc_per_node={saved_world}) to continue exactly, or set "
                 "train.allow_resharding=true to continue on this number (per-process BN statistics then see other shards)"
             )
-        changed = changed_settings(state["config"], to_dict(self.config))
-        if changed:
-            self.log("resuming with changed settings: " + ", ".join(changed))
         try:
             method.load_state_dict(state["method"])
             optimizer.load_state_dict(state["optimizer"])
@@ -249,6 +280,9 @@ class Trainer:
         config, device = self.config, self.device
         torch.manual_seed(config.train.seed)
         self.start_time = self.last_save = time.time()
+        checkpoint.remove_stale_temporaries(self.ckpt_path)
+        state = self.resume_state() if self.resume and self.ckpt_path.is_file() else None  # before the data is read
+        fresh = state is None
         data = load_run_data(config, device, self.out_dir)
         method = build_method(config, data.handle).to(device)
         if config.train.channels_last:
@@ -260,6 +294,7 @@ class Trainer:
             model = nn.parallel.DistributedDataParallel(
                 method, find_unused_parameters=method.unused_parameters, **no_buffer_sync())
         step_fn = compiled(model, config.train.compile, config.train.compile_backend, config.train.compile_mode)
+        checkpoint.remove_stale_temporaries(self.compile_cache)
         if config.train.compile and checkpoint.load_compile_cache(self.compile_cache):
             self.log(f"compiling from the artifacts in {self.compile_cache}")
         optimizer = build_optimizer(method, config.optim, config.train.batch_size)
@@ -267,10 +302,14 @@ class Trainer:
                          config.train.steps_per_epoch)
         schedule = Schedule(plan.steps_per_epoch, method.scan_epochs, config.train.epochs)
 
-        checkpoint.remove_stale_temporaries(self.ckpt_path)
-        resumed = self.resume and self.ckpt_path.is_file()
-        if resumed:
-            pos = self.restore(method, optimizer)
+        if not fresh:
+            pos = self.restore(method, optimizer, state)
+            del state  # the weights are in the method now
+            if pos.step_in_epoch >= schedule.steps_per_epoch or pos.epoch > schedule.epochs:
+                raise CheckpointError(
+                    f"{self.ckpt_path} stopped at epoch {pos.epoch + 1}, step {pos.step_in_epoch}, outside this run's plan of "
+                    f"{schedule.epochs} epochs of {schedule.steps_per_epoch} steps (train.epochs can only grow, and the "
+                    "batch and data as written)")
             self.log(f"resumed from {self.ckpt_path} at epoch {pos.epoch + 1}, step {pos.global_step}")
         else:
             if self.resume:
@@ -282,7 +321,7 @@ class Trainer:
         self.loader = loader = make_loader(data, config, plan, device, method)
         if isinstance(loader, StreamingLoader):  # its workers start decoding now, before the baselines fill this process
             loader.start(pos.epoch, pos.step_in_epoch)
-        if not resumed and config.eval.baselines:
+        if fresh and config.eval.baselines:
             self.baselines(method, data)
 
         generator = torch.Generator(device=device)
@@ -362,16 +401,12 @@ class Trainer:
         epoch, the forward alone)."""
         scheduled = method.begin_step(info)
         views = method.views(batch, info)
-        check = (lambda loss: self.check_finite(loss.item(), info.epoch, info.step)) if self.device.type == "cpu" else None
         if info.update:
-            loss, logs = training_step(optimizer, lambda: step_fn(views, batch, info),
-                                       self.device.type if self.autocast else None, check)
+            loss, logs = training_step(optimizer, lambda: step_fn(views, batch, info), self.device.type if self.autocast else None)
             method.after_step(info)
             return loss, {**logs, **scheduled}
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, logs = method(views, batch, info)  # no DDP wrapper: nothing to reduce
-        if check is not None:
-            check(loss)
         return loss, {**logs, **scheduled}
 
     def run_refreshes(self, method: Method, info: StepInfo) -> None:
@@ -389,7 +424,7 @@ class Trainer:
         """The mean loss over all processes since the last line, written to metrics.jsonl."""
         total = all_reduce(self.loss_sum.clone())
         mean_loss = (total / (self.loss_count * world_size())).item()
-        self.check_finite(mean_loss, pos.epoch, pos.global_step - 1)
+        self.check_finite(mean_loss, pos)
         record = {"epoch": pos.epoch + 1, "step": pos.global_step, "loss": mean_loss, "lr": lr,
                   "img_per_s": self.loss_count * self.config.train.batch_size / max(seconds, 1e-9)}
         if not update:
@@ -439,12 +474,15 @@ class Trainer:
             stop, save = stop or out_of_time, save or save_due
         return stop, save
 
-    def check_finite(self, loss: float, epoch: int, step: int) -> None:
+    def check_finite(self, loss: float, pos: Position) -> None:
+        """Stop on a loss summed or averaged over the steps since the last log line that is not
+        finite: checked at every log line and before every checkpoint, so none holds a diverged run."""
         if not math.isfinite(loss):
             kept = f"the last good checkpoint {self.ckpt_path} is kept" if self.ckpt_path.exists() else "no checkpoint had been written yet"
+            last = pos.global_step - 1
             raise NonFiniteLossError(
-                f"loss is {loss} at step {step} (epoch {epoch + 1}); training stopped, {kept}. "
-                "Lower optim.lr, add warm-up (optim.warmup_epochs) or use train.precision: fp32."
+                f"loss is {loss} at step {last} (epoch {pos.epoch + 1}), the mean of steps {last - self.loss_count + 1}-{last}; "
+                f"training stopped, {kept}. Lower optim.lr, add warm-up (optim.warmup_epochs) or use train.precision: fp32."
             )
 
     def baselines(self, method: Method, data: RunData) -> None:
@@ -478,13 +516,13 @@ class Trainer:
             f"{k.split('_')[1]} {v:.2f}%" for k, v in acc.items() if k.endswith("_top1")))
 
 
-def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every config value that differs (nested sections flattened)."""
-    out = []
+def changed_settings(before: dict, after: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``key: (old, new)`` for every config value that differs (nested sections flattened)."""
+    out = {}
     for key in sorted(set(before) | set(after)):
         a, b = before.get(key), after.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += changed_settings(a, b, f"{prefix}{key}.")
+            out.update(changed_settings(a, b, f"{prefix}{key}."))
         elif a != b:
-            out.append(f"{prefix}{key} {a} -> {b}")
+            out[f"{prefix}{key}"] = (a, b)
     return out
