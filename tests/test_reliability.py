@@ -141,3 +141,72 @@ def test_files_are_written_with_the_users_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "x.pt").stat().st_mode) == 0o640
+
+
+def test_unlabeled_images_never_enter_the_knn_bank(tmp_path, monkeypatch):
+    """STL-10's train+unlabeled split marks its 100,000 unlabeled images with -1: the k-NN bank holds
+    the labeled images only, and the monitor and the baselines run."""
+    from kinship import assembly
+    from kinship.data.store import ImageSet, load_split
+
+    def stl_like(config, split):
+        data = load_split(config, split)
+        if split == "train":  # two images in three unlabeled
+            data = ImageSet(data.images, torch.where(torch.arange(len(data)) % 3 > 0, -1, data.labels), data.classes)
+        return data
+
+    monkeypatch.setattr(assembly, "load_split", stl_like)
+    values = tiny_run_config(**{"train.epochs": 1})
+    data = assembly.load_run_data(build_config(values), torch.device("cpu"), None)
+    assert len(data.bank) == 86 and (data.bank.labels >= 0).all()
+    summary = quiet(values, tmp_path).fit()
+    assert 0 <= summary["knn_top1"] <= 100 and 0 <= summary["knn_pixel_top1"] <= 100
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--set", "model.backbone=vit_small"], ["unknown model.backbone 'vit_small'", "resnet50"]),
+    (["--set", "method.name=simclr"], ["unknown method 'simclr'", "the methods:", "byol", "mocov2"]),
+    (["train.epochs=3"], ["unrecognized arguments: train.epochs=3", "--set train.epochs=3"]),
+])
+def test_bad_inputs_are_one_line_errors_before_any_data(tmp_path, capsys, argv, fragments):
+    config = tmp_path / "c.yaml"
+    values = tiny_run_config()
+    values["data"] = {"name": "cifar10-npz", "path": str(tmp_path / "absent.npz")}  # never read: the config fails first
+    config.write_text(yaml.safe_dump(values))
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "kinship: error: " in err and "absent.npz" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def test_bad_data_and_files_are_one_line_errors(tmp_path, capsys):
+    import numpy as np
+
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, classes=np.array(["a"]), train_jpeg=np.zeros(0, np.uint8), train_offsets=np.zeros(1, np.int64),
+             train_labels=np.zeros(0, np.int64), test_jpeg=np.zeros(0, np.uint8), test_offsets=np.zeros(1, np.int64),
+             test_labels=np.zeros(0, np.int64))
+    config = tmp_path / "c.yaml"
+    values = tiny_run_config()
+    values["data"] = {"name": "cifar10-npz", "path": str(empty)}
+    config.write_text(yaml.safe_dump(values))
+    fails(capsys, ["pretrain", "--config", str(config), "--out", str(tmp_path / "run")], f"the train split of {empty} holds no images")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": torch.nn.Linear(2, 2)}, foreign)  # a pickled module: not tensors alone
+    err = fails(capsys, ["export", "--checkpoint", str(foreign), "--out", str(tmp_path / "b.pt")], "never unpickles")
+    assert "weights_only=False" not in err
+
+
+def test_labels_beyond_the_named_classes_are_an_error(tmp_path, monkeypatch):
+    from kinship import assembly
+    from kinship.data.store import ImageSet, load_split
+    from kinship.errors import DataError
+
+    def wide(config, split):
+        data = load_split(config, split)
+        return ImageSet(data.images, data.labels.clamp(max=2) + (torch.arange(len(data)) == 5) * 7, data.classes[:3])  # image 5: label 1 + 7
+
+    monkeypatch.setattr(assembly, "load_split", wide)
+    with pytest.raises(DataError, match=r"label 8, but its data names 3 classes \(class0, class1, class2\)"):
+        assembly.load_run_data(build_config(tiny_run_config()), torch.device("cpu"), None)

@@ -87,6 +87,9 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         train = load_split(dc, "train")
         files, gt, classes = None, train.labels.clone(), train.classes
     labels = gt
+    if classes and int(gt.max()) >= len(classes):
+        raise DataError(f"the train split has label {int(gt.max())}, but its data names {len(classes)} classes "
+                        f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): labels must lie in [0, {len(classes) - 1}]")
     num_classes = max(len(classes), int(gt.max()) + 1)
     if dc.label_map:  # train on coarser labels (each class mapped to its parent)
         labels = map_labels(gt, Path(dc.label_map).expanduser(), num_classes)
@@ -104,11 +107,13 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         labels = hide_unlabeled(labels, labeled)
         if out_dir is not None and rank() == 0:
             save_indices(labeled, out_dir / "labeled_indices.json")
-    # k-NN bank: the whole train split, or a seeded subset (always a subset when streaming)
+    # k-NN bank: the labeled train images (STL-10's unlabeled split is no one's neighbour), or a seeded
+    # subset of them (always a subset when streaming)
     limit = config.eval.knn_train_limit or (10_000 if dc.streams else 0)
-    keep = None
-    if 0 < limit < len(gt):
-        keep = torch.randperm(len(gt), generator=torch.Generator().manual_seed(config.train.seed))[:limit].sort().values
+    candidates = (gt >= 0).nonzero().squeeze(1)
+    keep = None if len(candidates) == len(gt) else candidates
+    if 0 < limit < len(candidates):
+        keep = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(config.train.seed))[:limit]].sort().values
     if dc.streams:
         bank = streamed if keep is None else streamed.subset(keep)
         test = streamed_split(config, "test", device, classes)

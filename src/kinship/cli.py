@@ -236,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_check_data)
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        settings = [arg for arg in extra if "=" in arg and not arg.startswith("-")]
+        hint = f"; set config keys with --set: {' '.join(f'--set {s}' for s in settings)}" if settings else ""
+        print(f"kinship: error: unrecognized arguments: {' '.join(extra)}{hint}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except KinshipError as exc:

@@ -363,7 +363,8 @@ def parse_config(values: dict, method_configs: Mapping[str, type[MethodConfig]])
         raise ConfigError("config key 'method.name' is required")
     name = method_values["name"]
     if name not in method_configs:
-        raise ConfigError(f"unknown method '{name}'{_nearest(name, list(method_configs))}")
+        raise ConfigError(f"unknown method '{name}'{_nearest(name, list(method_configs), hint=False)}; "
+                          f"the methods: {', '.join(sorted(method_configs))}")
     config = _build(RunConfig, values, "")
     config.method = _build(method_configs[name], method_values, "method")
     validate(config)
@@ -371,9 +372,19 @@ def parse_config(values: dict, method_configs: Mapping[str, type[MethodConfig]])
     return config
 
 
+BACKBONES = "resnet18, resnet34, resnet50, wrnDEPTH_WIDEN (wrn28_2, wrn28_8) or convnet"
+
+
+def known_backbone(name: str) -> bool:
+    """Whether ``model.backbone`` names one of :data:`BACKBONES` (kinship.models.backbones builds them)."""
+    return name in ("resnet18", "resnet34", "resnet50", "convnet") or (
+        name.startswith("wrn") and name.count("_") == 1 and name[3:].replace("_", "").isdigit())
+
+
 def validate(config: RunConfig) -> None:
     """Value checks that types alone cannot express."""
     checks = [
+        (known_backbone(config.model.backbone), f"unknown model.backbone '{config.model.backbone}' (choose {BACKBONES})"),
         (config.train.epochs >= 1, "train.epochs must be >= 1"),
         (config.model.norm in ("batch", "none", "split"), f"model.norm must be batch, none or split, got '{config.model.norm}'"),
         (config.model.norm != "split" or (config.model.bn_splits >= 1 and config.train.batch_size % config.model.bn_splits == 0),

@@ -111,6 +111,8 @@ def load_npz(path: Path, split: str, threads: int) -> ImageSet:
         aspect = torch.from_numpy(data[f"{split}_aspect"].astype(np.float32)) if f"{split}_aspect" in data else None
     except (KeyError, ValueError, OSError) as exc:
         raise DataError(f"{path} is not a kinship JPEG npz with a '{split}' split: {exc}") from None
+    if len(offsets) < 2:
+        raise DataError(f"the {split} split of {path} holds no images")
     images = decode_jpeg_buffers(buffers, offsets, threads, f"the {split} split in {path}")
     return ImageSet(images, torch.from_numpy(labels.astype(np.int64)), classes, aspect)
 

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from kinship.config import BACKBONES, known_backbone
+
 
 class ResNetBackbone(nn.Module):
     """torchvision ResNet without its classifier.
@@ -125,14 +127,14 @@ class WideResNet(nn.Module):
 def build_backbone(
     name: str, cifar_stem: bool = True, width: int = 32, stem_padding: int = 1, zero_init_residual: bool = False
 ) -> nn.Module:
-    if name in ("resnet18", "resnet34", "resnet50"):
+    if not known_backbone(name):
+        raise ValueError(f"unknown backbone '{name}' (choose {BACKBONES})")
+    if name.startswith("resnet"):
         return ResNetBackbone(name, cifar_stem, stem_padding, zero_init_residual)
     if name == "convnet":
         return ConvNet(width)
-    if name.startswith("wrn") and name[3:].replace("_", "").isdigit() and name.count("_") == 1:
-        depth, widen = (int(v) for v in name[3:].split("_"))
-        return WideResNet(depth, widen)
-    raise ValueError(f"unknown backbone '{name}' (choose resnet18, resnet34, resnet50, wrn28_2, wrn28_8 (wrnDEPTH_WIDEN) or convnet)")
+    depth, widen = (int(v) for v in name[3:].split("_"))
+    return WideResNet(depth, widen)
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
