@@ -210,3 +210,19 @@ def test_labels_beyond_the_named_classes_are_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(assembly, "load_split", wide)
     with pytest.raises(DataError, match=r"label 8, but its data names 3 classes \(class0, class1, class2\)"):
         assembly.load_run_data(build_config(tiny_run_config()), torch.device("cpu"), None)
+
+
+def test_a_deterministic_run_sets_torchs_switches_for_its_duration_and_repeats(tmp_path):
+    seen = []
+
+    def log(line):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                     torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+
+    values = tiny_run_config(**{"train.epochs": 1, "train.deterministic": True})
+    Trainer(build_config(values), tmp_path / "a", log=log).fit()
+    assert seen and all(s == (True, True, False, ":4096:8") for s in seen), seen
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    quiet(values, tmp_path / "b").fit()
+    one, two = (checkpoint.load(tmp_path / run / "last.pt")["method"] for run in ("a", "b"))
+    assert all(torch.equal(value, two[key]) for key, value in one.items())

@@ -23,7 +23,9 @@ from kinship.data import BatchPlan, ImageSet, LabeledPlan, TensorLoader, TrainDa
 from kinship.dispatch import OpLog
 from kinship.methods import StepInfo
 from kinship.optim import build_optimizer, training_step
-from kinship.runtime import compiled, environment, resolve_device, timed_sections, tune_cpu_allocator, tune_cuda, use_bf16
+from kinship.runtime import (
+    compiled, deterministic, environment, resolve_device, timed_sections, tune_cpu_allocator, tune_cuda, use_bf16,
+)
 
 
 def bench(method: str, device: str, backbone: str, batch: int, steps: int, compute_only: bool,
@@ -94,7 +96,7 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
             model.after_step(info)
         compiled_graphs.append(counters["stats"]["unique_graphs"] - graphs)
 
-    with compiled_views(compile, config.train.compile_backend, config.train.compile_mode):
+    with compiled_views(compile, config.train.compile_backend, config.train.compile_mode), deterministic(config.train.deterministic):
         start = time.perf_counter()
         one_step(0)
         sync()
@@ -126,7 +128,7 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
                 "img_per_s_mean": round(batch * steps / sum(times), 1), "img_per_s_run": round(batch * steps / run_seconds, 1),
                 "steps": steps, "compile": compile, "first_step_s": round(first_step_seconds, 2),
                 **({"compiled_graphs": compiled_graphs} if compile else {}),
-                "channels_last": channels_last,
+                "channels_last": channels_last, "deterministic": config.train.deterministic,
                 "autocast_bf16": autocast, "env": environment(),
                 "ops": {name: log.total for name, log in logs.items()},
                 "host_syncs": {name: dict(log.syncs) for name, log in logs.items() if log.syncs},

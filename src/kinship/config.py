@@ -114,6 +114,9 @@ class TrainConfig:
     sync_bn: bool = True  # under DDP on GPU
     # a collective that waits longer than this (a process died, a node hangs) ends the run with an error
     dist_timeout_min: float = 30.0
+    # repeatable GPU runs: cuDNN's deterministic kernels (no autotuning), torch's deterministic algorithms
+    # (index_add_, scatter_add_, ... on CUDA) and deterministic cuBLAS; slower. A CPU run is repeatable already
+    deterministic: bool = False
     checkpoint_every: int = 1  # epochs
     # for jobs interrupted more often than an epoch lasts: also checkpoint every N steps and/or every
     # N minutes (mid-epoch checkpoints resume exactly, like epoch ones)

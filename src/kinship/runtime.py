@@ -58,6 +58,29 @@ def tune_cuda(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+@contextlib.contextmanager
+def deterministic(enabled: bool) -> Iterator[None]:
+    """While active and ``enabled`` (``train.deterministic``): cuDNN's deterministic kernels without
+    autotuning, torch's deterministic algorithms (the deterministic ``index_add_`` / ``scatter_add_``
+    / ``index_put_`` of CUDA among them; an op that has none warns), and cuBLAS's deterministic
+    workspace; the previous settings come back afterwards."""
+    if not enabled:
+        yield
+        return
+    previous = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = previous[4] or ":4096:8"  # read by cuBLAS when its handle is made
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[:2]
+        torch.use_deterministic_algorithms(previous[2], warn_only=previous[3])
+        if previous[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 def compiled(fn: Callable, enabled: bool, backend: str = "inductor", mode: str = "default", fullgraph: bool = False) -> Callable:
     """``fn`` (a module or a function) under ``torch.compile`` when ``enabled`` (``train.compile``,
     ``compile_backend``, ``compile_mode``; ``mode`` applies to the inductor backend only), else ``fn``."""

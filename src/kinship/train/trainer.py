@@ -40,7 +40,7 @@ from kinship.errors import CheckpointError, DataError, NonFiniteLossError, Write
 from kinship.methods import Method, StepInfo
 from kinship.optim import build_optimizer, learning_rate, scaled_lr, set_learning_rate, training_step
 from kinship.runtime import (
-    agree, all_reduce, compiled, init_distributed, is_distributed, progress_bar, rank, resolve_device, tune_cpu_allocator, tune_cuda, use_bf16,
+    agree, all_reduce, compiled, deterministic, init_distributed, is_distributed, progress_bar, rank, resolve_device, tune_cpu_allocator, tune_cuda, use_bf16,
     world_size,
 )
 
@@ -269,7 +269,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train (or resume) to the end of the schedule or a stop; the run's summary."""
         t = self.config.train
-        with compiled_views(t.compile, t.compile_backend, t.compile_mode):
+        with compiled_views(t.compile, t.compile_backend, t.compile_mode), deterministic(t.deterministic):
             try:
                 return self.run()
             finally:
