@@ -45,6 +45,18 @@ def tiny_run_config(**overrides) -> dict:
     return values
 
 
+def fails(capsys, argv: list[str], *fragments: str) -> str:
+    """``kinship argv`` exits 2 with one line `kinship: error: ...` holding every fragment, no traceback."""
+    from kinship.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kinship: error: ") and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
+
+
 def data_handle(size: int, num_classes: int, image_size: int) -> TrainData:
     """The data handle of a method built without data (its state shapes follow ``size`` and ``num_classes``)."""
     return TrainData.describe(DataInfo(size, num_classes, image_size))

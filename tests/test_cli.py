@@ -5,7 +5,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import tiny_run_config
+from conftest import fails, tiny_run_config
 from kinship import checkpoint
 from kinship.cli import main
 
@@ -14,16 +14,6 @@ def write_config(tmp_path, values=None, name="c.yaml"):
     path = tmp_path / name
     path.write_text(yaml.safe_dump(values or tiny_run_config()))
     return str(path)
-
-
-def fails(capsys, argv, *fragments):
-    """``argv`` exits 2 with one line `kinship: error: ...` holding every fragment."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("kinship: error: ") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-    return err
 
 
 def test_unknown_key_exits_2_with_message(tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_run_config
+from conftest import fails, tiny_run_config
 from kinship import checkpoint
 from kinship.assembly import build_config
 from kinship.cli import main
@@ -20,15 +20,6 @@ from kinship.train.trainer import Trainer
 
 def quiet(values, out, **kwargs):
     return Trainer(build_config(values), out, log=lambda *_: None, **kwargs)
-
-
-def fails(capsys, argv, *fragments):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("kinship: error: ") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-    return err
 
 
 class Marker:
