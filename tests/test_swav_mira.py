@@ -74,7 +74,7 @@ def test_mira_schedules_teacher_and_head():
     assert all(p.grad is None for p in method.teacher.parameters())  # no gradient reaches the teacher
     optimizer.step()
     method.after_step(info)
-    m = 1 - (1 - 0.99) * (math.cos(math.pi * 5 / 100) + 1) / 2
+    m = 1 - (1 - 0.99) * (math.cos(math.pi * 6 / 100) + 1) / 2  # step 5's update: the momentum of step 6, as the official code
     student = list(torch.nn.Sequential(method.backbone, method.projector).parameters())
     for before, after, s in zip(teacher_before, method.teacher.parameters(), student):
         assert torch.allclose(after, m * before + (1 - m) * s, atol=1e-7)

@@ -118,7 +118,8 @@ class MIRA(Method):
         return loss, {"target_entropy": -(marginal * marginal.clamp_min(1e-12).log()).sum()}
 
     def after_step(self, step: StepInfo) -> None:
-        # applied after the optimizer step; the code applies it before the next teacher forward: the
-        # same teacher weights at every forward
+        # the official code (movinghoon/mira train.py, Model.forward and _train_step) moves the teacher at
+        # the start of step t + 1, before its forward, with the momentum of step t + 1; done here after the
+        # optimizer step of step t with that same momentum: the same teacher weights at every forward
         if self.config.ema_teacher:
-            self.teacher.update(cosine_ramp(step.step, step.total_steps, self.config.momentum_base, 1.0))
+            self.teacher.update(cosine_ramp(step.step + 1, step.total_steps, self.config.momentum_base, 1.0))
