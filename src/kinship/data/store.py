@@ -13,6 +13,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -167,6 +168,25 @@ def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises for a file it cannot read
+SUBSTITUTE_TRIES = 16  # unreadable files in a row before streamed data gives up
+Read = TypeVar("Read")
+
+
+def first_readable(files: list[Path], i: int, read: Callable[[Path], Read], failed: list[tuple[str, str]]) -> tuple[Read, int]:
+    """``read`` of file ``i``, or of the next file of the list (cyclic) that reads: streamed data's
+    substitute for an unreadable file, a function of the list alone. Each failure is appended to
+    ``failed`` as (path, error); :data:`SUBSTITUTE_TRIES` in a row are a DataError."""
+    for _ in range(min(SUBSTITUTE_TRIES, len(files))):
+        try:
+            return read(files[i]), i
+        except (DataError, *UNREADABLE) as exc:
+            failed.append((str(files[i]), str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"))
+            i = (i + 1) % len(files)
+    raise DataError(f"{SUBSTITUTE_TRIES} unreadable images in a row, the last {failed[-1][0]} ({failed[-1][1]}): "
+                    "kinship check-data FOLDER lists every file that does not decode")
+
+
 def read_image_file(path: Path, size: int, center: int = 0) -> tuple[torch.Tensor, float]:
     """One image file -> (uint8 (3, size, size), original width / height): the *whole* image resized
     to a square, so that random-resized crops can reach its borders; the aspect ratio lets the crop
@@ -189,7 +209,7 @@ def read_image_file(path: Path, size: int, center: int = 0) -> tuple[torch.Tenso
             img = img.convert("RGB")
             img = img.resize((size, size), Image.BILINEAR)
             return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), w / h
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UNREADABLE as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
 
@@ -222,13 +242,9 @@ def read_image_files(files: list[Path], size: int, threads: int = 0, substitute:
     training stream reports), instead of an error."""
 
     def read(i: int) -> tuple[torch.Tensor, float]:
-        for j in range(i, i + (len(files) if substitute else 1)):
-            try:
-                return read_image_file(files[j % len(files)], size, center)
-            except DataError:
-                if not substitute or j == i + len(files) - 1:
-                    raise
-        raise AssertionError("unreachable")
+        if not substitute:
+            return read_image_file(files[i], size, center)
+        return first_readable(files, i, lambda path: read_image_file(path, size, center), [])[0]
 
     with ThreadPoolExecutor(_threads(threads)) as pool:
         images, aspect = zip(*pool.map(read, range(len(files))))

@@ -38,13 +38,9 @@ from kinship.augment.views import draw_geometry
 from kinship.blocks.features import View, extract_features
 from kinship.config import AugmentConfig
 from kinship.data.loader import Batch, BatchPlan, LabeledPlan, Split
-from kinship.data.store import ImageSet, read_image_files
-from kinship.errors import DataError
+from kinship.data.store import UNREADABLE, ImageSet, first_readable, read_image_files
 from kinship.runtime import all_gather_cat, progress_bar, rank, world_size
 from kinship.sampling import Shard
-
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-SUBSTITUTE_TRIES = 16  # consecutive unreadable files before the stream gives up
 
 
 def open_image(path: Path) -> Image.Image:
@@ -138,17 +134,18 @@ class FileCrops(torch.utils.data.Dataset):
         boxes, flips = self.boxes(draws, recipes, [image.size for image in images], slice(None))
         done = []
         for row, (image, i) in enumerate(zip(images, used)):
-            for _ in range(SUBSTITUTE_TRIES):
-                try:
-                    done.append(crop_views(image, boxes[row], sizes, flips[row]) if self.decoder == "pil"
-                                else jpeg_source(image, self.files[i]))
-                    break
-                except UNREADABLE as exc:  # the header was fine, the data is not: the next readable file
-                    bad.append((str(self.files[i]), f"{type(exc).__name__}: {exc}"))
-                    image, i = self.readable((i + 1) % len(self.files), bad)
-                    (boxes[row],), (flips[row],) = self.boxes(draws, recipes, [image.size], slice(row, row + 1))
-            else:
-                raise self.too_many(bad)
+            try:
+                done.append(self.prepare(image, self.files[i], boxes[row], sizes, flips[row]))
+            except UNREADABLE as exc:  # the header was fine, the data is not: the next readable file
+
+                def substitute(path: Path) -> tuple:
+                    image = open_image(path)
+                    (box,), (flip,) = self.boxes(draws, recipes, [image.size], slice(row, row + 1))
+                    return self.prepare(image, path, box, sizes, flip), box, flip
+
+                bad.append((str(self.files[i]), f"{type(exc).__name__}: {exc}"))
+                (made, boxes[row], flips[row]), _ = first_readable(self.files, (i + 1) % len(self.files), substitute, bad)
+                done.append(made)
         out = {"index": torch.tensor(index, dtype=torch.int64), "bad": bad}
         if self.decoder == "pil":
             out["crops"] = [torch.from_numpy(np.stack([c[v] for c in done])).permute(0, 3, 1, 2) for v in range(len(recipes))]
@@ -158,18 +155,11 @@ class FileCrops(torch.utils.data.Dataset):
 
     def readable(self, i: int, bad: list[tuple[str, str]]) -> tuple[Image.Image, int]:
         """File ``i`` opened, or the next file of the list that opens (each failure noted in ``bad``)."""
-        for _ in range(SUBSTITUTE_TRIES):
-            try:
-                return open_image(self.files[i]), i
-            except UNREADABLE as exc:
-                bad.append((str(self.files[i]), f"{type(exc).__name__}: {exc}"))
-                i = (i + 1) % len(self.files)
-        raise self.too_many(bad)
+        return first_readable(self.files, i, open_image, bad)
 
-    @staticmethod
-    def too_many(bad: list[tuple[str, str]]) -> DataError:
-        return DataError(f"{SUBSTITUTE_TRIES} unreadable images in a row, the last {bad[-1][0]} ({bad[-1][1]}): "
-                         "kinship check-data FOLDER lists every file that does not decode")
+    def prepare(self, image: Image.Image, path: Path, boxes: list, sizes: list[int], flips: list[bool]) -> np.ndarray | torch.Tensor:
+        """What the worker sends of one image: its crops (``pil``) or its checked JPEG bytes (``nvjpeg``)."""
+        return crop_views(image, boxes, sizes, flips) if self.decoder == "pil" else jpeg_source(image, path)
 
     @staticmethod
     def boxes(draws: list, recipes: list[AugmentConfig], sizes: list[tuple[int, int]], rows: slice) -> tuple[list, list]:
