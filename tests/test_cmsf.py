@@ -40,6 +40,9 @@ def test_masked_topk_selects_only_allowed_and_fewer_when_short():
     index, selected = masked_topk(sims, allowed, 3)
     assert index[0, :2].tolist() == [1, 3] and selected[0].tolist() == [1, 1, 0]
     assert index[1, 0].item() == 2 and selected[1].tolist() == [1, 0, 0]
+    filled, selected = masked_topk(sims, allowed, 3, fill=torch.tensor([[1.0, 1, 1, 1]]))  # the official code's fill
+    assert filled[0, :2].tolist() == [1, 3] and filled[1, 0].item() == 2 and (selected == 1).all()
+    assert not set(filled[1, 1:].tolist()) & {2}  # the rest from the other columns, once each
 
 
 def test_queue_side_columns_and_sample_cache():
@@ -79,8 +82,8 @@ def fill(method, steps=6, seed=0):
 def spy_topk(monkeypatch):
     calls = []
 
-    def spy(similarity, allowed, k):
-        index, selected = masked_topk(similarity, allowed, k)
+    def spy(similarity, allowed, k, **fill):
+        index, selected = masked_topk(similarity, allowed, k, **fill)
         calls.append((similarity, allowed, index, selected))
         return index, selected
 
@@ -88,16 +91,23 @@ def spy_topk(monkeypatch):
     return calls
 
 
-def test_supervised_constraint_never_selects_another_label(monkeypatch):
-    method = make("supervised", topk=10)
-    fill(method)
+@pytest.mark.parametrize("fill_short", [True, False])
+def test_supervised_constraint_takes_its_label_first_and_fills_only_when_short(monkeypatch, fill_short):
+    method = make("supervised", topk=16, fill_short=fill_short)
+    fill(method)  # 36 of 40 slots, labels 0, 1, 2
     calls = spy_topk(monkeypatch)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     step(method, torch.arange(100, 106), labels, 7, 99)
     (_, _, index, selected), = calls
-    bank_labels = method.bank.column("label")[index]
-    assert ((bank_labels == labels.unsqueeze(1)) | (selected == 0)).all()
-    assert (selected.sum(1) >= 1).all()  # at least the query's own slot
+    bank_labels = method.bank.column("label")[method.bank.valid() > 0]
+    available = (bank_labels.unsqueeze(0) == labels.unsqueeze(1)).sum(1).clamp(max=16)
+    assert available.min() < 16  # short rows exist
+    same = method.bank.column("label")[index] == labels.unsqueeze(1)
+    assert torch.equal(same.sum(1), available)  # every slot of the query's label is in S_i
+    if fill_short:  # the official code: S_i completed to k with filled slots of other labels
+        assert (selected == 1).all() and (method.bank.valid()[index] > 0).all()
+    else:  # S_i within C_i
+        assert ((same & (selected == 1)) | (selected == 0)).all() and torch.equal(selected.sum(1).long(), available)
 
 
 def test_own_target_is_the_first_neighbour(monkeypatch):
@@ -112,17 +122,54 @@ def test_own_target_is_the_first_neighbour(monkeypatch):
     assert torch.allclose(similarity.gather(1, top[:, :1]), torch.ones(B, 1, dtype=torch.float64), atol=1e-6)
 
 
-def test_self_constraint_equals_brute_force():
-    method = make("self", topk_constraint=4)
-    fill(method, steps=8)
+def previous_embeddings(method, by_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """M' by brute force: per slot, the w (the previous visit's u) written with that slot, or, by
+    image, with the latest slot of the same image (the official code's pool lookup)."""
+    rows = torch.zeros_like(method.bank.rows)
+    known = torch.zeros(BANK, dtype=torch.bool)
+    history = method.history  # (image, w, w known) per enqueued slot, oldest first
+    slot_of = [None] * BANK
+    for n, entry in enumerate(history):
+        slot_of[n % BANK] = n
+    for slot, n in enumerate(slot_of):
+        if n is None:
+            continue
+        image = history[n][0]
+        latest = max(m for m, e in enumerate(history) if e[0] == image) if by_image else n
+        rows[slot], known[slot] = history[latest][1], history[latest][2]
+    return rows, known
+
+
+def record_history(method, monkeypatch):
+    method.history = []
+    exchange = SampleCache.exchange
+
+    def spy(cache, index, rows, *args, **kwargs):
+        previous, valid = exchange(cache, index, rows, *args, **kwargs)
+        if cache is method.cache:
+            method.history += [(i.item(), p, v.item() > 0) for i, p, v in zip(index, previous, valid)]
+        return previous, valid
+
+    monkeypatch.setattr(SampleCache, "exchange", spy)
+
+
+@pytest.mark.parametrize("lookup", ["image", "slot"])
+def test_self_constraint_equals_brute_force(monkeypatch, lookup):
+    method = make("self", topk_constraint=4, previous_lookup=lookup)
+    record_history(method, monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    for s in range(10):  # 60 slots through a bank of 40, from 20 images: most images hold several slots
+        index = torch.randperm(20, generator=g)[:B]
+        step(method, index, index % 3, s, s)
+    rows, known = previous_embeddings(method, by_image=lookup == "image")
+    assert not torch.equal(rows, previous_embeddings(method, by_image=lookup != "image")[0])  # the two readings differ here
     w = unit(B, D, seed=9)
     valid = method.bank.valid().unsqueeze(0)
     candidates, eligible = method.self_constraint(w, valid)
-    prev = method.previous_bank
-    usable = (valid[0] > 0) & (prev.column("valid") > 0)
+    usable = (valid[0] > 0) & known
     assert usable.sum() >= 4  # enough slots with a previous visit that +inf slots are not needed
     for i in range(B):
-        dist = ((w[i] - prev.rows) ** 2).sum(1)
+        dist = ((w[i] - rows) ** 2).sum(1)
         dist[~usable] = float("inf")
         assert set(candidates[i][eligible[i] > 0].tolist()) == set(dist.topk(4, largest=False).indices.tolist())
 
@@ -282,7 +329,7 @@ def test_purity_is_measured_with_the_ground_truth_not_the_constraint_labels(monk
     noisy = corrupt_labels(truth, 0.5, 3, seed=0)
     torch.manual_seed(0)
     config = build_config({"method": {"name": "cmsf", "constraint": "supervised", "topk": 10, "bank_size": BANK,
-                                      "hidden": 32, "dim": D}})
+                                      "hidden": 32, "dim": D, "fill_short": False}})
     method = CMSF(config.method, ConvNet(8), TrainData(DataInfo(200, 3, 16), noisy, truth)).double()
     g = torch.Generator().manual_seed(0)
     for s in range(6):

@@ -123,7 +123,7 @@ def cmsf_state(method: CMSF) -> dict:
     state = {"bank": method.bank.rows.clone(), "bank_index": method.bank.column("index").clone(),
              "bank_label": method.bank.column("label").clone(), "ptr": method.bank.ptr.item()}
     if method.config.constraint == "self":
-        state.update(previous=method.previous_bank.rows.clone(), cache=method.cache.rows.clone(), cache_valid=method.cache.valid.clone())
+        state.update(previous=method.previous_of_image.rows.clone(), cache=method.cache.rows.clone(), cache_valid=method.cache.valid.clone())
     return state
 
 

@@ -153,7 +153,7 @@ class OnlineCentres(nn.Module):
 
     ``renormalise_per_batch``: the official code's variant, which continues the running mean from
     the normalised centre after every batch (so earlier batches weigh 1/||mean|| more and the result
-    depends on the batch size); for parity runs only. All state is buffers: in the checkpoint and
+    depends on the batch size); CoKe's default, as the code produced the paper's numbers. All state is buffers: in the checkpoint and
     identical on every process (sums and counts are all-reduced)."""
 
     def __init__(self, k: int, dim: int, renormalise_per_batch: bool = False, generator: torch.Generator | None = None) -> None:

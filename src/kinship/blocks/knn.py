@@ -25,15 +25,25 @@ def topk_neighbors(
 
 
 @torch.no_grad()
-def masked_topk(similarities: torch.Tensor, allowed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_topk(
+    similarities: torch.Tensor, allowed: torch.Tensor, k: int, fill: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k most similar columns among the allowed ones, per row.
 
     similarities (B, M) cosine values in [-1, 1]; allowed (B, M) float 1/0 -> indices (B, k') and a
     float 1/0 ``selected`` (B, k'), k' = min(k, M): rows with fewer than k allowed columns select
-    only those. A float mask, not ``masked_fill``: boolean indexing is slow on CPU builds.
+    only those. ``fill`` (a 1/0 mask broadcastable to (B, M), a superset of ``allowed``): such rows
+    complete their k with columns of ``fill``, all ranked equal below every allowed one (CMSF's
+    official code sets their distance to 5.0, i.e. a cosine of -1.5). A float mask, not
+    ``masked_fill``: boolean indexing is slow on CPU builds.
     """
     dtype = torch.promote_types(similarities.dtype, torch.float32)
-    scores = similarities.to(dtype) - (1.0 - allowed.to(dtype)) * 1e4
+    allowed = allowed.to(dtype)
+    if fill is None:
+        scores = similarities.to(dtype) - (1.0 - allowed) * 1e4
+    else:
+        fill = fill.to(dtype)
+        scores = similarities.to(dtype) * allowed - 1.5 * (fill - allowed) - 1e4 * (1.0 - fill)
     top = scores.topk(min(k, scores.shape[1]), dim=1)
     return top.indices, (top.values > -1e3).float()
 

@@ -12,9 +12,11 @@ al., 2022). One step, after the paper's Sec. 2:
 The constraint C_i (``constraint``):
     none        MSF.
     self        the k' nearest slots to w_i in M', where w_i is the target embedding of image i from
-                its previous visit and M' holds, slot by slot, the previous-visit embedding of the image
-                stored in M (Sec. 2.1); L = (L_MSF + L_CMSF) / 2. Without a previous visit: C_i = M.
-    supervised  slots with the query's label (Sec. 2.2); ``top_all`` averages over all of C_i.
+                its previous visit and M'_j the previous-visit embedding of the image in slot j (Sec.
+                2.1), looked up by image at search time as the official code does (``previous_lookup``);
+                L = (L_MSF + L_CMSF) / 2. Without a previous visit: C_i = M.
+    supervised  slots with the query's label (Sec. 2.2); ``top_all`` averages over all of C_i. A query
+                with fewer than k such slots completes S_i with other slots (``fill_short``).
     semi        slots whose label equals the query's label (labeled images) or its pseudo-label from a
                 2-layer MLP on u when max p >= tau (Sec. 2.3); other queries fall back to MSF. The MLP
                 is trained twice per epoch on the cached embeddings of the labeled images.
@@ -64,6 +66,15 @@ class CMSFConfig(MethodConfig):
     # self: w_i from the previous visit ("cached") or from a third augmentation through the current
     # target ("third_aug": similar accuracy, about 30% slower (paper, Sec. 2.1))
     constraint_view: str = "cached"
+    # self, cached: M'_j for bank slot j. "image": looked up by the slot's image at search time, the
+    # previous visit of the image's latest visit (UCDvision/CMSF self_supervised/train_cmsf_self.py, a
+    # two-row pool per image), so an image's older slot reads its newer slot's; "slot": stored with
+    # the slot at enqueue, the previous visit of that very slot (the paper's Sec. 2.1 as written)
+    previous_lookup: str = "image"
+    # supervised / semi: a query with fewer than k slots of its label completes S_i with other filled
+    # slots, all ranked equal (the official train_cmsf_sup.py and pseudo_cmsf.py set their distance to
+    # 5.0 and average over k); false: S_i holds only the slots of C_i (S_i within C_i, paper Sec. 2.2)
+    fill_short: bool = True
     local_crops: int = 0  # extra small crops for the online network only (ImageNet: 4 x 96 px) (paper, Sec. 3)
     # RRC(0.2, 1) for both (official code); strong: jitter (0.4, 0.4, 0.4, 0.1) p 0.8, gray 0.2. Blur p 0.5 on
     # ImageNet, off at 32 px (kinship's choice).
@@ -82,6 +93,7 @@ class CMSFConfig(MethodConfig):
         check_choice("method.constraint", self.constraint, CONSTRAINTS)
         check_choice("method.target_view", self.target_view, ("weak", "strong"))
         check_choice("method.constraint_view", self.constraint_view, ("cached", "third_aug"))
+        check_choice("method.previous_lookup", self.previous_lookup, ("image", "slot"))
         check(not self.top_all or self.constraint in ("supervised", "semi"),
               "method.top_all is the label-constrained variant: use it with constraint supervised or semi")
         check(self.topk >= 1 and self.topk_constraint >= 1 and self.bank_size >= 1,
@@ -131,9 +143,12 @@ class CMSF(Method):
         # bank M: target embeddings, the label used by the constraint (-1: none) and the dataset index
         self.bank = FifoQueue(config.bank_size, dim, init="zeros", columns=("label", "index"))
         if config.constraint == "self":
-            self.previous_bank = FifoQueue(config.bank_size, dim, init="zeros", columns=("valid",))  # M'
             if config.constraint_view == "cached":
                 self.cache = SampleCache(data.size, dim)  # P: each image's latest target embedding
+            if self.previous_by_image:  # each image's w at its latest visit: M'_j = its row for slot j's image
+                self.previous_of_image = SampleCache(data.size, dim)
+            else:  # M', slot by slot
+                self.previous_bank = FifoQueue(config.bank_size, dim, init="zeros", columns=("valid",))
         if config.constraint == "semi":
             self.labeled = SampleCache(data.size, dim)  # u and label of every labeled image seen
             self.classifier = mlp(dim, 2 * dim, data.num_classes)  # (paper: a 2-layer MLP; widths from the official code)
@@ -142,6 +157,11 @@ class CMSF(Method):
     @property
     def eval_recipe(self) -> AugmentConfig:
         return self.config.weak
+
+    @property
+    def previous_by_image(self) -> bool:
+        cfg = self.config
+        return cfg.constraint == "self" and cfg.constraint_view == "cached" and cfg.previous_lookup == "image"
 
     def train(self, mode: bool = True) -> "CMSF":
         super().train(mode)
@@ -183,7 +203,10 @@ class CMSF(Method):
                 self.previous_bank.push_gathered(all_gather_cat(w), valid=torch.ones(len(all_u), device=w.device))
             elif cfg.constraint == "self":
                 w, w_valid = self.cache.exchange(all_index, all_u)  # read the previous visit, then write
-                self.previous_bank.push_gathered(w, valid=w_valid)
+                if self.previous_by_image:
+                    self.previous_of_image.exchange(all_index, w, where=w_valid > 0)
+                else:
+                    self.previous_bank.push_gathered(w, valid=w_valid)
                 w, w_valid = w[everyone], w_valid[everyone]
             if cfg.constraint == "semi":
                 cached = all_labels if cfg.cache_confident else all_gather_cat(batch.labels)
@@ -198,7 +221,7 @@ class CMSF(Method):
             else:
                 same = (self.bank.column("label").unsqueeze(0) == constraint_labels.unsqueeze(1)).to(dtype) * valid
                 allowed = same if cfg.constraint == "supervised" else torch.lerp(valid, same, confident.unsqueeze(1))
-                selection = masked_topk(similarity, allowed, cfg.topk)
+                selection = masked_topk(similarity, allowed, cfg.topk, fill=valid if cfg.fill_short else None)
         if cfg.top_all:  # S_i = C_i: the masked mean over a variable number of slots
             mean = allowed @ self.bank.rows / allowed.sum(1, keepdim=True).clamp_min(1)
             loss = crop_mean_loss(predictions, mean)
@@ -245,9 +268,13 @@ class CMSF(Method):
         it ranks after every other slot (as at distance +inf) but stays eligible, so k' >= |M|
         gives C_i = M, i.e. MSF.
         """
-        previous = self.previous_bank
-        no_previous = (previous.column("valid") <= 0).to(w.dtype).unsqueeze(0)
-        return masked_topk(w @ previous.rows.T - 3.0 * no_previous, valid, self.config.topk_constraint)
+        if self.previous_by_image:
+            image = self.bank.column("index").clamp_min(0)  # an empty slot is masked by ``valid``
+            rows, known = self.previous_of_image.rows[image], self.previous_of_image.valid[image]
+        else:
+            rows, known = self.previous_bank.rows, self.previous_bank.column("valid")
+        no_previous = (known <= 0).to(w.dtype).unsqueeze(0)
+        return masked_topk(w @ rows.T - 3.0 * no_previous, valid, self.config.topk_constraint)
 
     def self_selection(
         self, similarity: torch.Tensor, w: torch.Tensor, w_valid: torch.Tensor, valid: torch.Tensor,

@@ -1,10 +1,13 @@
 """SwAV (Caron et al., NeurIPS 2020): swapped prediction of equal-partition codes (Sinkhorn-Knopp).
 
     z_v = normalize(g(f(crop_v)));  s_v = <z_v, c_k> for unit prototypes c_k     every crop
+          (f runs once per crop size, g and the prototypes once on all crops together, so the head's
+          BN sees the global and the local crops in one batch: main_swav.py and src/resnet50.py)
     q_s = Sinkhorn(s_s / epsilon), s in the 2 global crops, no gradient; with a queue of past
           embeddings prepended once it is full (small batches), only the batch rows kept
     loss = mean_s mean_{v != s} CE(q_s, softmax(s_v / T))
-The prototypes are frozen for the first epoch(s). The queue receives the embeddings of every
+The prototypes are a plain linear layer put back on the unit sphere before every step, outside the
+graph (``main_swav.py``), and frozen for the first epoch(s). The queue receives the embeddings of every
 process (so every process, and the checkpoint, holds the whole queue) and each process prepends
 its own share of it: Sinkhorn sums over all processes, so each queued row counts once, as in one
 process with the whole queue (``main_swav.py`` keeps per-process queues instead, which a
@@ -61,7 +64,7 @@ class SwAV(Method):
     def __init__(self, config: SwAVConfig, backbone: nn.Module, data: TrainData) -> None:
         super().__init__(config, backbone, data)
         self.projector = mlp(backbone.feature_dim, config.hidden, config.dim)
-        self.head = PrototypeHead(config.dim, config.prototypes)
+        self.head = PrototypeHead(config.dim, config.prototypes, weight_norm=False)
         if config.queue_size:
             self.queues = nn.ModuleList([FifoQueue(config.queue_size, config.dim, init="zeros") for _ in range(2)])
         # phases, decided on the host before each step (begin_step)
@@ -99,8 +102,10 @@ class SwAV(Method):
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         frozen = self.prototypes_frozen
-        embeddings = forward_crops(lambda x: F.normalize(self.projector(self.backbone(x)), dim=1), views)
-        logits = [self.head(z, frozen) for z in embeddings]
+        features = torch.cat(forward_crops(self.backbone, views))  # one backbone pass per crop size
+        z = F.normalize(self.projector(features), dim=1)  # the head once, on every crop
+        embeddings = z.chunk(len(views))
+        logits = self.head(z, frozen).chunk(len(views))
         with torch.no_grad():
             scores = [logits[s].detach() for s in range(2)]  # fp32: the head and the solver run outside autocast
             queues = self.queues if self.queue_in_use else []

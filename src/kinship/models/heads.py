@@ -22,16 +22,19 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = True, lay
 class PrototypeHead(nn.Module):
     """K prototypes on the unit sphere: cosine logits (B, K) in [-1, 1] for embeddings (B, d).
 
-    MIRA's weight-normalised Linear whose magnitude is fixed at 1 (official code; SwAV renormalises its
-    prototypes every step, :meth:`renormalize_`, to the same effect): both the embedding and every prototype row are
-    l2-normalised and the gradient flows through that normalisation. ``frozen=True`` gives the same
+    ``weight_norm=True``: MIRA's weight-normalised Linear whose magnitude is fixed at 1 (official code):
+    every prototype row is l2-normalised in the graph, so its gradient is the raw one projected onto
+    the sphere's tangent. ``weight_norm=False``: SwAV's plain Linear (``main_swav.py``), its rows put
+    back on the sphere before every step by :meth:`renormalize_`, outside the graph, so the gradient
+    keeps its radial part (which moves LARS's trust ratio). The embedding is l2-normalised in both. ``frozen=True`` gives the same
     logits with no gradient to the prototypes, so the optimizer leaves them untouched (no update, no
     momentum, no weight decay), as SwAV and MIRA do during their first epoch.
     """
 
-    def __init__(self, dim: int, prototypes: int) -> None:
+    def __init__(self, dim: int, prototypes: int, weight_norm: bool = True) -> None:
         super().__init__()
         self.weight = nn.Parameter(nn.functional.normalize(torch.randn(prototypes, dim), dim=1))
+        self.weight_norm = weight_norm
 
     def forward(self, z: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """Logits in fp32 (fp64 for fp64 inputs) with autocast off: they are divided by temperatures
@@ -39,9 +42,10 @@ class PrototypeHead(nn.Module):
         weight = self.weight.detach() if frozen else self.weight
         dtype = torch.promote_types(z.dtype, torch.float32)
         with torch.autocast(z.device.type, enabled=False):
-            return nn.functional.normalize(z.to(dtype), dim=1) @ nn.functional.normalize(weight.to(dtype), dim=1).T
+            weight = nn.functional.normalize(weight.to(dtype), dim=1) if self.weight_norm else weight.to(dtype)
+            return nn.functional.normalize(z.to(dtype), dim=1) @ weight.T
 
     @torch.no_grad()
     def renormalize_(self) -> None:
-        """Every prototype back to unit norm, in place (SwAV's code does this before each step)."""
+        """Every prototype back to unit norm, in place, outside the graph (SwAV's code, before each step)."""
         self.weight.copy_(nn.functional.normalize(self.weight, dim=1))
