@@ -254,6 +254,11 @@ def run_cmsf(root: Path) -> dict:
     return results
 
 
+def first_slot(labels: torch.Tensor) -> torch.Tensor:
+    """Each image's label: the single-view code keeps ``ls`` label slots per image, the first in use before its stage 2."""
+    return labels[..., 0] if labels.dim() == 2 else labels
+
+
 def run_coke(root: Path) -> dict:
     results = {}
     with on_path(root):
@@ -274,7 +279,7 @@ def run_coke(root: Path) -> dict:
                 getattr(official, f"cur_center_{h}").copy_(head.centres.running.T)
                 getattr(official, f"dual_{h}").copy_(head.duals)
                 getattr(official, f"counter_{h}").copy_(head.centres.counts)
-                official.assign_labels[h].copy_(head.labels)
+                first_slot(official.assign_labels[h]).copy_(head.labels)
             official.load_param()
             H, ce = len(cfg.clusters), nn.CrossEntropyLoss()
             if cfg.views == 2:  # main_double_view.py's loss
@@ -297,7 +302,7 @@ def run_coke(root: Path) -> dict:
             loss.backward()
             out = {"loss": loss.item(), "grads": grads_of(case, names, official)}
             for h in range(H):
-                out[f"head{h}"] = {"labels": official.assign_labels[h].tolist(), "duals": official.duals[h].tolist(),
+                out[f"head{h}"] = {"labels": first_slot(official.assign_labels[h]).tolist(), "duals": official.duals[h].tolist(),
                                    "running": gc.checksum(official.cur_centers[h].T)}
             results[name] = out
             del sys.modules[file]
@@ -364,6 +369,7 @@ def run_swav(root: Path) -> dict:
     stub("apex", parallel=types.SimpleNamespace(), amp=None)
     stub("apex.parallel")
     stub("apex.parallel.LARC", LARC=object)
+    stub("pandas")  # src/logger.py's statistics table, unused by one step
     case = gc.swav()
     m, cfg = case.method, case.method.config
     with on_path(root):
@@ -388,8 +394,15 @@ def run_swav(root: Path) -> dict:
         with torch.no_grad():
             net.prototypes.weight.copy_(m.head.weight)
         names["head.weight"] = "module.prototypes.weight"
-        model = nn.Module()
-        model.module = net
+        class Wrapped(nn.Module):  # what DistributedDataParallel looks like to train(): .module, forward
+            def __init__(self) -> None:
+                super().__init__()
+                self.module = net
+
+            def forward(self, inputs):
+                return self.module(inputs)
+
+        model = Wrapped()
         grads = {}
 
         class Optimizer:
@@ -404,7 +417,9 @@ def run_swav(root: Path) -> dict:
         main_swav.args = argparse.Namespace(crops_for_assign=[0, 1], nmb_crops=[2, cfg.local_crops], temperature=cfg.temperature,
                                             epsilon=cfg.epsilon, sinkhorn_iterations=cfg.sinkhorn_iterations, world_size=1,
                                             freeze_prototypes_niters=0, use_fp16=False, rank=1)
-        queue = torch.stack([q.rows.clone() for q in m.queues])
+        # main_swav.py's queue holds the newest row first and drops its last rows; kinship's ring
+        # overwrites the oldest slots from its pointer on: the same rows, newest first from ptr - 1
+        queue = torch.stack([q.rows.roll(-int(q.ptr), 0).flip(0) for q in m.queues])
         (_, loss), queue = main_swav.train([list(case.views)], model, Optimizer(), gc.EPOCH, np.zeros(10), queue)
         out = {"loss": loss, "grads": {label: grads[names[kin]].norm().item() for label, kin in case.grads.items()}}
         out.update({f"queue{i}": gc.set_checksum(queue[i]) for i in range(2)})

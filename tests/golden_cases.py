@@ -22,7 +22,7 @@ from kinship.data import Batch, DataInfo, TrainData
 from kinship.methods import METHODS, Method, StepInfo
 from kinship.models.backbones import ConvNet
 
-SIZE, CLASSES, B, CROP, LOCAL = 24, 3, 8, 16, 8  # images, classes, batch, global and local crop size
+SIZE, CLASSES, B, CROP, LOCAL = 24, 5, 8, 16, 8  # images, classes (CMSF-semi's code takes a top-5), batch, crop sizes
 # the step a case runs: the second of epoch 1 (CoKe's first training epoch after its scan, the first
 # with SwAV's and MIRA's prototypes free), 5 steps per epoch, 10 in all (MIRA's schedules read them)
 EPOCH, STEPS_PER_EPOCH, TOTAL_STEPS = 1, 5, 10
@@ -205,6 +205,8 @@ def swav() -> Case:
     for queue in m.queues:
         queue.rows.copy_(unit(16, 8, g=g))
         queue.filled.fill_(16)
+        queue.ptr.fill_(5)
+    m.head.renormalize_()  # unit rows in float64, as after any step (they were normalised in float32)
 
     def record(m: Method) -> dict:
         return {f"queue{i}": set_checksum(q.rows) for i, q in enumerate(m.queues)}
