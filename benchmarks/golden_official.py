@@ -281,6 +281,9 @@ def run_coke(root: Path) -> dict:
                 getattr(official, f"counter_{h}").copy_(head.centres.counts)
                 first_slot(official.assign_labels[h]).copy_(head.labels)
             official.load_param()
+            for views, batch in case.warmup:
+                with torch.no_grad():
+                    official(*views, batch.index, gc.EPOCH)
             H, ce = len(cfg.clusters), nn.CrossEntropyLoss()
             if cfg.views == 2:  # main_double_view.py's loss
                 p1, p2, x1, x2, labels = official(case.views[0], case.views[1], case.batch.index, gc.EPOCH)

@@ -38,6 +38,7 @@ class Case:
     grads: dict[str, str]  # label -> kinship parameter name whose gradient norm is recorded
     record: Callable[[Method], dict] = lambda method: {}  # the updated state, after forward
     target: str | None = None  # the EMA module (attribute) whose update is recorded
+    warmup: list[tuple[list[torch.Tensor], Batch]] = field(default_factory=list)  # steps run before, without gradient
 
 
 def checksum(t: torch.Tensor) -> float:
@@ -181,7 +182,11 @@ def coke_case(seed: int, **extra) -> Case:
         return {f"head{h}": {"labels": head.labels.tolist(), "duals": head.duals.tolist(),
                              "running": checksum(head.centres.running)} for h, head in enumerate(m.heads)}
 
-    return Case(m, views[: m.config.views], batch, info, COKE_GRADS, record)
+    # steps before, on other images, so that the recorded step's centres continue a running mean
+    # (where Eq. 13's mean and the official per-batch renormalisation part)
+    warmup = [([torch.randn(B, 3, CROP, CROP, generator=g) for _ in range(m.config.views)],
+               Batch(torch.randperm(SIZE, generator=g)[:B], None, torch.full((B,), -1))) for _ in range(3)]
+    return Case(m, views[: m.config.views], batch, info, COKE_GRADS, record, warmup=warmup)
 
 
 def coke_two_views() -> Case:
@@ -230,6 +235,10 @@ def kinship_step(case: Case) -> dict:
     """Run the case's step in kinship: the loss, the recorded gradient norms and state, and for an
     EMA method the norm of the target's move after an SGD step of 0.1."""
     m = case.method
+    for views, batch in case.warmup:
+        with torch.no_grad():
+            m.begin_step(case.info)
+            m(views, batch, case.info)
     before = parameters(getattr(m, case.target)).clone() if case.target else None
     m.begin_step(case.info)
     loss, _ = m(case.views, case.batch, case.info)

@@ -38,3 +38,16 @@ def test_golden_step_matches_the_official_code(name):
     assert name in GOLDEN, f"no golden values for {name}: run benchmarks/golden_official.py"
     ours = gc.kinship_step(gc.CASES[name]())
     close(ours, GOLDEN[name], 1e-5 if name.startswith("coke") else 1e-9, name)
+
+
+@pytest.mark.parametrize("name, option", [
+    ("coke_two_views", {"centre_update": "mean"}),  # Eq. 13 as printed
+    ("cmsf_supervised_short", {"fill_short": False}),  # S_i within C_i
+])
+def test_the_papers_readings_differ_from_the_official_code_on_these_cases(monkeypatch, name, option):
+    """The cases discriminate: each option for the paper's reading moves a recorded number. (CMSF's
+    ``previous_lookup: slot`` needs a bank history, not one state: ``test_cmsf.py`` checks both readings.)"""
+    build = gc.build
+    monkeypatch.setattr(gc, "build", lambda seed, method, *args, **kwargs: build(seed, {**method, **option}, *args, **kwargs))
+    with pytest.raises(AssertionError):
+        close(gc.kinship_step(gc.CASES[name]()), GOLDEN[name], 1e-5, name)
