@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import tiny_run_config
 from kinship.assembly import build_config, build_method
 from kinship.blocks.knn import nearest_neighbours
-from kinship.blocks.mixing import box_masks, cutmix, cutmix_boxes, mix
+from kinship.augment.mixing import box_masks, cutmix, cutmix_boxes, mix
 from kinship.blocks.positives import centre_wise_mask, random_candidates, same_cluster_candidates, select_positives
 from kinship.data import BatchPlan, ImageSet, TensorLoader, TrainData
 from kinship.errors import ConfigError

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kinship.augment.ops import _blend, constant, rgb_to_grayscale
-from kinship.blocks.mixing import box_masks
+from kinship.augment.mixing import box_masks
 from kinship.sampling import Shard, uniform
 
 

@@ -11,7 +11,7 @@ with the geometry torchvision gives on the file, and the evaluation view can be 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
 import torch
 
@@ -20,8 +20,16 @@ from kinship.config import AugmentConfig
 from kinship.runtime import compiled
 from kinship.sampling import Shard
 
-if TYPE_CHECKING:
-    from kinship.data.loader import Batch
+
+class ViewSource(Protocol):
+    """What :func:`make_views` reads of a batch (``kinship.data.Batch`` is one): uint8 images (B, 3,
+    H, W), or a streamed batch's crops, one per recipe; the batch's place in the global batch; the
+    original aspect of images stored as squares."""
+
+    images: torch.Tensor | None
+    shard: Shard
+    aspect: torch.Tensor | None
+    crops: tuple[tuple[AugmentConfig, torch.Tensor], ...] | None
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -114,7 +122,7 @@ def resized(x: torch.Tensor, size: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def make_views(batch: "Batch", recipes: list[AugmentConfig], generator: torch.Generator) -> list[torch.Tensor]:
+def make_views(batch: ViewSource, recipes: list[AugmentConfig], generator: torch.Generator) -> list[torch.Tensor]:
     """One view per recipe of the batch's uint8 images: every view's draws first, then the
     transforms in one call of :func:`render_views` (compiled under :func:`compiled_views`). A
     streamed batch carries its crops (``batch.crops``, cut from the files as they were decoded): the

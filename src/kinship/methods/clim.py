@@ -37,7 +37,7 @@ from torch import nn
 from kinship.augment.views import make_views
 from kinship.blocks.kmeans import kmeans
 from kinship.blocks.knn import nearest_neighbours
-from kinship.blocks.mixing import mix
+from kinship.augment.mixing import mix
 from kinship.blocks.positives import SELECTIONS, pair_purity, random_candidates, select_positives
 from kinship.config import AugmentConfig, RunConfig, check, check_choice
 from kinship.losses import info_nce_with_queue, mixed_info_nce
