@@ -4,6 +4,7 @@ apart), and the ops the eager views dispatch.
 
     python benchmarks/augment_ops.py [--batch 256] [--repeats 30] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,20 @@ def main() -> None:
         views()
         compile_s = time.perf_counter() - start
         compiled = median_ms(views, args.repeats)
-    print(json.dumps({"batch": args.batch, "threads": args.threads, "two_views_ms": round(two_views, 2),
-                      "views_img_per_s": round(args.batch / two_views * 1000), "views_ops": log.total,
-                      "two_views_compiled_ms": round(compiled, 2), "compile_s": round(compile_s, 1), "env": environment()}))
+    print(
+        json.dumps(
+            {
+                "batch": args.batch,
+                "threads": args.threads,
+                "two_views_ms": round(two_views, 2),
+                "views_img_per_s": round(args.batch / two_views * 1000),
+                "views_ops": log.total,
+                "two_views_compiled_ms": round(compiled, 2),
+                "compile_s": round(compile_s, 1),
+                "env": environment(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Prints one JSON line per method: the median over repeats of the median step's im
 ratio of BYOL-asym's images/s to it (target: at most 1.10); then the time of the
 neighbour search alone (bank similarity, top-k, constraint, gather) on a full bank.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kinship.assembly import build_config
 from kinship.bench import bench
 from kinship.blocks.knn import masked_topk
-from kinship.assembly import build_config
 from kinship.data import DataInfo, TrainData
 from kinship.methods.cmsf import CMSF
 from kinship.models.backbones import build_backbone
@@ -26,8 +27,11 @@ from kinship.models.backbones import build_backbone
 
 def search_ms(constraint: str, backbone: str, batch: int, device: str, repeats: int = 30) -> float:
     """Median milliseconds of one step's neighbour selection with a full bank (8,192 slots)."""
-    method = CMSF(build_config({"method": {"name": "cmsf", "constraint": constraint}}).method,
-                  build_backbone(backbone), TrainData.describe(DataInfo(16384, 10, 32))).to(device)
+    method = CMSF(
+        build_config({"method": {"name": "cmsf", "constraint": constraint}}).method,
+        build_backbone(backbone),
+        TrainData.describe(DataInfo(16384, 10, 32)),
+    ).to(device)
     size, dim = method.bank.size, method.bank.rows.shape[1]
     g = torch.Generator().manual_seed(0)
     rows = lambda n: F.normalize(torch.randn(n, dim, generator=g), dim=1).to(device)  # noqa: E731
@@ -67,14 +71,24 @@ def main() -> None:
     env = None
     for _ in range(args.repeats):
         for name, (method, overrides) in runs.items():
-            r = bench(method, args.device, args.backbone, args.batch, args.steps, args.mode == "compute_only", overrides=overrides)
+            r = bench(
+                method, args.device, args.backbone, args.batch, args.steps, args.mode == "compute_only", overrides=overrides
+            )
             speeds[name].append(r["img_per_s"])
             env = r["env"]
     base = statistics.median(speeds["byol-asym"])
     for name, values in speeds.items():
         median = statistics.median(values)
-        line = {"method": name, "backbone": args.backbone, "device": args.device, "mode": args.mode, "img_per_s": median,
-                "repeats": values, "step_time_over_byol_asym": round(base / median, 3), "step_ms": round(1000 * args.batch / median, 1)}
+        line = {
+            "method": name,
+            "backbone": args.backbone,
+            "device": args.device,
+            "mode": args.mode,
+            "img_per_s": median,
+            "repeats": values,
+            "step_time_over_byol_asym": round(base / median, 3),
+            "step_ms": round(1000 * args.batch / median, 1),
+        }
         if name != "byol-asym":
             line["search_ms"] = round(search_ms("none" if name == "msf" else "self", args.backbone, args.batch, args.device), 2)
         print(json.dumps(line))

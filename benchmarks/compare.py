@@ -15,6 +15,7 @@ table gives mean ± std (sample std) over the seeds. A finished run's row is kep
 (``row.json``), so separate processes can run the seeds of one study in parallel and a last call
 without ``--only`` tabulates them all. ``--pixels`` adds spherical k-means on the raw pixels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 import torch.nn.functional as F  # noqa: E402
 
 from kinship.assembly import build_method, load_config, load_run_data  # noqa: E402
@@ -107,12 +107,26 @@ STUDIES = {
 }
 PROTOCOLS = ("knn", "linear", "purity", "clustering", "classifier")
 # (header, key) of the table; a column shows when any run has its key
-COLUMNS = [("EMA classifier", "classifier_ema"), ("online classifier", "classifier_online"),
-           ("median last 20", "classifier_median"), ("mask rate", "mask_rate"), ("pseudo-label acc", "pseudo_accuracy"),
-           ("k-NN k200", "knn_200"), ("k-NN k20", "knn_20"), ("linear", "linear"), ("purity@20", "purity_20"),
-           ("positives' purity", "positives_purity"), ("intra-class cos", "intra_class_cosine"),
-           ("k-means ACC", "kmeans_acc"), ("k-means NMI", "kmeans_nmi"), ("k-means ARI", "kmeans_ari"),
-           ("head K (occupied)", "head_k"), ("head ACC", "head_acc"), ("head NMI", "head_nmi"), ("head ARI", "head_ari")]
+COLUMNS = [
+    ("EMA classifier", "classifier_ema"),
+    ("online classifier", "classifier_online"),
+    ("median last 20", "classifier_median"),
+    ("mask rate", "mask_rate"),
+    ("pseudo-label acc", "pseudo_accuracy"),
+    ("k-NN k200", "knn_200"),
+    ("k-NN k20", "knn_20"),
+    ("linear", "linear"),
+    ("purity@20", "purity_20"),
+    ("positives' purity", "positives_purity"),
+    ("intra-class cos", "intra_class_cosine"),
+    ("k-means ACC", "kmeans_acc"),
+    ("k-means NMI", "kmeans_nmi"),
+    ("k-means ARI", "kmeans_ari"),
+    ("head K (occupied)", "head_k"),
+    ("head ACC", "head_acc"),
+    ("head NMI", "head_nmi"),
+    ("head ARI", "head_ari"),
+]
 
 
 def run_one(name: str, config_path: str, overrides: list[str], out: Path, seed: int | None = None) -> dict:
@@ -124,19 +138,32 @@ def run_one(name: str, config_path: str, overrides: list[str], out: Path, seed: 
         return json.loads((folder / "row.json").read_text())
     config = load_config(config_path, overrides)
     tick = time.time()
-    if not (folder / "last.pt").is_file() or json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1]).get("summary") is None:
+    if (
+        not (folder / "last.pt").is_file()
+        or json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1]).get("summary") is None
+    ):
         Trainer(config, folder, log=print).fit()
     minutes = (time.time() - tick) / 60
     evaluation = Evaluation(folder / "last.pt", folder, [], progress=False, log=lambda *_: None)
     results = {p: evaluation.run(p) for p in PROTOCOLS}
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     summary = records[-1]["summary"]
-    row = {"name": name, "seed": config.train.seed, "device": str(resolve_device(config.train.device)), "config": config_path,
-           "overrides": overrides, "train_minutes": summary["minutes"],
-           "epochs": summary["epochs_done"], "random_init_knn": summary.get("knn_random_init_top1"),
-           "knn_200": results["knn"]["weighted"][1]["top1"], "knn_20": results["knn"]["weighted"][0]["top1"],
-           "linear": results["linear"]["top1"], "purity_20": results["purity"]["purity"].get("20"),
-           "run": str(folder), "wall_minutes": minutes}
+    row = {
+        "name": name,
+        "seed": config.train.seed,
+        "device": str(resolve_device(config.train.device)),
+        "config": config_path,
+        "overrides": overrides,
+        "train_minutes": summary["minutes"],
+        "epochs": summary["epochs_done"],
+        "random_init_knn": summary.get("knn_random_init_top1"),
+        "knn_200": results["knn"]["weighted"][1]["top1"],
+        "knn_20": results["knn"]["weighted"][0]["top1"],
+        "linear": results["linear"]["top1"],
+        "purity_20": results["purity"]["purity"].get("20"),
+        "run": str(folder),
+        "wall_minutes": minutes,
+    }
     if "rows" in results["classifier"]:  # semi-supervised methods: their own classifiers, the last epoch's pseudo-labels
         for r in results["classifier"]["rows"]:
             row[f"classifier_{r['classifier']}"] = r["top1"]
@@ -172,8 +199,16 @@ def pixel_row(config_path: str, overrides: list[str], out: Path) -> dict:
     fit = kmeans(train, k, restarts=config.eval.clustering_restarts, seed=config.train.seed, spherical=True)
     predicted, _ = assign(F.normalize(test, dim=1), fit.centroids)
     scores = clustering_scores(data.test.labels.cpu(), predicted.cpu())
-    row = {"name": "raw pixels", "seed": config.train.seed, "config": config_path, "overrides": overrides, "epochs": 0,
-           "train_minutes": 0.0, "random_init_knn": None, **{f"kmeans_{m}": scores[m] for m in ("acc", "nmi", "ari")}}
+    row = {
+        "name": "raw pixels",
+        "seed": config.train.seed,
+        "config": config_path,
+        "overrides": overrides,
+        "epochs": 0,
+        "train_minutes": 0.0,
+        "random_init_knn": None,
+        **{f"kmeans_{m}": scores[m] for m in ("acc", "nmi", "ari")},
+    }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "row.json").write_text(json.dumps(row, indent=2))
     return row
@@ -184,8 +219,12 @@ def over_seeds(rows: list[dict]) -> list[dict]:
     merged = []
     for name in dict.fromkeys(r["name"] for r in rows):
         runs = [r for r in rows if r["name"] == name]
-        row = {"name": name, "seeds": [r["seed"] for r in runs], "epochs": runs[0]["epochs"],
-               "random_init_knn": runs[0]["random_init_knn"]}
+        row = {
+            "name": name,
+            "seeds": [r["seed"] for r in runs],
+            "epochs": runs[0]["epochs"],
+            "random_init_knn": runs[0]["random_init_knn"],
+        }
         for key in ["train_minutes"] + [k for _, k in COLUMNS]:
             values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
             if values:
@@ -198,6 +237,7 @@ def over_seeds(rows: list[dict]) -> list[dict]:
 def write(rows: list[dict], out: Path, title: str, command: str) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     columns = [(h, k) for h, k in COLUMNS if any(k in r for r in rows)]
+
     def cell(r: dict, key: str) -> str:
         v = r.get(key)
         if v is None:
@@ -207,23 +247,43 @@ def write(rows: list[dict], out: Path, title: str, command: str) -> None:
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
     seeds = "seeds" in rows[0] if rows else False
-    lines = [f"# {title}", "", f"`{command}`", "", f"| method | {'seeds | ' if seeds else ''}epochs | train min | "
-             + " | ".join(h for h, _ in columns) + " |", "|---" * (len(columns) + 3 + seeds) + "|"]
+    lines = [
+        f"# {title}",
+        "",
+        f"`{command}`",
+        "",
+        f"| method | {'seeds | ' if seeds else ''}epochs | train min | " + " | ".join(h for h, _ in columns) + " |",
+        "|---" * (len(columns) + 3 + seeds) + "|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {(' '.join(map(str, r['seeds'])) + ' | ') if seeds else ''}{r['epochs']} | "
-                     f"{r['train_minutes']:.1f} | " + " | ".join(cell(r, k) for _, k in columns) + " |")
+        lines.append(
+            f"| {r['name']} | {(' '.join(map(str, r['seeds'])) + ' | ') if seeds else ''}{r['epochs']} | "
+            f"{r['train_minutes']:.1f} | " + " | ".join(cell(r, k) for _, k in columns) + " |"
+        )
     if rows and rows[0]["random_init_knn"] is not None:
         lines += ["", f"Random init, k-NN k200: {rows[0]['random_init_knn']:.2f}."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(8, 4.4), dpi=110)
     names = [r["name"] for r in rows]
-    bars = [("classifier_ema", "EMA classifier"), ("knn_200", "k-NN (k 200, T 0.1)"), ("linear", "linear probe"), ("purity_20", "purity@20"),
-            ("kmeans_nmi", "k-means NMI"), ("head_nmi", "head NMI")]
+    bars = [
+        ("classifier_ema", "EMA classifier"),
+        ("knn_200", "k-NN (k 200, T 0.1)"),
+        ("linear", "linear probe"),
+        ("purity_20", "purity@20"),
+        ("kmeans_nmi", "k-means NMI"),
+        ("head_nmi", "head NMI"),
+    ]
     bars = [(k, label) for k, label in bars if any(k in r for r in rows)]
     width = 0.8 / len(bars)
     for i, (key, label) in enumerate(bars):
-        ax.bar([j + (i - (len(bars) - 1) / 2) * width for j in range(len(rows))], [r.get(key, 0) for r in rows], width,
-               yerr=[r.get(f"{key}_std", 0) for r in rows], capsize=2, label=label)
+        ax.bar(
+            [j + (i - (len(bars) - 1) / 2) * width for j in range(len(rows))],
+            [r.get(key, 0) for r in rows],
+            width,
+            yerr=[r.get(f"{key}_std", 0) for r in rows],
+            capsize=2,
+            label=label,
+        )
     if rows and rows[0]["random_init_knn"] is not None:
         ax.axhline(rows[0]["random_init_knn"], color="gray", ls="--", lw=1, label="random init k-NN")
     slanted = max(map(len, names)) > 12  # long names: slanted, the legend below them
@@ -249,7 +309,9 @@ def mask_curves(rows: list[dict], out: Path) -> None:
         steps = [x for x in records if "mask_rate" in x]
         ax_mask.plot([x["step"] for x in steps], [100 * x["mask_rate"] for x in steps], lw=1, label=r["name"])
         evals = [x for x in records if "classifier_ema_top1" in x]
-        ax_acc.plot([x["epoch"] for x in evals], [x["classifier_ema_top1"] for x in evals], marker="o", ms=3, lw=1, label=r["name"])
+        ax_acc.plot(
+            [x["epoch"] for x in evals], [x["classifier_ema_top1"] for x in evals], marker="o", ms=3, lw=1, label=r["name"]
+        )
     ax_mask.set(xlabel="step", ylabel="pseudo-labels above the threshold (%)")
     ax_acc.set(xlabel="epoch", ylabel="EMA classifier test top-1 (%)")
     ax_acc.legend(fontsize=7)
@@ -270,8 +332,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()] or [None]
-    command = " ".join(["python benchmarks/compare.py", f"--study {args.study}", f"--out {args.out}"]
-                       + ([f"--seeds {args.seeds}"] if args.seeds else []))
+    command = " ".join(
+        ["python benchmarks/compare.py", f"--study {args.study}", f"--out {args.out}"]
+        + ([f"--seeds {args.seeds}"] if args.seeds else [])
+    )
     rows = []
     for name, config, overrides in STUDIES[args.study]:
         if args.only and name not in args.only:

@@ -17,6 +17,7 @@ the target's move after an SGD step of 0.1 are recorded. BYOL's official code is
 (deepmind-research/byol); BYOL-asym with a constant momentum is checked against MSF's official
 step with k = 1, which the MSF paper (Sec. 3) states is BYOL.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 import golden_cases as gc  # noqa: E402
 
 OUT = ROOT / "tests" / "golden" / "official_steps.json"
-REPOS = {"coke": "idstcv/CoKe", "cmsf": "UCDvision/CMSF", "msf": "UMBCvision/MSF", "swav": "facebookresearch/swav",
-         "moco": "facebookresearch/moco", "mira": "movinghoon/mira"}
+REPOS = {
+    "coke": "idstcv/CoKe",
+    "cmsf": "UCDvision/CMSF",
+    "msf": "UMBCvision/MSF",
+    "swav": "facebookresearch/swav",
+    "moco": "facebookresearch/moco",
+    "mira": "movinghoon/mira",
+}
 
 
 # -- plumbing ---------------------------------------------------------------------------------
@@ -145,9 +152,13 @@ def run_moco(root: Path) -> dict:
     m = case.method
     with on_path(root):
         builder = importlib.import_module("moco.builder")
-        official = builder.MoCo(lambda num_classes: Encoder(m.backbone, num_classes), dim=8, K=32, m=0.99, T=0.2, mlp=True).double()
-        names = transplant_parts(module_of(m, "backbone", "head"),
-                                 {"encoder_q.features": official.encoder_q.features, "encoder_q.fc": official.encoder_q.fc})
+        official = builder.MoCo(
+            lambda num_classes: Encoder(m.backbone, num_classes), dim=8, K=32, m=0.99, T=0.2, mlp=True
+        ).double()
+        names = transplant_parts(
+            module_of(m, "backbone", "head"),
+            {"encoder_q.features": official.encoder_q.features, "encoder_q.fc": official.encoder_q.fc},
+        )
         official.encoder_k.load_state_dict(official.encoder_q.state_dict())
         official.queue.copy_(m.queue.rows.T)
         official.queue_ptr.fill_(int(m.queue.ptr))
@@ -155,8 +166,12 @@ def run_moco(root: Path) -> dict:
         logits, labels = official(case.views[0], case.views[1])
         loss = F.cross_entropy(logits, labels)
         loss.backward()
-        out = {"loss": loss.item(), "grads": grads_of(case, names, official),
-               "queue": gc.checksum(official.queue.T), "ptr": int(official.queue_ptr)}
+        out = {
+            "loss": loss.item(),
+            "grads": grads_of(case, names, official),
+            "queue": gc.checksum(official.queue.T),
+            "ptr": int(official.queue_ptr),
+        }
         sgd(official)
         official._momentum_update_key_encoder()  # the next step's, before its keys
         out["target_move"] = (flat(official.encoder_k.parameters()) - before).norm().item()
@@ -168,9 +183,14 @@ def mean_shift_model(cls, method, **kwargs):
     resnet = sys.modules["models.resnet"]
     resnet.__dict__["resnet_kinship"] = lambda: Encoder(method.backbone)
     official = cls("resnet_kinship", **kwargs).double()
-    names = transplant_parts(module_of(method, "backbone", "projector", "predictor"),
-                             {"encoder_q.features": official.encoder_q.features, "encoder_q.fc": official.encoder_q.fc,
-                              "predict_q": official.predict_q})
+    names = transplant_parts(
+        module_of(method, "backbone", "projector", "predictor"),
+        {
+            "encoder_q.features": official.encoder_q.features,
+            "encoder_q.fc": official.encoder_q.fc,
+            "predict_q": official.predict_q,
+        },
+    )
     official.encoder_t.load_state_dict(official.encoder_q.state_dict())
     return official, names
 
@@ -183,8 +203,12 @@ def mean_shift_step(case: gc.Case, official: nn.Module, names: dict, *inputs) ->
     before = flat(official.encoder_t.parameters()).clone()
     loss = official(case.views[1], case.views[0], *inputs)[0]  # (online crop, target crop, ...)
     loss.backward()
-    out = {"loss": loss.item(), "grads": grads_of(case, names, official),
-           "bank": gc.checksum(official.queue), "bank_labels": official.labels.tolist()}
+    out = {
+        "loss": loss.item(),
+        "grads": grads_of(case, names, official),
+        "bank": gc.checksum(official.queue),
+        "bank_labels": official.labels.tolist(),
+    }
     sgd(official)
     official._momentum_update_target_encoder()  # the next step's, before its targets
     out["target_move"] = (flat(official.encoder_t.parameters()) - before).norm().item()
@@ -226,8 +250,9 @@ def run_cmsf(root: Path) -> dict:
 
         case = gc.cmsf_self()
         m = case.method
-        official, names = mean_shift_model(self_sup.ConstrainedMeanShiftSelf, m, m=0.99, mem_bank_size=16, topk=3,
-                                           dataset_size=gc.SIZE, topkp=4)
+        official, names = mean_shift_model(
+            self_sup.ConstrainedMeanShiftSelf, m, m=0.99, mem_bank_size=16, topk=3, dataset_size=gc.SIZE, topkp=4
+        )
         official.index_queue.copy_(m.bank.column("index"))
         official.pool[0].copy_(m.previous_of_image.rows)  # the visit before the latest: pool[qindex]
         official.pool[1].copy_(m.cache.rows)  # the latest visit, overwritten at this one
@@ -242,10 +267,12 @@ def run_cmsf(root: Path) -> dict:
 
         case = gc.cmsf_semi()
         m = case.method
-        opt = argparse.Namespace(topk_lbl=1, use_conf=True, conf_th=m.config.confidence, sup_mem_bank_size=16,
-                                 cache_sup=False, cache_conf_unsup=False)
-        official, names = mean_shift_model(semi.PseudoCMSF, m, mlp_xent="mlp", m=0.99, mem_bank_size=16, topk=3,
-                                           ncls=gc.CLASSES, opt=opt)
+        opt = argparse.Namespace(
+            topk_lbl=1, use_conf=True, conf_th=m.config.confidence, sup_mem_bank_size=16, cache_sup=False, cache_conf_unsup=False
+        )
+        official, names = mean_shift_model(
+            semi.PseudoCMSF, m, mlp_xent="mlp", m=0.99, mem_bank_size=16, topk=3, ncls=gc.CLASSES, opt=opt
+        )
         transplant(m.classifier, official.mlp_head)
         official.mlp_head.eval()  # as train_pseudo_cmsf.py during the CMSF steps
         official.gt_labels.copy_(m.bank.column("label"))
@@ -266,14 +293,26 @@ def run_coke(root: Path) -> dict:
             case = getattr(gc, name)()
             m, cfg = case.method, case.method.config
             builder = importlib.import_module(file)
-            kwargs = dict(K=cfg.clusters, dim=cfg.dim, num_ins=gc.SIZE, num_head=len(cfg.clusters), T=cfg.temperature,
-                          dual_lr=cfg.eta, ratio=cfg.gamma)
+            kwargs = dict(
+                K=cfg.clusters,
+                dim=cfg.dim,
+                num_ins=gc.SIZE,
+                num_head=len(cfg.clusters),
+                T=cfg.temperature,
+                dual_lr=cfg.eta,
+                ratio=cfg.gamma,
+            )
             if cfg.views == 1:
-                kwargs["stage"] = 10 ** 6  # no moving-average stage
+                kwargs["stage"] = 10**6  # no moving-average stage
             official = builder.CoKe(lambda num_classes: Encoder(m.backbone, num_classes), **kwargs)  # float32, as the case
-            names = transplant_parts(module_of(m, "backbone", "projector", "predictor"),
-                                     {"encoder.features": official.encoder.features, "encoder.fc": official.encoder.fc,
-                                      "predictor": official.predictor})
+            names = transplant_parts(
+                module_of(m, "backbone", "projector", "predictor"),
+                {
+                    "encoder.features": official.encoder.features,
+                    "encoder.fc": official.encoder.fc,
+                    "predictor": official.predictor,
+                },
+            )
             for h, head in enumerate(m.heads):
                 getattr(official, f"pre_center_{h}").copy_(head.centres.previous.T)
                 getattr(official, f"cur_center_{h}").copy_(head.centres.running.T)
@@ -293,20 +332,29 @@ def run_coke(root: Path) -> dict:
                 for j in range(H):
                     loss_pred = loss_pred + a * ce(p1[j], labels[j]) + a * ce(p2[j], labels[j])
                     loss_proj = loss_proj + a * ce(x1[j], labels[j]) + a * ce(x2[j], labels[j])
-                    loss_pred = loss_pred - (1 - a) * (torch.mean(torch.sum(F.log_softmax(p1[j], 1) * soft2[j], 1))
-                                                       + torch.mean(torch.sum(F.log_softmax(p2[j], 1) * soft1[j], 1)))
-                    loss_proj = loss_proj - (1 - a) * (torch.mean(torch.sum(F.log_softmax(x1[j], 1) * soft2[j], 1))
-                                                       + torch.mean(torch.sum(F.log_softmax(x2[j], 1) * soft1[j], 1)))
+                    loss_pred = loss_pred - (1 - a) * (
+                        torch.mean(torch.sum(F.log_softmax(p1[j], 1) * soft2[j], 1))
+                        + torch.mean(torch.sum(F.log_softmax(p2[j], 1) * soft1[j], 1))
+                    )
+                    loss_proj = loss_proj - (1 - a) * (
+                        torch.mean(torch.sum(F.log_softmax(x1[j], 1) * soft2[j], 1))
+                        + torch.mean(torch.sum(F.log_softmax(x2[j], 1) * soft1[j], 1))
+                    )
                 loss = (0.5 / (2.0 * H)) * (loss_pred + loss_proj)
             else:  # main_single_view.py's loss, before its stage 2 (coke_beta = the prediction's share)
                 pred, proj, labels = official(case.views[0], case.batch.index, gc.EPOCH)
-                loss = sum(cfg.pred_weight * ce(pred[j], labels[j]) / H + (1 - cfg.pred_weight) * ce(proj[j], labels[j]) / H
-                           for j in range(H))
+                loss = sum(
+                    cfg.pred_weight * ce(pred[j], labels[j]) / H + (1 - cfg.pred_weight) * ce(proj[j], labels[j]) / H
+                    for j in range(H)
+                )
             loss.backward()
             out = {"loss": loss.item(), "grads": grads_of(case, names, official)}
             for h in range(H):
-                out[f"head{h}"] = {"labels": first_slot(official.assign_labels[h]).tolist(), "duals": official.duals[h].tolist(),
-                                   "running": gc.checksum(official.cur_centers[h].T)}
+                out[f"head{h}"] = {
+                    "labels": first_slot(official.assign_labels[h]).tolist(),
+                    "duals": official.duals[h].tolist(),
+                    "running": gc.checksum(official.cur_centers[h].T),
+                }
             results[name] = out
             del sys.modules[file]
     return results
@@ -320,9 +368,10 @@ def run_mira(root: Path) -> dict:
         train = importlib.import_module("train")
         train.build_encoder = lambda arch, zero_init_residual=True, cifar=False: Encoder(m.backbone)
         official = train.Model(out_dim=cfg.dim, proj_hidden_dim=cfg.hidden, num_prototypes=cfg.prototypes).double()
-        names = transplant_parts(module_of(m, "backbone", "projector"),
-                                 {"model.encoder.features": official.model["encoder"].features,
-                                  "model.projector": official.model["projector"]})
+        names = transplant_parts(
+            module_of(m, "backbone", "projector"),
+            {"model.encoder.features": official.model["encoder"].features, "model.projector": official.model["projector"]},
+        )
         official.model["encoder"].fc = nn.Identity()
         official.ema_model["encoder"].fc = nn.Identity()
         with torch.no_grad():
@@ -350,21 +399,35 @@ def run_mira(root: Path) -> dict:
             def update(self):
                 pass
 
-        args = argparse.Namespace(beta_initial=cfg.beta_start, beta_final=cfg.beta_end, epochs=gc.TOTAL_STEPS // gc.STEPS_PER_EPOCH,
-                                  iters_per_epoch=gc.STEPS_PER_EPOCH, ema_momentum=cfg.momentum_base, ema_momentum_final=1.0,
-                                  tau_t=cfg.tau_teacher, tau_s=cfg.tau_student, iters=cfg.iterations,
-                                  freeze_head_epochs=cfg.freeze_prototypes_epochs, channel_last=False)
+        args = argparse.Namespace(
+            beta_initial=cfg.beta_start,
+            beta_final=cfg.beta_end,
+            epochs=gc.TOTAL_STEPS // gc.STEPS_PER_EPOCH,
+            iters_per_epoch=gc.STEPS_PER_EPOCH,
+            ema_momentum=cfg.momentum_base,
+            ema_momentum_final=1.0,
+            tau_t=cfg.tau_teacher,
+            tau_s=cfg.tau_student,
+            iters=cfg.iterations,
+            freeze_head_epochs=cfg.freeze_prototypes_epochs,
+            channel_last=False,
+        )
         trainer = types.SimpleNamespace(args=args, model=official, optimizer=Optimizer(), scaler=Scaler(), _step=gc.STEP)
         trainer.beta_momentum = train.Trainer.beta_momentum.fget(trainer)
         trainer.ema_momentum = train.Trainer.ema_momentum.fget(trainer)
-        ema = lambda: flat([*official.ema_model["encoder"].parameters(), *official.ema_model["projector"].parameters()])
+
+        def ema() -> torch.Tensor:
+            return flat([*official.ema_model["encoder"].parameters(), *official.ema_model["projector"].parameters()])
+
         before = ema().clone()
         result = train.Trainer._train_step(trainer, (list(case.views), case.batch.labels), gc.EPOCH)
         trainer._step = gc.STEP + 1  # the next step moves the teacher first, with its own momentum
         official._update_ema_params(train.Trainer.ema_momentum.fget(trainer))
-        out = {"loss": float(result["Train/loss"]),
-               "grads": {label: grads[names[kin]].norm().item() for label, kin in case.grads.items()},
-               "target_move": (ema() - before).norm().item()}
+        out = {
+            "loss": float(result["Train/loss"]),
+            "grads": {label: grads[names[kin]].norm().item() for label, kin in case.grads.items()},
+            "target_move": (ema() - before).norm().item(),
+        }
     return out
 
 
@@ -384,19 +447,23 @@ def run_swav(root: Path) -> dict:
                 nn.Module.__init__(self)
                 self.eval_mode, self.l2norm = False, True
                 self.backbone = copy.deepcopy(m.backbone)
-                self.projection_head = nn.Sequential(nn.Linear(16, cfg.hidden), nn.BatchNorm1d(cfg.hidden),
-                                                     nn.ReLU(inplace=True), nn.Linear(cfg.hidden, cfg.dim))
+                self.projection_head = nn.Sequential(
+                    nn.Linear(16, cfg.hidden), nn.BatchNorm1d(cfg.hidden), nn.ReLU(inplace=True), nn.Linear(cfg.hidden, cfg.dim)
+                )
                 self.prototypes = nn.Linear(cfg.dim, cfg.prototypes, bias=False)
 
             def forward_backbone(self, x):
                 return self.backbone(x)
 
         net = Tiny().double()
-        names = transplant_parts(module_of(m, "backbone", "projector"),
-                                 {"module.backbone": net.backbone, "module.projection_head": net.projection_head})
+        names = transplant_parts(
+            module_of(m, "backbone", "projector"),
+            {"module.backbone": net.backbone, "module.projection_head": net.projection_head},
+        )
         with torch.no_grad():
             net.prototypes.weight.copy_(m.head.weight)
         names["head.weight"] = "module.prototypes.weight"
+
         class Wrapped(nn.Module):  # what DistributedDataParallel looks like to train(): .module, forward
             def __init__(self) -> None:
                 super().__init__()
@@ -417,9 +484,17 @@ def run_swav(root: Path) -> dict:
             def step(self):
                 grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
-        main_swav.args = argparse.Namespace(crops_for_assign=[0, 1], nmb_crops=[2, cfg.local_crops], temperature=cfg.temperature,
-                                            epsilon=cfg.epsilon, sinkhorn_iterations=cfg.sinkhorn_iterations, world_size=1,
-                                            freeze_prototypes_niters=0, use_fp16=False, rank=1)
+        main_swav.args = argparse.Namespace(
+            crops_for_assign=[0, 1],
+            nmb_crops=[2, cfg.local_crops],
+            temperature=cfg.temperature,
+            epsilon=cfg.epsilon,
+            sinkhorn_iterations=cfg.sinkhorn_iterations,
+            world_size=1,
+            freeze_prototypes_niters=0,
+            use_fp16=False,
+            rank=1,
+        )
         # main_swav.py's queue holds the newest row first and drops its last rows; kinship's ring
         # overwrites the oldest slots from its pointer on: the same rows, newest first from ptr - 1
         queue = torch.stack([q.rows.roll(-int(q.ptr), 0).flip(0) for q in m.queues])
@@ -434,8 +509,9 @@ RUNNERS = {"coke": run_coke, "cmsf": run_cmsf, "msf": run_msf, "swav": run_swav,
 
 def commit_of(folder: Path) -> str | None:
     try:
-        return subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (subprocess.CalledProcessError, FileNotFoundError):
         return None
 

@@ -5,6 +5,7 @@ k=20, T=0.07; kinship's monitor defaults to the MoCo CIFAR demo's k=200, T=0.1.
 
     python benchmarks/knn_protocols.py runs/demo/last.pt
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,10 @@ def main(path: str) -> None:
     method = load_pretrained(path, state, config, data.handle.info, torch.device("cpu"))
     recipe = method.eval_recipe
     features = {
-        "model": (extract_features(method.eval_backbone, data.bank.images, recipe),
-                  extract_features(method.eval_backbone, data.test.images, recipe)),
+        "model": (
+            extract_features(method.eval_backbone, data.bank.images, recipe),
+            extract_features(method.eval_backbone, data.test.images, recipe),
+        ),
         "pixels": (pixel_features(data.bank.images, recipe), pixel_features(data.test.images, recipe)),
     }
     for k, temperature in ((200, 0.1), (20, 0.07)):

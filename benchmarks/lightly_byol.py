@@ -8,6 +8,7 @@ the same environment variables. lightly is not a kinship dependency: ``pip insta
 
     python benchmarks/lightly_byol.py --backbone convnet --batch 256 --steps 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,14 @@ def run_lightly(backbone_name: str, batch: int, steps: int, threads: int, worker
         view_1_transform=BYOLView1Transform(input_size=32, gaussian_blur=0.0, normalize=cifar),
         view_2_transform=BYOLView2Transform(input_size=32, gaussian_blur=0.0, normalize=cifar),
     )
-    loader = torch.utils.data.DataLoader(JpegDataset(NPZ, transform), batch_size=batch, shuffle=True,
-                                         drop_last=True, num_workers=workers, persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        JpegDataset(NPZ, transform),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
     backbone = build_backbone(backbone_name)
     projection = BYOLProjectionHead(backbone.feature_dim, 4096, 256)
     prediction = BYOLPredictionHead(256, 4096, 256)
@@ -88,8 +95,15 @@ def run_lightly(backbone_name: str, batch: int, steps: int, threads: int, worker
         if step >= warmup:
             times.append(time.perf_counter() - start)
     # the same statistics as `kinship bench`: median step time, and the mean beside it
-    return {"library": "lightly", "backbone": backbone_name, "batch": batch, "threads": threads, "workers": workers,
-            "img_per_s": round(batch / statistics.median(times), 1), "img_per_s_mean": round(batch * steps / sum(times), 1)}
+    return {
+        "library": "lightly",
+        "backbone": backbone_name,
+        "batch": batch,
+        "threads": threads,
+        "workers": workers,
+        "img_per_s": round(batch / statistics.median(times), 1),
+        "img_per_s_mean": round(batch * steps / sum(times), 1),
+    }
 
 
 def main() -> None:
@@ -109,17 +123,38 @@ def main() -> None:
         sys.exit(f"shared CIFAR-10 npz not found at {NPZ}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     common = ["--backbone", args.backbone, "--batch", str(args.batch), "--steps", str(args.steps)]
-    lightly = subprocess.run([sys.executable, __file__, "--only", "lightly", "--threads", str(args.threads),
-                              "--workers", str(workers), *common], env=env, capture_output=True, text=True, check=True)
-    kinship = subprocess.run([sys.executable, "-m", "kinship.cli", "bench", "--method", "byol", "--device", "cpu", *common],
-                             env=env, capture_output=True, text=True, check=True)
+    lightly = subprocess.run(
+        [sys.executable, __file__, "--only", "lightly", "--threads", str(args.threads), "--workers", str(workers), *common],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    kinship = subprocess.run(
+        [sys.executable, "-m", "kinship.cli", "bench", "--method", "byol", "--device", "cpu", *common],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     a, b = json.loads(lightly.stdout.strip().splitlines()[-1]), json.loads(kinship.stdout.strip().splitlines()[-1])
-    print(json.dumps({"backbone": args.backbone, "batch": args.batch, "threads": args.threads,
-                      "lightly_img_per_s": a["img_per_s"], "kinship_img_per_s": b["img_per_s"],
-                      "speedup": round(b["img_per_s"] / a["img_per_s"], 2),
-                      "lightly_img_per_s_mean": a["img_per_s_mean"], "kinship_img_per_s_mean": b["img_per_s_mean"],
-                      "speedup_mean": round(b["img_per_s_mean"] / a["img_per_s_mean"], 2), "lightly_workers": workers,
-                      "env": b["env"]}))
+    print(
+        json.dumps(
+            {
+                "backbone": args.backbone,
+                "batch": args.batch,
+                "threads": args.threads,
+                "lightly_img_per_s": a["img_per_s"],
+                "kinship_img_per_s": b["img_per_s"],
+                "speedup": round(b["img_per_s"] / a["img_per_s"], 2),
+                "lightly_img_per_s_mean": a["img_per_s_mean"],
+                "kinship_img_per_s_mean": b["img_per_s_mean"],
+                "speedup_mean": round(b["img_per_s_mean"] / a["img_per_s_mean"], 2),
+                "lightly_workers": workers,
+                "env": b["env"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

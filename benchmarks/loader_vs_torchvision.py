@@ -6,11 +6,11 @@ run in a fresh process (its peak memory with its workers): one JSON line per run
     python benchmarks/loader_vs_torchvision.py --make 1000 --width 500 --height 375 --folder /tmp/jpeg500
     python benchmarks/loader_vs_torchvision.py --folder /tmp/jpeg500 --workers 2 --batch 64 --steps 10
 """
+
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import subprocess
 import sys
 import time
@@ -59,12 +59,30 @@ def main() -> None:
 
         start = time.perf_counter()
         write_image_folder(Path(args.folder), classes=10, per_class=args.make // 10, width=args.width, height=args.height)
-        print(f"wrote {args.make} JPEGs of about {args.width} x {args.height} px in {time.perf_counter() - start:.0f} s",
-              file=sys.stderr)
+        print(
+            f"wrote {args.make} JPEGs of about {args.width} x {args.height} px in {time.perf_counter() - start:.0f} s",
+            file=sys.stderr,
+        )
         return
     common = [str(args.workers), str(args.batch), str(args.steps), str(args.image_size), str(args.views), str(args.warmup)]
-    kinship = ["-m", "kinship.cli", "bench", "--loader-only", "--data", args.folder, "--workers", common[0], "--batch", common[1],
-               "--steps", common[2], "--image-size", common[3], "--views", common[4]]
+    kinship = [
+        "-m",
+        "kinship.cli",
+        "bench",
+        "--loader-only",
+        "--data",
+        args.folder,
+        "--workers",
+        common[0],
+        "--batch",
+        common[1],
+        "--steps",
+        common[2],
+        "--image-size",
+        common[3],
+        "--views",
+        common[4],
+    ]
     for _, command in itertools.product(range(args.rounds), (kinship, ["-c", TORCHVISION, args.folder, *common])):
         done = subprocess.run([sys.executable, *command], capture_output=True, text=True, check=True)
         print(done.stdout.strip().splitlines()[-1], flush=True)

@@ -9,6 +9,7 @@ constraints, SsCL's FixMatch and supervised-only modes) trains on the first 10,2
 (40 steps an epoch at batch 256) for its scan steps plus 20 training steps, in one thread; every
 step's loss is kept as ``float.hex``, so equal means bit-identical.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,10 +46,18 @@ def fingerprint(config_file: str, overrides: list[str]) -> list[str]:
     base = load_config(ROOT / "configs" / config_file, overrides)
     scan = getattr(base.method, "scan_epochs", 0)
     steps_per_epoch = 10240 // base.train.batch_size
-    config = load_config(ROOT / "configs" / config_file, [
-        *overrides, "data.train_limit=10240", "data.test_limit=500", "train.log_every=1", "train.progress=false",
-        "train.time_limit_min=0", f"train.stop_after_steps={scan * steps_per_epoch + STEPS}",
-    ])
+    config = load_config(
+        ROOT / "configs" / config_file,
+        [
+            *overrides,
+            "data.train_limit=10240",
+            "data.test_limit=500",
+            "train.log_every=1",
+            "train.progress=false",
+            "train.time_limit_min=0",
+            f"train.stop_after_steps={scan * steps_per_epoch + STEPS}",
+        ],
+    )
     losses: list[str] = []
     step = Trainer.step
 

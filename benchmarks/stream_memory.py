@@ -5,6 +5,7 @@ line per run.
 
     python benchmarks/stream_memory.py --root /tmp/stream_memory
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,14 @@ print(json.dumps({"self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
 def config(root: Path, streaming: bool) -> dict:
     return {
         "method": {"name": "mocov2", "queue_size": 128, "augment": {"crop_size": 16}},
-        "data": {"name": "imagefolder", "path": str(root / "train"), "test_path": str(root / "test"), "image_size": 96,
-                 "workers": 2, "streaming": streaming},
+        "data": {
+            "name": "imagefolder",
+            "path": str(root / "train"),
+            "test_path": str(root / "test"),
+            "image_size": 96,
+            "workers": 2,
+            "streaming": streaming,
+        },
         "model": {"backbone": "convnet", "width": 8, "norm": "none"},
         "train": {"epochs": 2, "batch_size": 32, "stop_after_steps": 4, "progress": False, "log_every": 2},
         "eval": {"knn_k": 20, "knn_every": 1, "batch_size": 64},
@@ -49,8 +56,13 @@ def main() -> None:
                 write_image_folder(root / "train", classes=4, per_class=per_class, width=160, height=120, seed=0, quality=75)
                 write_image_folder(root / "test", classes=4, per_class=10, width=160, height=120, seed=1, quality=75)
             run = root / f"run_{'streamed' if streaming else 'in_memory'}"
-            done = subprocess.run([sys.executable, "-c", RUN, json.dumps(config(root, streaming)), str(run)], capture_output=True,
-                                  text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            done = subprocess.run(
+                [sys.executable, "-c", RUN, json.dumps(config(root, streaming)), str(run)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
             peaks = json.loads(done.stdout.strip().splitlines()[-1])
             print(json.dumps({"streaming": streaming, "images": 4 * per_class, **{k: round(v, 1) for k, v in peaks.items()}}))
 

@@ -72,10 +72,17 @@ def short_demo(tmp_path_factory, cifar_npz) -> tuple[Path, dict]:
     from kinship.train.trainer import Trainer
 
     out = tmp_path_factory.mktemp("short_demo")
-    config = load_config(DEMO, [
-        f"data.path={cifar_npz}", "data.train_limit=10240", "data.test_limit=2000",
-        "train.epochs=3", "train.progress=false", "train.time_limit_min=0",  # the demo's time guard off
-    ])
+    config = load_config(
+        DEMO,
+        [
+            f"data.path={cifar_npz}",
+            "data.train_limit=10240",
+            "data.test_limit=2000",
+            "train.epochs=3",
+            "train.progress=false",
+            "train.time_limit_min=0",  # the demo's time guard off
+        ],
+    )
     summary = Trainer(config, out, log=lambda *_: None).fit()
     return out, summary
 

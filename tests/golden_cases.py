@@ -9,6 +9,7 @@ state into each method's official code, runs its step once and writes what it pr
 ``tests/golden/official_steps.json``, which ``tests/test_golden.py`` compares with this module's
 numbers.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -56,8 +57,9 @@ def unit(*shape: int, g: torch.Generator) -> torch.Tensor:
     return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
 
 
-def build(seed: int, method: dict, labels: torch.Tensor | None = None, local_crops: int = 0,
-          dtype: torch.dtype = torch.float64) -> tuple[Method, list[torch.Tensor], Batch, StepInfo, torch.Generator]:
+def build(
+    seed: int, method: dict, labels: torch.Tensor | None = None, local_crops: int = 0, dtype: torch.dtype = torch.float64
+) -> tuple[Method, list[torch.Tensor], Batch, StepInfo, torch.Generator]:
     torch.manual_seed(seed)
     config = build_config({"method": method})
     info = DataInfo(SIZE, CLASSES, CROP)
@@ -79,17 +81,39 @@ def moco() -> Case:
     m, views, batch, info, g = build(10, {"name": "mocov2", "queue_size": 32, "dim": 8, "temperature": 0.2})
     m.queue.rows.copy_(unit(32, 8, g=g))
     m.queue.ptr.fill_(8)
-    return Case(m, views, batch, info, {**BACKBONE, "head0": "head.0.weight", "head2": "head.2.weight"},
-                lambda m: {"queue": checksum(m.queue.rows), "ptr": int(m.queue.ptr)}, target="key_encoder")
+    return Case(
+        m,
+        views,
+        batch,
+        info,
+        {**BACKBONE, "head0": "head.0.weight", "head2": "head.2.weight"},
+        lambda m: {"queue": checksum(m.queue.rows), "ptr": int(m.queue.ptr)},
+        target="key_encoder",
+    )
 
 
 def byol() -> Case:
     """BYOL-asym with a constant momentum: MSF's official step with k = 1 (the MSF paper's BYOL)."""
-    m, views, batch, info, _ = build(11, {"name": "byol", "projector_hidden": 32, "projector_dim": 4,
-                                                   "predictor_hidden": 32, "symmetric": False,
-                                                   "momentum_base": 0.99, "momentum_final": 0.99})
-    return Case(m, views, batch, info, {**BACKBONE, "projector0": "projector.0.weight", "predictor3": "predictor.3.weight"},
-                target="target")
+    m, views, batch, info, _ = build(
+        11,
+        {
+            "name": "byol",
+            "projector_hidden": 32,
+            "projector_dim": 4,
+            "predictor_hidden": 32,
+            "symmetric": False,
+            "momentum_base": 0.99,
+            "momentum_final": 0.99,
+        },
+    )
+    return Case(
+        m,
+        views,
+        batch,
+        info,
+        {**BACKBONE, "projector0": "projector.0.weight", "predictor3": "predictor.3.weight"},
+        target="target",
+    )
 
 
 def fill_bank(m: Method, g: torch.Generator, labels: torch.Tensor) -> None:
@@ -102,8 +126,13 @@ def fill_bank(m: Method, g: torch.Generator, labels: torch.Tensor) -> None:
     bank.ptr.fill_(8)
 
 
-MEAN_SHIFT = {"hidden": 32, "dim": 4,  # the official code's rule: 2 x and 1/4 of the 16-d features
-               "bank_size": 16, "topk": 3, "momentum": 0.99}
+MEAN_SHIFT = {
+    "hidden": 32,
+    "dim": 4,  # the official code's rule: 2 x and 1/4 of the 16-d features
+    "bank_size": 16,
+    "topk": 3,
+    "momentum": 0.99,
+}
 MEAN_SHIFT_GRADS = {**BACKBONE, "projector0": "projector.0.weight", "predictor3": "predictor.3.weight"}
 
 
@@ -144,8 +173,9 @@ def cmsf_supervised_short() -> Case:
     the bank, the other 8 slots (label 1) hold one same row, so whichever of them fill S_i, the loss is
     the same (the official code ranks them equal)."""
     labels = torch.ones(SIZE, dtype=torch.long)
-    m, views, batch, info, g = build(23, {"name": "cmsf", "constraint": "supervised", **MEAN_SHIFT,
-                                                                    "topk": 11, "bank_size": 16}, labels)
+    m, views, batch, info, g = build(
+        23, {"name": "cmsf", "constraint": "supervised", **MEAN_SHIFT, "topk": 11, "bank_size": 16}, labels
+    )
     fill_bank(m, g, labels)
     m.bank.rows.copy_(unit(1, 4, g=g).expand(16, 4))
     batch.labels.zero_()
@@ -162,7 +192,12 @@ def cmsf_semi() -> Case:
 
 
 COKE = {"name": "coke", "clusters": [5, 7], "dim": 8, "hidden": 16, "gamma": 0.4, "eta": 20.0}
-COKE_GRADS = {**BACKBONE, "projector0": "projector.0.weight", "projector6": "projector.6.weight", "predictor3": "predictor.3.weight"}
+COKE_GRADS = {
+    **BACKBONE,
+    "projector0": "projector.0.weight",
+    "projector6": "projector.6.weight",
+    "predictor3": "predictor.3.weight",
+}
 
 
 def coke_case(seed: int, **extra) -> Case:
@@ -179,13 +214,20 @@ def coke_case(seed: int, **extra) -> Case:
         head.labels.copy_(torch.randint(0, head.k, (SIZE,), generator=g))
 
     def record(m: Method) -> dict:
-        return {f"head{h}": {"labels": head.labels.tolist(), "duals": head.duals.tolist(),
-                             "running": checksum(head.centres.running)} for h, head in enumerate(m.heads)}
+        return {
+            f"head{h}": {"labels": head.labels.tolist(), "duals": head.duals.tolist(), "running": checksum(head.centres.running)}
+            for h, head in enumerate(m.heads)
+        }
 
     # steps before, on other images, so that the recorded step's centres continue a running mean
     # (where Eq. 13's mean and the official per-batch renormalisation part)
-    warmup = [([torch.randn(B, 3, CROP, CROP, generator=g) for _ in range(m.config.views)],
-               Batch(torch.randperm(SIZE, generator=g)[:B], None, torch.full((B,), -1))) for _ in range(3)]
+    warmup = [
+        (
+            [torch.randn(B, 3, CROP, CROP, generator=g) for _ in range(m.config.views)],
+            Batch(torch.randperm(SIZE, generator=g)[:B], None, torch.full((B,), -1)),
+        )
+        for _ in range(3)
+    ]
     return Case(m, views[: m.config.views], batch, info, COKE_GRADS, record, warmup=warmup)
 
 
@@ -198,15 +240,25 @@ def coke_one_view() -> Case:
 
 
 def mira() -> Case:
-    m, views, batch, info, _ = build(40, {"name": "mira", "prototypes": 12, "dim": 8, "hidden": 32,
-                                                  "iterations": 30, "local_crops": 2}, local_crops=2)
-    return Case(m, views, batch, info, {**BACKBONE, "projector0": "projector.0.weight", "projector6": "projector.6.weight",
-                                        "prototypes": "head.weight"}, target="teacher")
+    m, views, batch, info, _ = build(
+        40, {"name": "mira", "prototypes": 12, "dim": 8, "hidden": 32, "iterations": 30, "local_crops": 2}, local_crops=2
+    )
+    return Case(
+        m,
+        views,
+        batch,
+        info,
+        {**BACKBONE, "projector0": "projector.0.weight", "projector6": "projector.6.weight", "prototypes": "head.weight"},
+        target="teacher",
+    )
 
 
 def swav() -> Case:
-    m, views, batch, info, g = build(50, {"name": "swav", "prototypes": 12, "dim": 8, "hidden": 32,
-                                                  "queue_size": 16, "queue_start_epoch": 1, "local_crops": 2}, local_crops=2)
+    m, views, batch, info, g = build(
+        50,
+        {"name": "swav", "prototypes": 12, "dim": 8, "hidden": 32, "queue_size": 16, "queue_start_epoch": 1, "local_crops": 2},
+        local_crops=2,
+    )
     for queue in m.queues:
         queue.rows.copy_(unit(16, 8, g=g))
         queue.filled.fill_(16)
@@ -216,14 +268,28 @@ def swav() -> Case:
     def record(m: Method) -> dict:
         return {f"queue{i}": set_checksum(q.rows) for i, q in enumerate(m.queues)}
 
-    return Case(m, views, batch, info, {**BACKBONE, "projector0": "projector.0.weight", "projector3": "projector.3.weight",
-                                        "prototypes": "head.weight"}, record)
+    return Case(
+        m,
+        views,
+        batch,
+        info,
+        {**BACKBONE, "projector0": "projector.0.weight", "projector3": "projector.3.weight", "prototypes": "head.weight"},
+        record,
+    )
 
 
 CASES: dict[str, Callable[[], Case]] = {
-    "coke_two_views": coke_two_views, "coke_one_view": coke_one_view, "msf": msf, "cmsf_self": cmsf_self,
-    "cmsf_supervised": cmsf_supervised, "cmsf_supervised_short": cmsf_supervised_short, "cmsf_semi": cmsf_semi,
-    "mira": mira, "swav": swav, "mocov2": moco, "byol": byol,
+    "coke_two_views": coke_two_views,
+    "coke_one_view": coke_one_view,
+    "msf": msf,
+    "cmsf_self": cmsf_self,
+    "cmsf_supervised": cmsf_supervised,
+    "cmsf_supervised_short": cmsf_supervised_short,
+    "cmsf_semi": cmsf_semi,
+    "mira": mira,
+    "swav": swav,
+    "mocov2": moco,
+    "byol": byol,
 }
 
 
@@ -244,8 +310,11 @@ def kinship_step(case: Case) -> dict:
     loss, _ = m(case.views, case.batch, case.info)
     loss.backward()
     named = dict(m.named_parameters())
-    out = {"loss": loss.item(), "grads": {label: named[name].grad.norm().item() for label, name in case.grads.items()},
-           **case.record(m)}
+    out = {
+        "loss": loss.item(),
+        "grads": {label: named[name].grad.norm().item() for label, name in case.grads.items()},
+        **case.record(m),
+    }
     if case.target:
         with torch.no_grad():
             for p in m.parameters():

@@ -6,6 +6,7 @@ refresh that ran twice, was skipped or differs across processes changes the weig
 labeled images it has seen and the images of its scan epochs, and reports per-epoch metrics.
 Importing this module registers it as ``probe``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

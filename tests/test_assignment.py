@@ -1,4 +1,5 @@
 """Assignment solvers: MIRA's fixed point (MIRA Eq. 5-7) and SwAV's Sinkhorn (main_swav.py: distributed_sinkhorn)."""
+
 import math
 
 import pytest
@@ -28,8 +29,8 @@ def reference_mira(logits, beta, iterations=1000):
     c = -beta / (1 - beta)
     u = a.mean(0) ** (1 - beta)
     for _ in range(iterations):
-        u = ((a / (a * u ** c).sum(1, keepdim=True)).mean(0)) ** (1 - beta)
-    w = a * u ** c
+        u = ((a / (a * u**c).sum(1, keepdim=True)).mean(0)) ** (1 - beta)
+    w = a * u**c
     return w / w.sum(1, keepdim=True)
 
 
@@ -219,7 +220,9 @@ def test_assignment_is_the_argmax_of_similarity_plus_duals_and_two_views_average
     assert torch.equal(constrained_assignment(x1, centres, torch.zeros(6)), (x1 @ centres.T).argmax(1))  # nearest
     mean = (x1 + x2) / 2  # Eq. 17: the mean of the views, not renormalised
     assert torch.equal(constrained_assignment(mean, centres, rho), ((x1 @ centres.T + x2 @ centres.T) / 2 + rho).argmax(1))
-    assert not torch.equal(constrained_assignment(F.normalize(mean, dim=1), centres, rho), constrained_assignment(mean, centres, rho))
+    assert not torch.equal(
+        constrained_assignment(F.normalize(mean, dim=1), centres, rho), constrained_assignment(mean, centres, rho)
+    )
 
 
 def test_dual_step_exact_numbers():

@@ -1,4 +1,5 @@
 """Augmentations: parameter statistics, per-sample independence, agreement with torchvision."""
+
 import math
 
 import torch
@@ -19,7 +20,9 @@ CPU = torch.device("cpu")
 
 
 def crop_boxes(n, height, width, scale, ratio, generator, aspect=None):
-    return ops.crop_boxes(height, width, ratio, **ops.draw_crop_boxes(Shard.whole(n), scale, ratio, generator, CPU), aspect=aspect)
+    return ops.crop_boxes(
+        height, width, ratio, **ops.draw_crop_boxes(Shard.whole(n), scale, ratio, generator, CPU), aspect=aspect
+    )
 
 
 def as_batch(images: torch.Tensor, aspect: torch.Tensor | None = None) -> Batch:
@@ -57,8 +60,9 @@ def test_flip_rate_and_full_crop_is_identity_or_mirror():
     out = ops.crop_resize_flip(images, boxes, 8, flip)
     assert torch.allclose(out[~flip], images[~flip], atol=1e-5)
     assert torch.allclose(out[flip], images[flip].flip(-1), atol=1e-5)
-    recipe = AugmentConfig(crop_size=8, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0, grayscale_p=0,
-                           mean=(0, 0, 0), std=(1, 1, 1))
+    recipe = AugmentConfig(
+        crop_size=8, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0, grayscale_p=0, mean=(0, 0, 0), std=(1, 1, 1)
+    )
     (views,) = make_views(as_batch((images * 255).round().to(torch.uint8)), [recipe], gen(3))
     original = (images * 255).round() / 255
     same = (views - original).abs().amax(dim=(1, 2, 3)) < 1e-4
@@ -100,14 +104,20 @@ def test_color_jitter_matches_torchvision_per_sample():
 
 def test_jitter_with_p_zero_is_identity_and_factors_vary_per_sample():
     images = torch.rand(64, 3, 8, 8)
-    assert torch.equal(ops.color_jitter(images, **ops.draw_color_jitter(Shard.whole(len(images)), 0.0, 0.4, 0.4, 0.4, 0.1, gen(), CPU)), images)
-    bright = ops.color_jitter(torch.full((64, 3, 4, 4), 0.5), **ops.draw_color_jitter(Shard.whole(64), 1.0, 0.4, 0, 0, 0, gen(), CPU))
+    assert torch.equal(
+        ops.color_jitter(images, **ops.draw_color_jitter(Shard.whole(len(images)), 0.0, 0.4, 0.4, 0.4, 0.1, gen(), CPU)), images
+    )
+    bright = ops.color_jitter(
+        torch.full((64, 3, 4, 4), 0.5), **ops.draw_color_jitter(Shard.whole(64), 1.0, 0.4, 0, 0, 0, gen(), CPU)
+    )
     assert len(torch.unique(bright[:, 0, 0, 0])) == 64
 
 
 def test_blur_keeps_constants_and_smooths():
     const = torch.full((10, 3, 16, 16), 0.3)
-    assert torch.allclose(ops.gaussian_blur(const, **ops.draw_gaussian_blur(Shard.whole(len(const)), 1.0, (0.1, 2.0), gen(), CPU)), const, atol=1e-6)
+    assert torch.allclose(
+        ops.gaussian_blur(const, **ops.draw_gaussian_blur(Shard.whole(len(const)), 1.0, (0.1, 2.0), gen(), CPU)), const, atol=1e-6
+    )
     noise = torch.rand(10, 3, 16, 16)
     blurred = ops.gaussian_blur(noise, **ops.draw_gaussian_blur(Shard.whole(len(noise)), 1.0, (1.5, 2.0), gen(), CPU))
     assert blurred.std() < 0.6 * noise.std()

@@ -1,11 +1,12 @@
 """The command line: every user error is `kinship: error: ...` with exit status 2, no traceback;
 the resume command serves the first start too; and the views picture."""
+
 import pytest
 import torch
 import yaml
+from conftest import fails, tiny_run_config
 from PIL import Image
 
-from conftest import fails, tiny_run_config
 from kinship import checkpoint
 from kinship.cli import main
 
@@ -17,15 +18,22 @@ def write_config(tmp_path, values=None, name="c.yaml"):
 
 
 def test_unknown_key_exits_2_with_message(tmp_path, capsys):
-    fails(capsys, ["pretrain", "--config", write_config(tmp_path), "--set", "train.epoch=3", "--out", str(tmp_path / "r")],
-          "unknown config key 'train.epoch' (did you mean 'epochs'?)")
+    fails(
+        capsys,
+        ["pretrain", "--config", write_config(tmp_path), "--set", "train.epoch=3", "--out", str(tmp_path / "r")],
+        "unknown config key 'train.epoch' (did you mean 'epochs'?)",
+    )
 
 
 def test_missing_dataset_exits_2(tmp_path, capsys):
     values = tiny_run_config()
     values["data"] = {"name": "cifar10-npz", "path": str(tmp_path / "nope.npz")}
-    fails(capsys, ["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r")], "dataset file not found",
-          f"kinship pack-npz cifar10 --root data/torchvision --download --out {tmp_path / 'nope.npz'}")
+    fails(
+        capsys,
+        ["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r")],
+        "dataset file not found",
+        f"kinship pack-npz cifar10 --root data/torchvision --download --out {tmp_path / 'nope.npz'}",
+    )
 
 
 def test_pack_npz_from_an_image_folder_is_read_back_like_the_shared_file(tmp_path, capsys):
@@ -55,44 +63,82 @@ def test_pack_npz_from_an_image_folder_is_read_back_like_the_shared_file(tmp_pat
 def test_method_options_are_checked_before_any_data_is_read(tmp_path, capsys):
     values = tiny_run_config(**{"method": {"name": "cmsf", "constraint": "selff"}})
     values["data"] = {"name": "cifar10-npz", "path": str(tmp_path / "nope.npz")}  # would fail if it were read
-    fails(capsys, ["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r")],
-          "method.constraint must be one of none, self, supervised, semi, got 'selff' (did you mean 'self'?)")
-    fails(capsys, ["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r"),
-                   "--set", "method.constraint=self", "--set", "method.target_view=both"], "method.target_view must be one of weak, strong")
+    fails(
+        capsys,
+        ["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r")],
+        "method.constraint must be one of none, self, supervised, semi, got 'selff' (did you mean 'self'?)",
+    )
+    fails(
+        capsys,
+        [
+            "pretrain",
+            "--config",
+            write_config(tmp_path, values),
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            "method.constraint=self",
+            "--set",
+            "method.target_view=both",
+        ],
+        "method.target_view must be one of weak, strong",
+    )
 
 
 def test_set_without_equals_sign(tmp_path, capsys):
-    fails(capsys, ["pretrain", "--config", write_config(tmp_path), "--set", "train.epochs", "--out", str(tmp_path / "r")],
-          "--set expects key=value, got 'train.epochs'")
+    fails(
+        capsys,
+        ["pretrain", "--config", write_config(tmp_path), "--set", "train.epochs", "--out", str(tmp_path / "r")],
+        "--set expects key=value, got 'train.epochs'",
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu(tmp_path, capsys):
-    fails(capsys, ["pretrain", "--config", write_config(tmp_path), "--set", "train.device=cuda", "--out", str(tmp_path / "r")],
-          "train.device is 'cuda' but no CUDA device is available")
+    fails(
+        capsys,
+        ["pretrain", "--config", write_config(tmp_path), "--set", "train.device=cuda", "--out", str(tmp_path / "r")],
+        "train.device is 'cuda' but no CUDA device is available",
+    )
 
 
 def test_batch_larger_than_the_dataset(tmp_path, capsys):
-    fails(capsys, ["pretrain", "--config", write_config(tmp_path), "--set", "train.batch_size=512", "--out", str(tmp_path / "r")],
-          "train.batch_size 512 is larger than the 256 training images")
+    fails(
+        capsys,
+        ["pretrain", "--config", write_config(tmp_path), "--set", "train.batch_size=512", "--out", str(tmp_path / "r")],
+        "train.batch_size 512 is larger than the 256 training images",
+    )
 
 
 def test_supervised_constraint_with_hidden_labels(tmp_path, capsys):
-    values = tiny_run_config(**{"method": {"name": "cmsf", "constraint": "supervised", "bank_size": 64},
-                                "data.labeled_per_class": 8})
-    fails(capsys, ["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r")],
-          "method.constraint 'supervised' needs a label for every training image, and 224 of 256 are hidden", "use constraint 'semi'")
+    values = tiny_run_config(
+        **{"method": {"name": "cmsf", "constraint": "supervised", "bank_size": 64}, "data.labeled_per_class": 8}
+    )
+    fails(
+        capsys,
+        ["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r")],
+        "method.constraint 'supervised' needs a label for every training image, and 224 of 256 are hidden",
+        "use constraint 'semi'",
+    )
 
 
 def test_non_finite_loss_exits_2_naming_the_step(tmp_path, capsys):
-    fails(capsys, ["pretrain", "--config", write_config(tmp_path), "--set", "optim.lr=1e30", "--out", str(tmp_path / "r")],
-          "loss is", "at step", "training stopped")
+    fails(
+        capsys,
+        ["pretrain", "--config", write_config(tmp_path), "--set", "optim.lr=1e30", "--out", str(tmp_path / "r")],
+        "loss is",
+        "at step",
+        "training stopped",
+    )
 
 
 def test_data_folder_without_train_and_val(tmp_path, capsys):
     (tmp_path / "images" / "cats").mkdir(parents=True)
-    fails(capsys, ["eval", "knn", "--checkpoint", str(tmp_path / "x.pt"), "--data", str(tmp_path / "images")],
-          "needs train/ and val/ (or test/) folders")
+    fails(
+        capsys,
+        ["eval", "knn", "--checkpoint", str(tmp_path / "x.pt"), "--data", str(tmp_path / "images")],
+        "needs train/ and val/ (or test/) folders",
+    )
 
 
 def test_resume_starts_a_run_that_has_no_checkpoint_yet(tmp_path, capsys):
@@ -102,7 +148,12 @@ def test_resume_starts_a_run_that_has_no_checkpoint_yet(tmp_path, capsys):
     assert f"--resume: no checkpoint in {out} yet, starting the run" in capsys.readouterr().out
     assert main(argv) == 0  # the same command again: the run is complete, nothing more to train
     assert "resumed from" in capsys.readouterr().out
-    fails(capsys, ["pretrain", "--out", str(tmp_path / "empty"), "--resume"], "has no config.yaml", "give --config for the first start")
+    fails(
+        capsys,
+        ["pretrain", "--out", str(tmp_path / "empty"), "--resume"],
+        "has no config.yaml",
+        "give --config for the first start",
+    )
 
 
 def test_truncated_or_foreign_checkpoint_on_resume(tmp_path, capsys):
@@ -113,16 +164,36 @@ def test_truncated_or_foreign_checkpoint_on_resume(tmp_path, capsys):
     (out / "last.pt").write_bytes(data[: len(data) // 2])
     fails(capsys, ["pretrain", "--config", config, "--out", str(out), "--resume"], f"cannot read {out / 'last.pt'}", "truncated")
     checkpoint.save_atomic({"conv.weight": torch.zeros(1)}, out / "last.pt")
-    fails(capsys, ["pretrain", "--config", config, "--out", str(out), "--resume"], f"{out / 'last.pt'} is not a kinship pre-training checkpoint")
+    fails(
+        capsys,
+        ["pretrain", "--config", config, "--out", str(out), "--resume"],
+        f"{out / 'last.pt'} is not a kinship pre-training checkpoint",
+    )
 
 
 def test_diverging_fine_tune(tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["pretrain", "--config", write_config(tmp_path), "--set", "train.epochs=1", "--out", str(out)]) == 0
-    fails(capsys, ["eval", "finetune", "--checkpoint", str(out / "last.pt"), "--no-progress",
-                   "--set", "eval.finetune.lr_backbone=1e30", "--set", "eval.finetune.lr_head=1e30",
-                   "--set", "eval.finetune.epochs=2", "--set", "eval.finetune.fractions=[0.5]"],
-          "fine-tune 50pct: loss is", "lower the learning rate")
+    fails(
+        capsys,
+        [
+            "eval",
+            "finetune",
+            "--checkpoint",
+            str(out / "last.pt"),
+            "--no-progress",
+            "--set",
+            "eval.finetune.lr_backbone=1e30",
+            "--set",
+            "eval.finetune.lr_head=1e30",
+            "--set",
+            "eval.finetune.epochs=2",
+            "--set",
+            "eval.finetune.fractions=[0.5]",
+        ],
+        "fine-tune 50pct: loss is",
+        "lower the learning rate",
+    )
 
 
 def test_views_picture(tmp_path):
@@ -139,7 +210,10 @@ def test_a_log_file_gets_one_line_per_epoch_and_no_progress_bar(tmp_path, capsys
     assert main(["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r")]) == 0
     out, err = capsys.readouterr()
     assert "\r" not in out + err
-    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch ") and "img/s" in line] == ["epoch 1/2", "epoch 2/2"]
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch ") and "img/s" in line] == [
+        "epoch 1/2",
+        "epoch 2/2",
+    ]
 
 
 def test_a_failed_download_is_an_error_that_says_so(tmp_path, capsys, monkeypatch):
@@ -151,8 +225,12 @@ def test_a_failed_download_is_an_error_that_says_so(tmp_path, capsys, monkeypatc
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    fails(capsys, ["pack-npz", "cifar10", "--root", str(tmp_path), "--download", "--out", str(tmp_path / "c.npz")],
-          f"cannot download cifar10 into {tmp_path}", "Name or service not known")
+    fails(
+        capsys,
+        ["pack-npz", "cifar10", "--root", str(tmp_path), "--download", "--out", str(tmp_path / "c.npz")],
+        f"cannot download cifar10 into {tmp_path}",
+        "Name or service not known",
+    )
     assert not (tmp_path / "c.npz").exists()
 
 
@@ -185,8 +263,27 @@ def test_bench_loader_only_prints_images_per_second_and_peak_memory(tmp_path, ca
     from kinship.data.store import write_image_folder
 
     write_image_folder(tmp_path, classes=2, per_class=8, width=60, height=40)
-    assert main(["bench", "--loader-only", "--data", str(tmp_path), "--workers", "1", "--batch", "4", "--steps", "2",
-                 "--image-size", "32", "--views", "2"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--loader-only",
+                "--data",
+                str(tmp_path),
+                "--workers",
+                "1",
+                "--batch",
+                "4",
+                "--steps",
+                "2",
+                "--image-size",
+                "32",
+                "--views",
+                "2",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["img_per_s"] > 0 and result["peak_rss_mb"] > 0 and result["images"] == 16
     fails(capsys, ["bench", "--loader-only"], "--data FOLDER")

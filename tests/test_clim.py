@@ -1,15 +1,16 @@
 """CLIM: the centre-wise positives of Eq. 2, CutMix / mixup (Eq. 3), the mixed InfoNCE (Eq. 4), the
 multi-resolution loss (Eq. 6) and the method around them (refresh schedule, MoCo v2 as a special case)."""
+
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_run_config
+
 from kinship.assembly import build_config, build_method
-from kinship.blocks.knn import nearest_neighbours
 from kinship.augment.mixing import box_masks, cutmix, cutmix_boxes, mix
+from kinship.blocks.knn import nearest_neighbours
 from kinship.blocks.positives import centre_wise_mask, random_candidates, same_cluster_candidates, select_positives
 from kinship.data import BatchPlan, ImageSet, TensorLoader, TrainData
 from kinship.errors import ConfigError
@@ -17,6 +18,7 @@ from kinship.losses import info_nce_with_queue, mixed_info_nce
 from kinship.methods import StepInfo
 from kinship.sampling import Shard
 from kinship.train.trainer import Trainer
+
 
 def G(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -32,7 +34,10 @@ def test_centre_wise_selection_known_answer():
     assert neighbours[2].tolist() == [1, 0, 3]  # distances 1, 2, 3
     assert neighbours[4].tolist() == [3, 5, 2]  # the tie 5 / 7 goes to the lower index
     keep = centre_wise_mask(v, centroids, assignments, neighbours)
-    kept = lambda i: {int(j) for j, k in zip(neighbours[i], keep[i]) if k}
+
+    def kept(i):
+        return {int(j) for j, k in zip(neighbours[i], keep[i]) if k}
+
     assert kept(2) == {1, 0} and kept(3) == {4, 5} and kept(4) == set()
     table, count = select_positives("centre", v, centroids, assignments, neighbours, 3, G())
     assert count[[2, 3, 4]].tolist() == [2, 2, 0]
@@ -58,17 +63,20 @@ def test_centre_wise_selection_equals_a_brute_force_reading_of_eq2():
     for i in range(200):
         omega, knn = brute_force_omega(v, centroids, assignments, 10, i)
         assert neighbours[i].tolist() == knn
-        assert {int(j) for j, kept in zip(neighbours[i], centre_wise_mask(v, centroids, assignments, neighbours)[i]) if kept} == omega
+        assert {
+            int(j) for j, kept in zip(neighbours[i], centre_wise_mask(v, centroids, assignments, neighbours)[i]) if kept
+        } == omega
         row = table[i].tolist()
         assert i not in row and len(set(row)) == 4 and count[i] == len(omega)
         if len(omega) >= 4:
             assert set(row) <= omega
         else:
-            assert set(row[: len(omega)]) == omega and row[len(omega):] == [j for j in knn if j not in omega][: 4 - len(omega)]
+            assert set(row[: len(omega)]) == omega and row[len(omega) :] == [j for j in knn if j not in omega][: 4 - len(omega)]
     # invariances of unit features: centroid scale, a common rotation
     q, _ = torch.linalg.qr(torch.randn(8, 8, generator=G(4), dtype=torch.float64))
-    assert torch.equal(centre_wise_mask(v, centroids, assignments, neighbours),
-                       centre_wise_mask(v @ q, centroids @ q, assignments, neighbours))
+    assert torch.equal(
+        centre_wise_mask(v, centroids, assignments, neighbours), centre_wise_mask(v @ q, centroids @ q, assignments, neighbours)
+    )
 
 
 def test_neighbours_exclude_self_by_index_and_ignore_chunking():
@@ -129,7 +137,10 @@ def test_mixed_infonce_is_affine_in_lambda_and_reduces_to_infonce():
     per_sample = info_nce_with_queue(q, kx, queue, 0.2, "none")
     logits = torch.cat([(q * kx).sum(1, keepdim=True), q @ queue.T], 1) / 0.2
     assert torch.allclose(per_sample, -F.log_softmax(logits, 1)[:, 0], atol=1e-12)
-    at = lambda lam: mixed_info_nce(q, kx, ky, queue, torch.full((6,), lam, dtype=torch.float64), 0.2)
+
+    def at(lam):
+        return mixed_info_nce(q, kx, ky, queue, torch.full((6,), lam, dtype=torch.float64), 0.2)
+
     assert torch.allclose(at(0.3), 0.3 * at(1.0) + 0.7 * at(0.0), atol=1e-12)
     assert torch.allclose(at(1.0), per_sample, atol=1e-12)
     assert torch.allclose(mixed_info_nce(q, kx, kx, queue, torch.rand(6, dtype=torch.float64), 0.2), per_sample, atol=1e-12)
@@ -158,8 +169,16 @@ def step_loss(model, data):
 def test_without_mixing_a_positive_equal_to_the_anchor_gives_moco_v2s_loss():
     """Fixed views (the whole image, no jitter): the positive's key equals the anchor's, and CLIM's
     loss (the plain and the kin term averaged) is MoCo v2's with the same weights and queue."""
-    method = {"name": "clim", "queue_size": 64, "augment": FIXED, "mixing": "none", "clusters": 4, "neighbours": 4,
-              "positives": 2, "refresh_start": 1}
+    method = {
+        "name": "clim",
+        "queue_size": 64,
+        "augment": FIXED,
+        "mixing": "none",
+        "clusters": 4,
+        "neighbours": 4,
+        "positives": 2,
+        "refresh_start": 1,
+    }
     moco, data = built({"name": "mocov2", "queue_size": 64, "augment": FIXED})
     expected = step_loss(moco, data)[0].item()
     clim, _ = built(method)
@@ -172,8 +191,18 @@ def test_without_mixing_a_positive_equal_to_the_anchor_gives_moco_v2s_loss():
 
 
 def test_multi_resolution_views_and_loss():
-    clim, data = built({"name": "clim", "queue_size": 64, "augment": {"crop_size": 16}, "resolutions": [16, 12],
-                        "clusters": 4, "neighbours": 4, "positives": 2, "refresh_start": 1})
+    clim, data = built(
+        {
+            "name": "clim",
+            "queue_size": 64,
+            "augment": {"crop_size": 16},
+            "resolutions": [16, 12],
+            "clusters": 4,
+            "neighbours": 4,
+            "positives": 2,
+            "refresh_start": 1,
+        }
+    )
     clim.use_candidates(torch.randint(0, 128, (128, 2), generator=G(22)))
     loss, views = step_loss(clim, data)
     assert [v.shape[-1] for v in views[:-1]] == [16, 12] * 4 and views[-1].shape == (32,)
@@ -183,8 +212,18 @@ def test_multi_resolution_views_and_loss():
 
 
 def test_plain_weight_zero_is_eq6_alone():
-    clim, data = built({"name": "clim", "queue_size": 64, "augment": {"crop_size": 16}, "plain_weight": 0.0,
-                        "clusters": 4, "neighbours": 4, "positives": 2, "refresh_start": 1})
+    clim, data = built(
+        {
+            "name": "clim",
+            "queue_size": 64,
+            "augment": {"crop_size": 16},
+            "plain_weight": 0.0,
+            "clusters": 4,
+            "neighbours": 4,
+            "positives": 2,
+            "refresh_start": 1,
+        }
+    )
     clim.use_candidates(torch.randint(0, 128, (128, 2), generator=G(23)))
     batch = next(TensorLoader(data, BatchPlan(len(data), 32, seed=0)).epoch(0))
     info = StepInfo(1, 4, 8, G(21), 4, 4)
@@ -194,9 +233,23 @@ def test_plain_weight_zero_is_eq6_alone():
 
 
 def test_refresh_schedule_purity_metrics_and_no_extra_refresh_on_resume(tmp_path):
-    values = tiny_run_config(**{"method": {"name": "clim", "queue_size": 128, "augment": {"crop_size": 16}, "clusters": 8,
-                                           "neighbours": 6, "positives": 3, "refresh_start": 1, "refresh_every": 2},
-                                "train.epochs": 4, "eval.baselines": False, "eval.knn_every": 100})
+    values = tiny_run_config(
+        **{
+            "method": {
+                "name": "clim",
+                "queue_size": 128,
+                "augment": {"crop_size": 16},
+                "clusters": 8,
+                "neighbours": 6,
+                "positives": 3,
+                "refresh_start": 1,
+                "refresh_every": 2,
+            },
+            "train.epochs": 4,
+            "eval.baselines": False,
+            "eval.knn_every": 100,
+        }
+    )
     Trainer(build_config({**values, "train": {**values["train"], "stop_after_steps": 6}}), tmp_path, log=lambda *_: None).fit()
     Trainer(build_config(values), tmp_path, resume=True, log=lambda *_: None).fit()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -208,8 +261,18 @@ def test_refresh_schedule_purity_metrics_and_no_extra_refresh_on_resume(tmp_path
     assert [r["step"] for r in rows if "loss_kin" in r] and min(r["step"] for r in rows if "loss_kin" in r) > 4
 
 
-@pytest.mark.parametrize("bad", [{"selection": "nearest"}, {"mixing": "cut"}, {"resolutions": [24]}, {"resolutions": [12]},
-                                 {"positives": 50}, {"refresh_start": 2}, {"symmetric": True}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"selection": "nearest"},
+        {"mixing": "cut"},
+        {"resolutions": [24]},
+        {"resolutions": [12]},
+        {"positives": 50},
+        {"refresh_start": 2},
+        {"symmetric": True},
+    ],
+)
 def test_config_errors_name_the_key(bad):
     values = tiny_run_config(method={"name": "clim", "augment": {"crop_size": 16}, **bad})
     with pytest.raises(ConfigError, match="method"):

@@ -1,9 +1,10 @@
 """MSF and CMSF: the loss, the three constraints, the caches, the pseudo-labels and the purity metric."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import data_handle
+
 from kinship.assembly import build_config
 from kinship.blocks.cache import SampleCache
 from kinship.blocks.knn import masked_topk
@@ -98,7 +99,7 @@ def test_supervised_constraint_takes_its_label_first_and_fills_only_when_short(m
     calls = spy_topk(monkeypatch)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     step(method, torch.arange(100, 106), labels, 7, 99)
-    (_, _, index, selected), = calls
+    ((_, _, index, selected),) = calls
     bank_labels = method.bank.column("label")[method.bank.valid() > 0]
     available = (bank_labels.unsqueeze(0) == labels.unsqueeze(1)).sum(1).clamp(max=16)
     assert available.min() < 16  # short rows exist
@@ -281,7 +282,9 @@ def test_small_crops_equal_to_the_large_crop_leave_the_loss_unchanged():
     loss_plain, _ = plain([target, online], batch, info)
     loss_crops, _ = crops([target, online, online.clone(), online.clone()], batch, info)
     assert torch.allclose(loss_plain, loss_crops, atol=1e-10)
-    views = crops.views(Batch(torch.arange(B), torch.zeros(B, 3, 32, 32, dtype=torch.uint8), torch.zeros(B)), StepInfo(0, 0, 1, g, 0, 1))
+    views = crops.views(
+        Batch(torch.arange(B), torch.zeros(B, 3, 32, 32, dtype=torch.uint8), torch.zeros(B)), StepInfo(0, 0, 1, g, 0, 1)
+    )
     assert [v.shape[-1] for v in views] == [32, 32, 16, 16]
 
 
@@ -308,8 +311,9 @@ def test_rank_of_the_farthest_constrained_neighbour_by_hand():
 
 def test_coarse_labels_from_a_label_map(tmp_path):
     from conftest import tiny_run_config
-    from kinship.data import DataError
+
     from kinship.assembly import load_run_data
+    from kinship.data import DataError
 
     mapping = tmp_path / "coarse.json"
     mapping.write_text("[0, 0, 1, 1]")  # synthetic data has 4 classes
@@ -328,8 +332,19 @@ def test_purity_is_measured_with_the_ground_truth_not_the_constraint_labels(monk
     truth = torch.arange(200) % 3
     noisy = corrupt_labels(truth, 0.5, 3, seed=0)
     torch.manual_seed(0)
-    config = build_config({"method": {"name": "cmsf", "constraint": "supervised", "topk": 10, "bank_size": BANK,
-                                      "hidden": 32, "dim": D, "fill_short": False}})
+    config = build_config(
+        {
+            "method": {
+                "name": "cmsf",
+                "constraint": "supervised",
+                "topk": 10,
+                "bank_size": BANK,
+                "hidden": 32,
+                "dim": D,
+                "fill_short": False,
+            }
+        }
+    )
     method = CMSF(config.method, ConvNet(8), TrainData(DataInfo(200, 3, 16), noisy, truth)).double()
     g = torch.Generator().manual_seed(0)
     for s in range(6):
@@ -338,9 +353,11 @@ def test_purity_is_measured_with_the_ground_truth_not_the_constraint_labels(monk
     calls = spy_topk(monkeypatch)
     index = torch.arange(150, 150 + B)
     _, logs = step(method, index, noisy[index], 7, 7)
-    (_, _, slots, selected), = calls
+    ((_, _, slots, selected),) = calls
     neighbours = method.bank.column("index")[slots]
-    assert ((method.bank.column("label")[slots] == noisy[index].unsqueeze(1)) | (selected == 0)).all()  # 100% by the stored labels
+    assert (
+        (method.bank.column("label")[slots] == noisy[index].unsqueeze(1)) | (selected == 0)
+    ).all()  # 100% by the stored labels
     expected = ((truth[neighbours] == truth[index].unsqueeze(1)).double() * selected).sum() / selected.sum()
     assert logs["purity"].item() == pytest.approx(expected.item())
     assert expected < 0.9

@@ -1,12 +1,13 @@
 """CoKe (Qian et al. 2022): moving-average labels, the scan epoch, decoupled labels and centres, the
 two-view target, per-epoch metrics, the evaluated head and CIFAR-100-20's labels."""
+
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_run_config
+
 from kinship import checkpoint
 from kinship.assembly import build_config, build_method, load_run_data
 from kinship.blocks.assignment import OnlineCentres, slot_targets, update_label_slots
@@ -18,14 +19,30 @@ from kinship.losses import soft_cross_entropy
 from kinship.methods import StepInfo
 from kinship.train.trainer import Trainer
 
-COKE = {"name": "coke", "clusters": [4, 6], "gamma": 0.9, "eta": 0.5, "hidden": 32, "dim": 16,
-        "view1": {"crop_size": 16}, "view2": {"crop_size": 16}}
+COKE = {
+    "name": "coke",
+    "clusters": [4, 6],
+    "gamma": 0.9,
+    "eta": 0.5,
+    "hidden": 32,
+    "dim": 16,
+    "view1": {"crop_size": 16},
+    "view2": {"crop_size": 16},
+}
 
 
 def coke_values(**overrides):
     """CoKe on 251 synthetic images, batch 48: 5 steps per epoch and a tail of 11 images the batches leave out."""
-    return tiny_run_config(**{"method": dict(COKE), "data.train_limit": 251, "train.batch_size": 48,
-                              "eval.baselines": False, "eval.knn_every": 100, **overrides})
+    return tiny_run_config(
+        **{
+            "method": dict(COKE),
+            "data.train_limit": 251,
+            "train.batch_size": 48,
+            "eval.baselines": False,
+            "eval.knn_every": 100,
+            **overrides,
+        }
+    )
 
 
 def averaged(labels, slots=5):
@@ -86,8 +103,13 @@ def test_loss_uses_the_labels_of_the_previous_epoch_and_frozen_centres(monkeypat
     method = build_method(config, TrainData.of(data))
     used = []
     loss_of = method.head_loss
-    monkeypatch.setattr(method, "head_loss", lambda head, centres, labels, index, *a: used.append(
-        (head.k, labels.clone(), index.clone(), centres.clone())) or loss_of(head, centres, labels, index, *a))
+    monkeypatch.setattr(
+        method,
+        "head_loss",
+        lambda head, centres, labels, index, *a: (
+            used.append((head.k, labels.clone(), index.clone(), centres.clone())) or loss_of(head, centres, labels, index, *a)
+        ),
+    )
     generator = torch.Generator()
 
     def epoch(e: int, update: bool) -> None:
@@ -129,12 +151,21 @@ def test_two_view_target_is_a_mixture_and_its_loss_splits():
         reference = torch.softmax(x[1 - v] @ centres.T / lam, dim=1)
         target = alpha * F.one_hot(labels, 4) + (1 - alpha) * reference
         assert torch.allclose(target.sum(1), torch.ones(8), atol=1e-6)
-        expected.append(alpha * F.cross_entropy(x[v] @ centres.T / lam, labels)
-                        + (1 - alpha) * soft_cross_entropy(x[v] @ centres.T, reference, lam))
+        expected.append(
+            alpha * F.cross_entropy(x[v] @ centres.T / lam, labels)
+            + (1 - alpha) * soft_cross_entropy(x[v] @ centres.T, reference, lam)
+        )
     assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-6)
     loss.backward()  # no gradient through the reference: view 1's gradient comes from its own logits only
-    own = torch.autograd.grad(soft_cross_entropy(x[0] @ centres.T, alpha * F.one_hot(labels, 4)
-                              + (1 - alpha) * torch.softmax(x[1] @ centres.T / lam, dim=1).detach(), lam) / 2, x[0])[0]
+    own = torch.autograd.grad(
+        soft_cross_entropy(
+            x[0] @ centres.T,
+            alpha * F.one_hot(labels, 4) + (1 - alpha) * torch.softmax(x[1] @ centres.T / lam, dim=1).detach(),
+            lam,
+        )
+        / 2,
+        x[0],
+    )[0]
     assert torch.allclose(x[0].grad, own, atol=1e-6)
 
 
@@ -145,10 +176,16 @@ def test_the_evaluated_head_has_as_many_clusters_as_classes():
     assert method.cluster_scores(torch.randn(5, method.backbone.feature_dim)).shape == (5, 4)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"method.views": 1, "method.local_crops": 2}, "local_crops"), ({"method.moving_average_after": 1}, "views: 1"),
-    ({"method.gamma": 1.5}, "gamma"), ({"method.loss_labels": "next"}, "loss_labels"), ({"method.clusters": []}, "clusters"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"method.views": 1, "method.local_crops": 2}, "local_crops"),
+        ({"method.moving_average_after": 1}, "views: 1"),
+        ({"method.gamma": 1.5}, "gamma"),
+        ({"method.loss_labels": "next"}, "loss_labels"),
+        ({"method.clusters": []}, "clusters"),
+    ],
+)
 def test_bad_coke_settings_are_named(change, message):
     with pytest.raises(ConfigError, match=message):
         build_config(coke_values(**change))
@@ -157,8 +194,10 @@ def test_bad_coke_settings_are_named(change, message):
 def test_cifar100_superclasses_for_train_and_test(monkeypatch):
     assert sorted(torch.bincount(torch.tensor(CIFAR100_SUPERCLASS)).tolist()) == [5] * 20  # 5 classes each
     fine = torch.arange(200) % 100
-    monkeypatch.setattr("kinship.data.store.load_torchvision",
-                        lambda *a: ImageSet(torch.zeros(200, 3, 8, 8, dtype=torch.uint8), fine, [f"c{i}" for i in range(100)]))
+    monkeypatch.setattr(
+        "kinship.data.store.load_torchvision",
+        lambda *a: ImageSet(torch.zeros(200, 3, 8, 8, dtype=torch.uint8), fine, [f"c{i}" for i in range(100)]),
+    )
     config = build_config(tiny_run_config(**{"data": {"name": "cifar100", "superclasses": True}}))
     data = load_run_data(config, torch.device("cpu"), None)
     coarse = torch.tensor(CIFAR100_SUPERCLASS)[fine]
@@ -171,9 +210,21 @@ def test_cifar100_superclasses_for_train_and_test(monkeypatch):
 def test_one_view_stage_two_averages_each_images_labels_over_the_epochs(tmp_path):
     """One view, stage 2 from the second training epoch: after two stage-2 epochs every image's label
     slots hold the average of its two labels (the moving-average labels of Sec. 3.4)."""
-    values = coke_values(**{"method.views": 1, "method.moving_average_after": 1, "method.temperature": 0.1,
-                            "data.train_limit": 256, "train.batch_size": 64, "train.epochs": 3, "train.stop_after_epochs": 3})
-    fit = lambda resume: Trainer(build_config(values), tmp_path, resume=resume, log=lambda *_: None).fit()
+    values = coke_values(
+        **{
+            "method.views": 1,
+            "method.moving_average_after": 1,
+            "method.temperature": 0.1,
+            "data.train_limit": 256,
+            "train.batch_size": 64,
+            "train.epochs": 3,
+            "train.stop_after_epochs": 3,
+        }
+    )
+
+    def fit(resume):
+        return Trainer(build_config(values), tmp_path, resume=resume, log=lambda *_: None).fit()
+
     fit(False)
     first = checkpoint.load(tmp_path / "last.pt")["method"]["heads.0.labels"]  # after the first stage-2 epoch
     values["train"]["stop_after_epochs"] = 0

@@ -4,6 +4,7 @@ dynamo cannot trace: no host read-back, no random generator, no Python object id
 compilation after the first step (no per-step Python number that dynamo would guard on: schedules
 live in tensors, phases in flags set before the step). Checked with dynamo's own tracing
 (``backend="eager"``: no code generation, so fast on a CPU) over five steps of the bench."""
+
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo
+from test_host_sync import small_bench
+from test_trainer import assert_resumed_exactly, losses, resume_values
 from torch._dynamo.utils import counters
 
 from kinship import checkpoint
@@ -22,8 +25,6 @@ from kinship.data import Batch
 from kinship.errors import ConfigError
 from kinship.runtime import compiled
 from kinship.train.trainer import Trainer
-from test_host_sync import small_bench
-from test_trainer import assert_resumed_exactly, losses, resume_values
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -39,7 +40,9 @@ def compiled_steps(name: str) -> dict:
     return {"graphs": result["compiled_graphs"], "breaks": sum(counters["graph_break"].values())}
 
 
-@pytest.mark.parametrize("name", ["byol", "mocov2", "msf", "cmsf", "cmsf-semi", "swav", "mira", "coke", "clim", "supervised", "sscl", "fixmatch"])
+@pytest.mark.parametrize(
+    "name", ["byol", "mocov2", "msf", "cmsf", "cmsf-semi", "swav", "mira", "coke", "clim", "supervised", "sscl", "fixmatch"]
+)
 def test_no_graph_break_and_nothing_compiled_after_the_first_step(name):
     assert compiled_steps(name) == {"graphs": [FIRST_STEP.get(name, 2), 0, 0, 0, 0], "breaks": 0}
 
@@ -52,8 +55,11 @@ def test_a_phase_change_compiles_once_more():
 def test_the_views_compile_as_one_graph_and_give_the_same_images():
     """Every op of every recipe (crops, jitter, blur, solarize, RandAugment, Cutout), one graph
     with ``fullgraph`` (a break would raise), the same images as eager from the same draws."""
-    recipes = [AugmentConfig(blur_p=0.5, solarize_p=0.2), AugmentConfig(crop_size=16, crop_scale=(0.05, 0.14)),
-               AugmentConfig(crop_mode="pad", jitter_p=0.0, grayscale_p=0.0, randaugment=2, cutout=0.5)]
+    recipes = [
+        AugmentConfig(blur_p=0.5, solarize_p=0.2),
+        AugmentConfig(crop_size=16, crop_scale=(0.05, 0.14)),
+        AugmentConfig(crop_mode="pad", jitter_p=0.0, grayscale_p=0.0, randaugment=2, cutout=0.5),
+    ]
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     batch = Batch(torch.arange(16), images, torch.zeros(16, dtype=torch.long))
     torch._dynamo.reset()
@@ -96,8 +102,13 @@ def test_the_compile_cache_serves_a_fresh_machine(tmp_path):
     lines = []
     for machine in ("first", "second"):
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / machine), "PYTHONPATH": str(SRC)}
-        out = subprocess.run([sys.executable, "-c", CACHED_COMPILE, str(tmp_path / "compile_cache.bin")], env=env,
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", CACHED_COMPILE, str(tmp_path / "compile_cache.bin")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         lines.append(out.stdout.split())
     assert lines == [["False", "True", "0"], ["True", "None", "1"]]

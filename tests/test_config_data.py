@@ -1,18 +1,18 @@
 """Config validation, data loading errors, labeled subsets and the batch plan."""
+
 import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import data_handle
 from PIL import Image
 
 from kinship.assembly import build_config, load_config
-from kinship.errors import ConfigError
 from kinship.data import BatchPlan, DataError, labeled_subset
 from kinship.data.store import load_npz, read_image_file
-
-from conftest import data_handle
+from kinship.errors import ConfigError
 
 
 def test_unknown_key_names_it_and_the_nearest():
@@ -42,8 +42,9 @@ def test_overrides_and_int_to_float(tmp_path):
 
 def test_a_section_overrides_only_the_keys_it_names(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("method:\n  name: mira\n  local: {mean: [0.485, 0.456, 0.406]}\n"
-                    "  view2: {blur_p: 0.1}\neval:\n  linear: {epochs: 5}\n")
+    path.write_text(
+        "method:\n  name: mira\n  local: {mean: [0.485, 0.456, 0.406]}\n  view2: {blur_p: 0.1}\neval:\n  linear: {epochs: 5}\n"
+    )
     config = load_config(path, ["method.view1.crop_size=24"])
     local = config.method.local
     assert local.mean == (0.485, 0.456, 0.406)
@@ -141,8 +142,9 @@ def test_image_folder_images_are_stored_whole_with_their_aspect_ratio(tmp_path):
 
 
 def test_imagenet_presets_evaluate_on_resize_256_center_crop_224():
-    from kinship.assembly import build_method
     from conftest import data_handle
+
+    from kinship.assembly import build_method
 
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*imagenet*.yaml")):
         config = load_config(path, [])
@@ -163,9 +165,10 @@ def test_mira_imagenet_preset_zero_initialises_residual_branches_and_warms_up_fr
 
 
 def test_moco_cifar_preset_matches_the_moco_cifar_demo():
+    from conftest import data_handle
+
     from kinship.assembly import build_method
     from kinship.models.backbones import SplitBatchNorm2d
-    from conftest import data_handle
 
     config = load_config(Path(__file__).parents[1] / "configs" / "mocov2_cifar10_resnet18.yaml", [])
     method = build_method(config, data_handle(50_000, 10, 32))

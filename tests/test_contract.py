@@ -1,19 +1,20 @@
 """The method contract: the labeled stream, refreshes, scan epochs, per-epoch metrics and the data
 handle, each exact across a resume and across processes."""
+
 import json
 
+import probe  # noqa: F401  (registers the "probe" method)
 import pytest
 import torch
+from conftest import tiny_run_config
+from test_distributed import spawn_two
 from torch import nn
 
-import probe  # noqa: F401  (registers the "probe" method)
-from conftest import tiny_run_config
 from kinship import checkpoint
 from kinship.assembly import build_config, build_method
 from kinship.data import DataInfo, LabeledPlan, TrainData
 from kinship.methods import Refresh
 from kinship.train.trainer import Trainer
-from test_distributed import spawn_two
 
 
 def records(run, key):
@@ -42,9 +43,18 @@ def test_labeled_stream_wraps_around_40_labels_and_splits_across_processes():
 
 def probe_config(**overrides):
     """The probe on 256 synthetic images: 8 steps of 32 per epoch, 40 labels, a labeled batch of 64."""
-    return tiny_run_config(**{"method": {"name": "probe", "refresh_every": 2}, "train.epochs": 5,
-                              "train.batch_size": 32, "train.labeled_batch_size": 64,
-                              "data.labeled_per_class": 10, "eval.knn_every": 100, "eval.baselines": False, **overrides})
+    return tiny_run_config(
+        **{
+            "method": {"name": "probe", "refresh_every": 2},
+            "train.epochs": 5,
+            "train.batch_size": 32,
+            "train.labeled_batch_size": 64,
+            "data.labeled_per_class": 10,
+            "eval.knn_every": 100,
+            "eval.baselines": False,
+            **overrides,
+        }
+    )
 
 
 def fit(values, out, resume=False):

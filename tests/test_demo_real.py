@@ -1,4 +1,5 @@
 """On the real shared CIFAR-10: a shortened demo learns, and its evaluation protocols behave."""
+
 from kinship.eval.suite import Evaluation
 
 

@@ -1,4 +1,5 @@
 """Two gloo processes on CPU must reproduce one process fed the concatenated batch."""
+
 import os
 import socket
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import data_handle
 from torch import nn
 
-from conftest import data_handle
 from kinship.assembly import build_config, build_method
 from kinship.data import Batch
 from kinship.methods import METHODS, StepInfo
@@ -105,7 +106,15 @@ def test_ddp_gradients_equal_single_process(two_process_result):
 
 def make_cmsf(constraint: str):
     torch.manual_seed(0)
-    values = {"name": "cmsf", "constraint": constraint, "bank_size": 32, "hidden": 24, "dim": DIM, "topk": 3, "topk_constraint": 4}
+    values = {
+        "name": "cmsf",
+        "constraint": constraint,
+        "bank_size": 32,
+        "hidden": 24,
+        "dim": DIM,
+        "topk": 3,
+        "topk_constraint": 4,
+    }
     method = CMSF(build_config({"method": values}).method, FlatLinear(), data_handle(64, 10, 4)).double()
     return method.eval()  # BN on running statistics: per-sample targets independent of the batch split
 
@@ -113,17 +122,27 @@ def make_cmsf(constraint: str):
 def run_cmsf_steps(model: nn.Module, index: torch.Tensor, labels: torch.Tensor, views, steps: int = 3):
     losses = []
     for s in range(steps):  # the same images every step: from the second step on, the cache is read
-        loss, _ = model([v + 0.1 * s for v in views], Batch(index, torch.empty(0), labels), StepInfo(0, s, steps, torch.Generator(), s))
+        loss, _ = model(
+            [v + 0.1 * s for v in views], Batch(index, torch.empty(0), labels), StepInfo(0, s, steps, torch.Generator(), s)
+        )
         loss.backward()
         losses.append(loss.item())
     return losses
 
 
 def cmsf_state(method: CMSF) -> dict:
-    state = {"bank": method.bank.rows.clone(), "bank_index": method.bank.column("index").clone(),
-             "bank_label": method.bank.column("label").clone(), "ptr": method.bank.ptr.item()}
+    state = {
+        "bank": method.bank.rows.clone(),
+        "bank_index": method.bank.column("index").clone(),
+        "bank_label": method.bank.column("label").clone(),
+        "ptr": method.bank.ptr.item(),
+    }
     if method.config.constraint == "self":
-        state.update(previous=method.previous_of_image.rows.clone(), cache=method.cache.rows.clone(), cache_valid=method.cache.valid.clone())
+        state.update(
+            previous=method.previous_of_image.rows.clone(),
+            cache=method.cache.rows.clone(),
+            cache_valid=method.cache.valid.clone(),
+        )
     return state
 
 
@@ -220,7 +239,9 @@ def coke_steps(features: torch.Tensor, cut: slice | None = None, steps: int = 3)
 
 
 def coke_features() -> torch.Tensor:
-    return torch.nn.functional.normalize(torch.randn(48, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64), dim=1)
+    return torch.nn.functional.normalize(
+        torch.randn(48, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64), dim=1
+    )
 
 
 def _coke_worker(rank: int, port: int, out: dict):
@@ -236,13 +257,22 @@ def test_coke_labels_duals_and_centres_on_two_processes_equal_one_process():
         assert torch.allclose(got[rank]["rho"], single["rho"], atol=1e-12)
         assert torch.allclose(got[rank]["centres"], single["centres"], atol=1e-12)
         assert torch.equal(got[rank]["counts"], single["counts"])
-    joined = torch.cat([torch.cat([got[0]["labels"][7 * s : 7 * (s + 1)], got[1]["labels"][9 * s : 9 * (s + 1)]]) for s in range(3)])
+    joined = torch.cat(
+        [torch.cat([got[0]["labels"][7 * s : 7 * (s + 1)], got[1]["labels"][9 * s : 9 * (s + 1)]]) for s in range(3)]
+    )
     assert torch.equal(joined, single["labels"])
 
 
 PROTOTYPE_METHODS = {  # tiny SwAV (queue joining in the third step) and MIRA (EMA teacher)
-    "swav": {"name": "swav", "prototypes": 6, "dim": DIM, "hidden": 24, "queue_size": 2 * BATCH, "queue_start_epoch": 0,
-             "freeze_prototypes_epochs": 0},
+    "swav": {
+        "name": "swav",
+        "prototypes": 6,
+        "dim": DIM,
+        "hidden": 24,
+        "queue_size": 2 * BATCH,
+        "queue_start_epoch": 0,
+        "freeze_prototypes_epochs": 0,
+    },
     "mira": {"name": "mira", "prototypes": 6, "dim": DIM, "hidden": 24, "freeze_prototypes_epochs": 0},
 }
 

@@ -1,4 +1,5 @@
 """Evaluation maths with known answers: clustering ACC/NMI/ARI, k-means, k-NN votes, purity, linear probe."""
+
 import math
 
 import numpy as np
@@ -20,10 +21,13 @@ def test_permuted_perfect_clustering_scores_one():
     assert scores == pytest.approx({"acc": 100.0, "nmi": 100.0, "ari": 100.0})
 
 
-@pytest.mark.parametrize("y, p, acc, nmi, ari", [
-    ([0, 0, 1, 1], [0, 0, 0, 1], 75.0, 34.37, 0.0),  # by hand
-    ([0, 0, 0, 1, 1, 1, 2, 2, 2], [1, 1, 0, 2, 2, 2, 0, 0, 0], 88.89, 78.60, 64.29),
-])
+@pytest.mark.parametrize(
+    "y, p, acc, nmi, ari",
+    [
+        ([0, 0, 1, 1], [0, 0, 0, 1], 75.0, 34.37, 0.0),  # by hand
+        ([0, 0, 0, 1, 1, 1, 2, 2, 2], [1, 1, 0, 2, 2, 2, 0, 0, 0], 88.89, 78.60, 64.29),
+    ],
+)
 def test_known_clustering_values(y, p, acc, nmi, ari):
     s = clustering_scores(y, p)
     assert s["acc"] == pytest.approx(acc, abs=0.01)

@@ -1,15 +1,16 @@
 """`kinship eval` and `kinship export` end to end on tiny checkpoints: report, cache, export, errors."""
+
 import json
 
 import pytest
 import torch
+from conftest import tiny_run_config
 from PIL import Image
 
-from conftest import tiny_run_config
-from kinship.cli import main
 from kinship.assembly import RunData, build_config, build_method
 from kinship.blocks.features import extract_features
 from kinship.checkpoint import save_atomic
+from kinship.cli import main
 from kinship.config import to_dict
 from kinship.data import DataError, DataInfo, ImageSet, TrainData
 from kinship.errors import CheckpointError
@@ -19,8 +20,12 @@ from kinship.eval.suite import Evaluation, check_labels
 from kinship.train.trainer import Trainer
 
 EVAL_SETTINGS = [
-    "eval.finetune.fractions=[0.25]", "eval.finetune.epochs=2", "eval.finetune.batch_size=32",
-    "eval.linear.l2_grid=[1e-4,1e-2]", "eval.clustering_restarts=2", "eval.tsne_points=100",
+    "eval.finetune.fractions=[0.25]",
+    "eval.finetune.epochs=2",
+    "eval.finetune.batch_size=32",
+    "eval.linear.l2_grid=[1e-4,1e-2]",
+    "eval.clustering_restarts=2",
+    "eval.tsne_points=100",
     "eval.purity_k=[1,5,10]",
 ]
 
@@ -76,8 +81,11 @@ def test_features_are_cached_by_checkpoint_hash(tiny_checkpoint, tmp_path):
 
 
 def test_sgd_linear_probe_runs_on_images(tiny_checkpoint, tmp_path):
-    result = quiet_eval(tiny_checkpoint, tmp_path, ["eval.linear.mode=sgd", "eval.linear.epochs=3",
-                                                    "eval.linear.batch_size=64", "eval.linear.milestones=[2]"]).run("linear")
+    result = quiet_eval(
+        tiny_checkpoint,
+        tmp_path,
+        ["eval.linear.mode=sgd", "eval.linear.epochs=3", "eval.linear.batch_size=64", "eval.linear.milestones=[2]"],
+    ).run("linear")
     assert result["mode"] == "sgd" and 0 <= result["top1"] <= 100 and result["final_loss"] > 0
 
 

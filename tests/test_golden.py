@@ -9,12 +9,12 @@ target's move after an SGD step. Regenerate it from checkouts of the official re
 Tolerances: float64 cases agree to rounding (relative 1e-9); CoKe clusters in float32 (1e-5), and
 its labels and duals must match exactly.
 """
+
 import json
 from pathlib import Path
 
-import pytest
-
 import golden_cases as gc
+import pytest
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "official_steps.json").read_text())["cases"]
 
@@ -40,10 +40,13 @@ def test_golden_step_matches_the_official_code(name):
     close(ours, GOLDEN[name], 1e-5 if name.startswith("coke") else 1e-9, name)
 
 
-@pytest.mark.parametrize("name, option", [
-    ("coke_two_views", {"centre_update": "mean"}),  # Eq. 13 as printed
-    ("cmsf_supervised_short", {"fill_short": False}),  # S_i within C_i
-])
+@pytest.mark.parametrize(
+    "name, option",
+    [
+        ("coke_two_views", {"centre_update": "mean"}),  # Eq. 13 as printed
+        ("cmsf_supervised_short", {"fill_short": False}),  # S_i within C_i
+    ],
+)
 def test_the_papers_readings_differ_from_the_official_code_on_these_cases(monkeypatch, name, option):
     """The cases discriminate: each option for the paper's reading moves a recorded number. (CMSF's
     ``previous_lookup: slot`` needs a bank history, not one state: ``test_cmsf.py`` checks both readings.)"""

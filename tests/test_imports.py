@@ -11,15 +11,31 @@ Layers, lowest first; a module may import its own layer and those below it, neve
   7  cli
 Every import counts, also one inside a function.
 """
+
 import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "kinship"
 
 LAYERS = {
-    "errors": 0, "runtime": 0, "dispatch": 0, "sampling": 0, "checkpoint": 0, "config": 0,
-    "augment": 1, "losses": 1, "models": 1, "optim": 1, "blocks": 2, "data": 3,
-    "methods": 4, "assembly": 5, "train": 6, "eval": 6, "bench": 6, "cli": 7,
+    "errors": 0,
+    "runtime": 0,
+    "dispatch": 0,
+    "sampling": 0,
+    "checkpoint": 0,
+    "config": 0,
+    "augment": 1,
+    "losses": 1,
+    "models": 1,
+    "optim": 1,
+    "blocks": 2,
+    "data": 3,
+    "methods": 4,
+    "assembly": 5,
+    "train": 6,
+    "eval": 6,
+    "bench": 6,
+    "cli": 7,
 }
 
 
@@ -63,7 +79,7 @@ def test_no_import_cycle():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt) :] + [nxt]))
             if nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2

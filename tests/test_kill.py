@@ -1,5 +1,6 @@
 """A run killed with SIGKILL at several moments, once in the middle of writing a checkpoint, and
 restarted each time with the same command, ends with the same weights and losses as a straight run."""
+
 import json
 import os
 import signal
@@ -9,8 +10,8 @@ import time
 
 import torch
 import yaml
-
 from conftest import tiny_run_config
+
 from kinship import checkpoint
 
 # Runs the CLI with torch.save replaced: the N-th save writes half of the file, then the process
@@ -34,8 +35,18 @@ sys.exit(main(sys.argv[1:]))
 
 
 def cli(args: list[str], **env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", DIE_WHILE_SAVING if env else "from kinship.cli import main; import sys; sys.exit(main(sys.argv[1:]))",
-                             *args], env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            DIE_WHILE_SAVING if env else "from kinship.cli import main; import sys; sys.exit(main(sys.argv[1:]))",
+            *args,
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def lines(path) -> int:

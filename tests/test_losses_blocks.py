@@ -1,4 +1,5 @@
 """Losses, EMA, queue, k-NN and schedules against formulas and hand computations."""
+
 import math
 
 import pytest
@@ -155,7 +156,9 @@ def test_lars_steps_every_layer_at_once_as_the_per_layer_rule():
 
     def layers(n):
         torch.manual_seed(0)
-        return [nn.Parameter(torch.randn(6, 5, dtype=torch.float64)) for _ in range(n)] + [nn.Parameter(torch.randn(6, dtype=torch.float64))]
+        return [nn.Parameter(torch.randn(6, 5, dtype=torch.float64)) for _ in range(n)] + [
+            nn.Parameter(torch.randn(6, dtype=torch.float64))
+        ]
 
     def gradients(params, step):
         g = torch.Generator().manual_seed(step)
@@ -163,8 +166,13 @@ def test_lars_steps_every_layer_at_once_as_the_per_layer_rule():
             p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
 
     params, reference = layers(3), [p.detach().clone() for p in layers(3)]
-    optimizer = LARS([{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0, "lars_exclude": True}],
-                     lr=0.3, momentum=0.9, weight_decay=1e-2, eta=0.02)
+    optimizer = LARS(
+        [{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0, "lars_exclude": True}],
+        lr=0.3,
+        momentum=0.9,
+        weight_decay=1e-2,
+        eta=0.02,
+    )
     buffers = [None] * 4
     for step in range(2):
         gradients(params, step)
@@ -203,4 +211,6 @@ def test_split_batch_norm_normalises_each_split_alone():
     means = torch.stack([x[s::4].mean((0, 2, 3)) for s in range(4)]).mean(0)
     assert torch.allclose(bn.running_mean, means, atol=1e-5)
     bn.eval()
-    assert torch.allclose(bn(x), (x - bn.running_mean.view(1, 3, 1, 1)) / (bn.running_var.view(1, 3, 1, 1) + bn.eps).sqrt(), atol=1e-5)
+    assert torch.allclose(
+        bn(x), (x - bn.running_mean.view(1, 3, 1, 1)) / (bn.running_var.view(1, 3, 1, 1) + bn.eps).sqrt(), atol=1e-5
+    )

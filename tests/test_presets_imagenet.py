@@ -1,6 +1,7 @@
 """Every ImageNet preset runs as shipped on a small synthetic ImageFolder, streamed, to a checkpoint:
 only the data paths, a small backbone and batch, a two-step stop and the sizes a folder of a hundred
 images cannot hold are changed."""
+
 from pathlib import Path
 
 import pytest
@@ -36,13 +37,21 @@ def test_there_are_imagenet_presets():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_imagenet_preset_runs_streamed_to_a_checkpoint(folder, tmp_path, preset):
-    config = load_config(CONFIGS / preset, [
-        f"data.path={folder / 'train'}", f"data.test_path={folder / 'val'}",
-        "model.backbone=convnet", "model.width=8", "model.zero_init_residual=false",  # a small backbone (not a ResNet)
-        "train.batch_size=16", "train.stop_after_steps=2", "train.progress=false",
-        *([f"data.labeled_file={folder / 'labeled.txt'}"] if "labeled_file" in (CONFIGS / preset).read_text() else []),
-        *SMALL.get(preset.split("_")[0], []),
-    ])
+    config = load_config(
+        CONFIGS / preset,
+        [
+            f"data.path={folder / 'train'}",
+            f"data.test_path={folder / 'val'}",
+            "model.backbone=convnet",
+            "model.width=8",
+            "model.zero_init_residual=false",  # a small backbone (not a ResNet)
+            "train.batch_size=16",
+            "train.stop_after_steps=2",
+            "train.progress=false",
+            *([f"data.labeled_file={folder / 'labeled.txt'}"] if "labeled_file" in (CONFIGS / preset).read_text() else []),
+            *SMALL.get(preset.split("_")[0], []),
+        ],
+    )
     assert config.data.streams and config.model.cifar_stem is False
     summary = Trainer(config, tmp_path / "run", log=lambda *_: None).fit()
     state = checkpoint.load(tmp_path / "run" / "last.pt")

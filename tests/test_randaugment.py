@@ -1,4 +1,5 @@
 """FixMatch's augmentations: each batched op against torchvision's functional op on the same parameter."""
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,6 @@ from kinship.augment.views import augment
 from kinship.config import AugmentConfig
 from kinship.dispatch import OpLog
 from kinship.sampling import Shard
-
 
 CPU = torch.device("cpu")
 
@@ -54,20 +54,32 @@ def test_level_ops_match_torchvision_on_8_bit_images() -> None:
     torch.testing.assert_close(ra.autocontrast(x), torch.stack([TF.autocontrast(i) for i in x]), atol=1e-6, rtol=0)
     assert torch.equal(ra.to_levels(ra.equalize(x)).to(torch.uint8), torch.stack([TF.equalize(i) for i in as_bytes]))
     bits = torch.tensor([4, 5, 6, 7, 8, 4])
-    assert torch.equal(ra.to_levels(ra.posterize(x, bits)).to(torch.uint8),
-                       torch.stack([TF.posterize(i, int(b)) for i, b in zip(as_bytes, bits)]))
+    assert torch.equal(
+        ra.to_levels(ra.posterize(x, bits)).to(torch.uint8),
+        torch.stack([TF.posterize(i, int(b)) for i, b in zip(as_bytes, bits)]),
+    )
     threshold = torch.tensor([0.0, 0.2, 0.5, 0.7, 1.0, 0.3])
     torch.testing.assert_close(ra.solarize(x, threshold), reference(TF.solarize, x, threshold.tolist()), atol=0, rtol=0)
 
 
 GEOMETRIC = {
     "rotate": (ra.rotate, lambda img, v: TF.rotate(img, v, fill=[ra.FILL] * 3)),
-    "shear_x": (ra.shear_x, lambda img, v: TF.affine(img, 0.0, [0, 0], 1.0, [math.degrees(math.atan(v)), 0.0], fill=[ra.FILL] * 3,
-                                                     center=[0, 0])),
-    "shear_y": (ra.shear_y, lambda img, v: TF.affine(img, 0.0, [0, 0], 1.0, [0.0, math.degrees(math.atan(v))], fill=[ra.FILL] * 3,
-                                                     center=[0, 0])),
-    "translate_x": (ra.translate_x, lambda img, v: TF.affine(img, 0.0, [int(v * img.shape[-1]), 0], 1.0, [0.0, 0.0], fill=[ra.FILL] * 3)),
-    "translate_y": (ra.translate_y, lambda img, v: TF.affine(img, 0.0, [0, int(v * img.shape[-2])], 1.0, [0.0, 0.0], fill=[ra.FILL] * 3)),
+    "shear_x": (
+        ra.shear_x,
+        lambda img, v: TF.affine(img, 0.0, [0, 0], 1.0, [math.degrees(math.atan(v)), 0.0], fill=[ra.FILL] * 3, center=[0, 0]),
+    ),
+    "shear_y": (
+        ra.shear_y,
+        lambda img, v: TF.affine(img, 0.0, [0, 0], 1.0, [0.0, math.degrees(math.atan(v))], fill=[ra.FILL] * 3, center=[0, 0]),
+    ),
+    "translate_x": (
+        ra.translate_x,
+        lambda img, v: TF.affine(img, 0.0, [int(v * img.shape[-1]), 0], 1.0, [0.0, 0.0], fill=[ra.FILL] * 3),
+    ),
+    "translate_y": (
+        ra.translate_y,
+        lambda img, v: TF.affine(img, 0.0, [0, int(v * img.shape[-2])], 1.0, [0.0, 0.0], fill=[ra.FILL] * 3),
+    ),
 }
 
 
@@ -77,7 +89,9 @@ def test_geometric_ops_match_torchvision(name: str) -> None:
     float32 rounding of a pixel border (at most 1% of them)."""
     ours, theirs = GEOMETRIC[name]
     x = images(n=8, size=24)
-    magnitude = {"rotate": [-30.0, -17.5, -3.0, 0.0, 5.0, 12.0, 29.0, 30.0]}.get(name, [-0.3, -0.2, -0.05, 0.0, 0.07, 0.15, 0.25, 0.3])
+    magnitude = {"rotate": [-30.0, -17.5, -3.0, 0.0, 5.0, 12.0, 29.0, 30.0]}.get(
+        name, [-0.3, -0.2, -0.05, 0.0, 0.07, 0.15, 0.25, 0.3]
+    )
     got = ours(x, torch.tensor(magnitude))
     want = reference(theirs, x, magnitude)
     differ = (got - want).abs().amax(dim=1) > 1e-6
@@ -87,8 +101,12 @@ def test_geometric_ops_match_torchvision(name: str) -> None:
 def test_rand_augment_draws_per_sample_and_does_not_depend_on_the_split() -> None:
     x = images(n=8, size=16)
     whole = ra.rand_augment(x, **ra.draw_rand_augment(Shard.whole(8), 2, torch.Generator().manual_seed(3), CPU))
-    halves = [ra.rand_augment(x[i * 4 : (i + 1) * 4], **ra.draw_rand_augment(Shard(4 * i, 4, 8), 2, torch.Generator().manual_seed(3), CPU))
-              for i in range(2)]
+    halves = [
+        ra.rand_augment(
+            x[i * 4 : (i + 1) * 4], **ra.draw_rand_augment(Shard(4 * i, 4, 8), 2, torch.Generator().manual_seed(3), CPU)
+        )
+        for i in range(2)
+    ]
     torch.testing.assert_close(torch.cat(halves), whole)
     assert whole.min() >= 0 and whole.max() <= 1
     assert not torch.equal(whole, x)
@@ -123,7 +141,9 @@ def test_pad_crop_is_a_translation_with_reflected_border() -> None:
     for i in range(32):  # every output is one of the 81 windows of the padded image
         windows = padded[i].unfold(1, 16, 1).unfold(2, 16, 1)  # (3, 9, 9, 16, 16)
         assert ((windows - out[i].view(3, 1, 1, 16, 16)).abs().amax(dim=(0, 3, 4)) == 0).any()
-    centred = ra.pad_crop(x, 0, torch.ones(32, dtype=torch.bool), **ra.draw_pad_crop(Shard.whole(32), 0, torch.Generator().manual_seed(0), CPU))
+    centred = ra.pad_crop(
+        x, 0, torch.ones(32, dtype=torch.bool), **ra.draw_pad_crop(Shard.whole(32), 0, torch.Generator().manual_seed(0), CPU)
+    )
     assert torch.equal(centred, x.flip(-1))
 
 

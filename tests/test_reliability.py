@@ -1,6 +1,7 @@
 """What kinship promises a careful user: no code run from a run folder or a config value, no NaN over a
 good checkpoint, a resume that continues the saved run or says why not, and every bad input a
 one-line error with exit status 2."""
+
 import os
 import pickle
 import stat
@@ -9,8 +10,8 @@ import time
 import pytest
 import torch
 import yaml
-
 from conftest import fails, tiny_run_config
+
 from kinship import checkpoint
 from kinship.assembly import build_config
 from kinship.cli import main
@@ -39,8 +40,9 @@ def test_a_compile_cache_in_a_run_folder_or_a_config_is_never_loaded(tmp_path, m
     trust, loads it."""
     marker = tmp_path / "marker"
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: pickle.loads(data))
-    values = tiny_run_config(**{"train.epochs": 2, "train.stop_after_epochs": 1, "train.compile": True,
-                                "train.compile_backend": "eager"})
+    values = tiny_run_config(
+        **{"train.epochs": 2, "train.stop_after_epochs": 1, "train.compile": True, "train.compile_backend": "eager"}
+    )
     out = tmp_path / "run"
     quiet(values, out).fit()
     evil = pickle.dumps(Marker(marker))
@@ -48,8 +50,12 @@ def test_a_compile_cache_in_a_run_folder_or_a_config_is_never_loaded(tmp_path, m
     saved = yaml.safe_load((out / "config.yaml").read_text())
     saved["train"]["compile_cache"] = str(out / "compile_cache.bin")
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
-    fails(capsys, ["pretrain", "--out", str(out), "--resume"], "train.compile_cache is no longer read from a config",
-          "--compile-cache FILE")
+    fails(
+        capsys,
+        ["pretrain", "--out", str(out), "--resume"],
+        "train.compile_cache is no longer read from a config",
+        "--compile-cache FILE",
+    )
     saved["train"].pop("compile_cache")
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     assert main(["pretrain", "--out", str(out), "--resume"]) == 0
@@ -81,15 +87,37 @@ def test_a_resume_with_another_batch_size_exits_2_at_once(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["pretrain", "--config", str(config), "--out", str(out)]) == 0
     start = time.time()
-    fails(capsys, ["pretrain", "--config", str(config), "--set", "train.batch_size=128", "--out", str(out), "--resume"],
-          "was written with other settings: train.batch_size 64 -> 128", "--allow-changes")
+    fails(
+        capsys,
+        ["pretrain", "--config", str(config), "--set", "train.batch_size=128", "--out", str(out), "--resume"],
+        "was written with other settings: train.batch_size 64 -> 128",
+        "--allow-changes",
+    )
     assert time.time() - start < 10
     # accepted, the saved position (step 3 of 4) no longer fits 2 steps per epoch: an error, never a loop
-    fails(capsys, ["pretrain", "--config", str(config), "--set", "train.batch_size=128", "--out", str(out), "--resume",
-                   "--allow-changes"], "outside this run's plan of 2 epochs of 2 steps")
+    fails(
+        capsys,
+        ["pretrain", "--config", str(config), "--set", "train.batch_size=128", "--out", str(out), "--resume", "--allow-changes"],
+        "outside this run's plan of 2 epochs of 2 steps",
+    )
     # when to stop, save and log may change freely
-    assert main(["pretrain", "--config", str(config), "--set", "train.stop_after_steps=0", "--set", "train.log_every=2",
-                 "--out", str(out), "--resume"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--config",
+                str(config),
+                "--set",
+                "train.stop_after_steps=0",
+                "--set",
+                "train.log_every=2",
+                "--out",
+                str(out),
+                "--resume",
+            ]
+        )
+        == 0
+    )
     assert checkpoint.load(out / "last.pt")["position"] == [2, 0, 8]
 
 
@@ -118,8 +146,13 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    fails(capsys, ["pretrain", "--config", str(config), "--out", str(out), "--resume"],
-          f"cannot write {out / 'last.pt'}", "No space left on device", "the previous last.pt, if any, is kept")
+    fails(
+        capsys,
+        ["pretrain", "--config", str(config), "--out", str(out), "--resume"],
+        f"cannot write {out / 'last.pt'}",
+        "No space left on device",
+        "the previous last.pt, if any, is kept",
+    )
     assert (out / "last.pt").read_bytes() == before and not list(out.glob(".*.tmp"))
     with pytest.raises(WriteError):
         checkpoint.save_atomic({"a": 1}, out / "y.pt")
@@ -154,11 +187,14 @@ def test_unlabeled_images_never_enter_the_knn_bank(tmp_path, monkeypatch):
     assert 0 <= summary["knn_top1"] <= 100 and 0 <= summary["knn_pixel_top1"] <= 100
 
 
-@pytest.mark.parametrize("argv, fragments", [
-    (["--set", "model.backbone=vit_small"], ["unknown model.backbone 'vit_small'", "resnet50"]),
-    (["--set", "method.name=simclr"], ["unknown method 'simclr'", "the methods:", "byol", "mocov2"]),
-    (["train.epochs=3"], ["unrecognized arguments: train.epochs=3", "--set train.epochs=3"]),
-])
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["--set", "model.backbone=vit_small"], ["unknown model.backbone 'vit_small'", "resnet50"]),
+        (["--set", "method.name=simclr"], ["unknown method 'simclr'", "the methods:", "byol", "mocov2"]),
+        (["train.epochs=3"], ["unrecognized arguments: train.epochs=3", "--set train.epochs=3"]),
+    ],
+)
 def test_bad_inputs_are_one_line_errors_before_any_data(tmp_path, capsys, argv, fragments):
     config = tmp_path / "c.yaml"
     values = tiny_run_config()
@@ -175,14 +211,25 @@ def test_bad_data_and_files_are_one_line_errors(tmp_path, capsys):
     import numpy as np
 
     empty = tmp_path / "empty.npz"
-    np.savez(empty, classes=np.array(["a"]), train_jpeg=np.zeros(0, np.uint8), train_offsets=np.zeros(1, np.int64),
-             train_labels=np.zeros(0, np.int64), test_jpeg=np.zeros(0, np.uint8), test_offsets=np.zeros(1, np.int64),
-             test_labels=np.zeros(0, np.int64))
+    np.savez(
+        empty,
+        classes=np.array(["a"]),
+        train_jpeg=np.zeros(0, np.uint8),
+        train_offsets=np.zeros(1, np.int64),
+        train_labels=np.zeros(0, np.int64),
+        test_jpeg=np.zeros(0, np.uint8),
+        test_offsets=np.zeros(1, np.int64),
+        test_labels=np.zeros(0, np.int64),
+    )
     config = tmp_path / "c.yaml"
     values = tiny_run_config()
     values["data"] = {"name": "cifar10-npz", "path": str(empty)}
     config.write_text(yaml.safe_dump(values))
-    fails(capsys, ["pretrain", "--config", str(config), "--out", str(tmp_path / "run")], f"the train split of {empty} holds no images")
+    fails(
+        capsys,
+        ["pretrain", "--config", str(config), "--out", str(tmp_path / "run")],
+        f"the train split of {empty} holds no images",
+    )
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": torch.nn.Linear(2, 2)}, foreign)  # a pickled module: not tensors alone
     err = fails(capsys, ["export", "--checkpoint", str(foreign), "--out", str(tmp_path / "b.pt")], "never unpickles")
@@ -196,7 +243,9 @@ def test_labels_beyond_the_named_classes_are_an_error(tmp_path, monkeypatch):
 
     def wide(config, split):
         data = load_split(config, split)
-        return ImageSet(data.images, data.labels.clamp(max=2) + (torch.arange(len(data)) == 5) * 7, data.classes[:3])  # image 5: label 1 + 7
+        return ImageSet(
+            data.images, data.labels.clamp(max=2) + (torch.arange(len(data)) == 5) * 7, data.classes[:3]
+        )  # image 5: label 1 + 7
 
     monkeypatch.setattr(assembly, "load_split", wide)
     with pytest.raises(DataError, match=r"label 8, but its data names 3 classes \(class0, class1, class2\)"):
@@ -207,8 +256,14 @@ def test_a_deterministic_run_sets_torchs_switches_for_its_duration_and_repeats(t
     seen = []
 
     def log(line):
-        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-                     torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        seen.append(
+            (
+                torch.are_deterministic_algorithms_enabled(),
+                torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.benchmark,
+                os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            )
+        )
 
     values = tiny_run_config(**{"train.epochs": 1, "train.deterministic": True})
     Trainer(build_config(values), tmp_path / "a", log=log).fit()

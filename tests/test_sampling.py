@@ -1,5 +1,6 @@
 """Seeded sampling: Beta from the step's generator, and augmentation that does not depend on how the
 global batch is split across processes."""
+
 import pytest
 import torch
 
@@ -36,8 +37,13 @@ def test_views_of_a_shard_are_the_rows_of_the_global_batch_views():
     index = torch.arange(12)
     whole = make_views(Batch(index, images, index, aspect=aspect), recipes, torch.Generator().manual_seed(9))
     for cut in (6, 5):  # equal halves, as the batch plan gives, and any other split
-        parts = [make_views(Batch(index[rows], images[rows], index[rows], Shard(rows.start, len(range(12)[rows]), 12), aspect=aspect[rows]),
-                            recipes, torch.Generator().manual_seed(9))
-                 for rows in (slice(0, cut), slice(cut, 12))]
+        parts = [
+            make_views(
+                Batch(index[rows], images[rows], index[rows], Shard(rows.start, len(range(12)[rows]), 12), aspect=aspect[rows]),
+                recipes,
+                torch.Generator().manual_seed(9),
+            )
+            for rows in (slice(0, cut), slice(cut, 12))
+        ]
         for v, view in enumerate(whole):
             assert torch.equal(torch.cat([part[v] for part in parts]), view)

@@ -1,5 +1,6 @@
 """SsCL, FixMatch and supervised training: the losses' known values, calibration, the running mean,
 positive selection, the prototype refresh, the schedule, WRN, and the methods on data."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_run_config
+
 from kinship.assembly import build_config, build_method
 from kinship.blocks.calibration import RunningMean, calibrate, class_prototypes, similarity_distribution
 from kinship.blocks.positives import class_members, sample_members
@@ -43,7 +44,10 @@ def test_eq5_with_one_positive_alpha_1_margin_0_is_info_nce(seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     k = int(torch.randint(1, 51, (1,), generator=g))
     gamma = float(1 + 19 * torch.rand(1, generator=g))
-    s_p, s_n = 2 * torch.rand(3, 1, generator=g, dtype=torch.float64) - 1, 2 * torch.rand(3, k, generator=g, dtype=torch.float64) - 1
+    s_p, s_n = (
+        2 * torch.rand(3, 1, generator=g, dtype=torch.float64) - 1,
+        2 * torch.rand(3, k, generator=g, dtype=torch.float64) - 1,
+    )
     info_nce = -F.log_softmax(gamma * torch.cat([s_p, s_n], dim=1), dim=1)[:, 0]
     torch.testing.assert_close(eq5(s_p, s_n, gamma=gamma), info_nce, rtol=1e-10, atol=1e-10)
 
@@ -77,7 +81,10 @@ def test_eq5_gradient_equilibrium_and_masked_padding() -> None:
 
 def test_eq5_bounds_of_eq9_and_zero_weight() -> None:
     g = torch.Generator().manual_seed(1)
-    s_p, s_n = 2 * torch.rand(6, 4, generator=g, dtype=torch.float64) - 1, 2 * torch.rand(6, 9, generator=g, dtype=torch.float64) - 1
+    s_p, s_n = (
+        2 * torch.rand(6, 4, generator=g, dtype=torch.float64) - 1,
+        2 * torch.rand(6, 9, generator=g, dtype=torch.float64) - 1,
+    )
     alpha = torch.rand(6, 4, generator=g, dtype=torch.float64)
     loss = eq5(s_p, s_n, alpha, gamma=10.0, margin=-0.25)
     bound = torch.clamp(10 * (s_n.amax(1) - 0.25 - (alpha * s_p).amin(1)), min=0)
@@ -160,8 +167,9 @@ def test_each_query_gets_the_configured_number_of_distinct_positives_of_its_clas
             assert valid[i].all() and set(rows[i].tolist()) == set((labels == 3).nonzero().squeeze(1).tolist())
         else:  # a class without members, or no class
             assert not valid[i].any()
-    halves = [sample_members(members, classes[s : s + 12], 3, torch.Generator().manual_seed(0), Shard(s, 12, 24))[0]
-              for s in (0, 12)]
+    halves = [
+        sample_members(members, classes[s : s + 12], 3, torch.Generator().manual_seed(0), Shard(s, 12, 24))[0] for s in (0, 12)
+    ]
     assert torch.equal(torch.cat(halves), rows)
 
 
@@ -203,9 +211,22 @@ def test_wide_resnet_sizes() -> None:
 
 
 def semi_values(**method) -> dict:
-    return tiny_run_config(**{"method": {"name": "sscl", "queue_size": 128, "hidden": 32, "dim": 16, "refresh_every": 1,
-                                         "weak": {"crop_size": 16}, "strong": {"crop_size": 16}, **method},
-                              "data.labeled_per_class": 8, "train.labeled_batch_size": 16})
+    return tiny_run_config(
+        **{
+            "method": {
+                "name": "sscl",
+                "queue_size": 128,
+                "hidden": 32,
+                "dim": 16,
+                "refresh_every": 1,
+                "weak": {"crop_size": 16},
+                "strong": {"crop_size": 16},
+                **method,
+            },
+            "data.labeled_per_class": 8,
+            "train.labeled_batch_size": 16,
+        }
+    )
 
 
 def semi_method(data: ImageSet, **method):
@@ -281,8 +302,11 @@ def test_sscl_needs_a_labeled_stream_and_hidden_labels() -> None:
 
 def test_supervised_method_learns_labels_it_is_given() -> None:
     data = synthetic_set(64)
-    config = build_config(tiny_run_config(**{"method": {"name": "supervised", "augment": {"crop_size": 16, "crop_scale": [1.0, 1.0],
-                                                                                                  "flip_p": 0.0}}}))
+    config = build_config(
+        tiny_run_config(
+            **{"method": {"name": "supervised", "augment": {"crop_size": 16, "crop_scale": [1.0, 1.0], "flip_p": 0.0}}}
+        )
+    )
     method = build_method(config, TrainData.of(data))
     optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9)
     batch = Batch(torch.arange(64), data.images, data.labels)
@@ -305,7 +329,9 @@ def test_training_logs_both_classifiers_and_eval_reports_their_median(tmp_path) 
     values["train"].update(epochs=3, batch_size=32)
     summary = Trainer(build_config(values), tmp_path, log=lambda *_: None).fit()
     assert {"classifier_ema_top1", "classifier_online_top1"} <= set(summary)
-    report = Evaluation(tmp_path / "last.pt", tmp_path / "eval", progress=False, log=lambda *_: None).run_all(["classifier", "curves"])
+    report = Evaluation(tmp_path / "last.pt", tmp_path / "eval", progress=False, log=lambda *_: None).run_all(
+        ["classifier", "curves"]
+    )
     rows = {r["classifier"]: r for r in report["protocols"]["classifier"]["rows"]}
     assert rows["ema"]["logged"] == 3 and rows["ema"]["top1"] == pytest.approx(summary["classifier_ema_top1"])
     assert report["protocols"]["curves"]["classifiers"] == ["classifier_ema_top1", "classifier_online_top1"]

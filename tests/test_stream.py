@@ -1,5 +1,6 @@
 """Streamed image folders: crops cut from the original files with RandomResizedCrop's geometry, exact
 resume, a corrupt file mid-run, no host wait in the loader, memory that does not grow with the folder."""
+
 import json
 import os
 import shutil
@@ -10,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_run_config
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from conftest import tiny_run_config
 from kinship import checkpoint
 from kinship.assembly import build_config
 from kinship.config import AugmentConfig
@@ -49,8 +50,9 @@ def test_crop_boxes_follow_torchvision_random_resized_crop_on_the_original_geome
     for (width, height), draw in zip(sizes, draws):
         ours = torch.tensor(FileCrops.boxes([draw], [recipe], [(width, height)] * n, slice(None))[0]).squeeze(1)
         image = Image.new("RGB", (width, height))
-        theirs = torch.tensor([RandomResizedCrop.get_params(image, recipe.crop_scale, recipe.crop_ratio) for _ in range(n)],
-                              dtype=torch.float32)[:, [1, 0, 3, 2]]  # (top, left, h, w) -> (x0, y0, w, h)
+        theirs = torch.tensor(
+            [RandomResizedCrop.get_params(image, recipe.crop_scale, recipe.crop_ratio) for _ in range(n)], dtype=torch.float32
+        )[:, [1, 0, 3, 2]]  # (top, left, h, w) -> (x0, y0, w, h)
         for column in range(4):
             a, b = ours[:, column], theirs[:, column]
             scale = max(width, height)
@@ -67,21 +69,41 @@ def test_a_crop_is_torchvisions_resized_crop_of_the_file(tmp_path):
     write_image_folder(tmp_path, classes=1, per_class=1, width=1024, height=768, seed=3)
     path = next(tmp_path.rglob("*.jpg"))
     full = Image.open(path).convert("RGB")
-    for box, size, flip, tolerance in (((100.0, 50.0, 300.0, 200.0), 224, False, 0.05), ((0.0, 0.0, 800.0, 700.0), 96, True, 3.0)):
+    for box, size, flip, tolerance in (
+        ((100.0, 50.0, 300.0, 200.0), 224, False, 0.05),
+        ((0.0, 0.0, 800.0, 700.0), 96, True, 3.0),
+    ):
         (ours,) = crop_views(open_image(path), [box], [size], [flip])
         x0, y0, w, h = (int(v) for v in box)
         theirs = TF.resized_crop(full, y0, x0, h, w, [size, size], InterpolationMode.BILINEAR)
         if flip:
             theirs = TF.hflip(theirs)
         difference = np.abs(ours.astype(np.float64) - np.asarray(theirs, dtype=np.float64))
-        assert difference.mean() <= tolerance and (tolerance > 1 or difference.max() <= 1), (box, difference.mean(), difference.max())
+        assert difference.mean() <= tolerance and (tolerance > 1 or difference.max() <= 1), (
+            box,
+            difference.mean(),
+            difference.max(),
+        )
 
 
 def streaming_run(folder: Path, **overrides) -> dict:
-    values = tiny_run_config(**{"train.epochs": 2, "train.batch_size": 16, "eval.knn_every": 1, "train.log_every": 2,
-                                "model.norm": "none", **overrides})
-    values["data"] = {"name": "imagefolder", "path": str(folder / "train"), "test_path": str(folder / "test"),
-                      "image_size": 24, "workers": 2}
+    values = tiny_run_config(
+        **{
+            "train.epochs": 2,
+            "train.batch_size": 16,
+            "eval.knn_every": 1,
+            "train.log_every": 2,
+            "model.norm": "none",
+            **overrides,
+        }
+    )
+    values["data"] = {
+        "name": "imagefolder",
+        "path": str(folder / "train"),
+        "test_path": str(folder / "test"),
+        "image_size": 24,
+        "workers": 2,
+    }
     return values
 
 
@@ -166,8 +188,13 @@ def test_peak_memory_of_a_streamed_run_does_not_grow_with_the_folder(tmp_path):
         write_image_folder(root / "test", classes=4, per_class=10, width=160, height=120, seed=1, quality=75)
         values = streaming_run(root, **{"train.stop_after_steps": 4, "train.batch_size": 32, "eval.batch_size": 64})
         values["data"]["image_size"] = 96
-        done = subprocess.run([sys.executable, "-c", MEMORY_RUN, json.dumps(values), str(root / "run")], capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = subprocess.run(
+            [sys.executable, "-c", MEMORY_RUN, json.dumps(values), str(root / "run")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         peaks.append(json.loads(done.stdout.strip().splitlines()[-1]))
     small, large = peaks
@@ -191,18 +218,43 @@ def test_two_nodes_on_loopback_equal_one_process_streamed(folder, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-                               f"--node-rank={rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
-                               "-m", "kinship.cli", "pretrain", "--config", str(config), "--out", str(tmp_path / "two")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={rank}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                "-m",
+                "kinship.cli",
+                "pretrain",
+                "--config",
+                str(config),
+                "--out",
+                str(tmp_path / "two"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     for node in nodes:
         _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err[-3000:]
     one, two = (checkpoint.load(tmp_path / run / "last.pt") for run in ("one", "two"))
     assert two["world_size"] == 2 and one["position"] == two["position"]
     for key, value in one["method"].items():
-        assert torch.allclose(value, two["method"][key], rtol=1e-5, atol=1e-6) if value.dtype.is_floating_point \
-            else torch.equal(value, two["method"][key]), key
+        assert (
+            torch.allclose(value, two["method"][key], rtol=1e-5, atol=1e-6)
+            if value.dtype.is_floating_point
+            else torch.equal(value, two["method"][key])
+        ), key
 
 
 def test_the_device_decoder_cuts_the_same_crops(folder, tmp_path):
@@ -211,10 +263,16 @@ def test_the_device_decoder_cuts_the_same_crops(folder, tmp_path):
     PIL path's (same draws, same boxes: only the resampling differs), and a run trains on them."""
     files = sorted((folder / "train").rglob("*.jpg"))
     plan = BatchPlan(len(files), 16, seed=0)
-    recipes = [AugmentConfig(crop_size=32), AugmentConfig(crop_size=16, crop_scale=(0.05, 0.3)), AugmentConfig(crop_size=24, crop_mode="pad")]
+    recipes = [
+        AugmentConfig(crop_size=32),
+        AugmentConfig(crop_size=16, crop_scale=(0.05, 0.3)),
+        AugmentConfig(crop_size=24, crop_mode="pad"),
+    ]
     made = {}
     for decoder in ("pil", "nvjpeg"):
-        loader = StreamingLoader(files, torch.arange(len(files)) % 2, plan, torch.device("cpu"), recipes, workers=0, decoder=decoder)
+        loader = StreamingLoader(
+            files, torch.arange(len(files)) % 2, plan, torch.device("cpu"), recipes, workers=0, decoder=decoder
+        )
         made[decoder] = next(loader.epoch(0))
     for (recipe, ours), (_, theirs) in zip(made["pil"].crops, made["nvjpeg"].crops):
         assert ours.shape == theirs.shape == (16, 3, recipe.crop_size, recipe.crop_size)
@@ -229,8 +287,16 @@ def test_the_evaluation_suite_reads_a_streamed_folder(folder, tmp_path):
     split's files a batch at a time."""
     from kinship.eval.suite import Evaluation
 
-    values = streaming_run(folder, **{"train.epochs": 1, "eval.linear.mode": "sgd", "eval.linear.epochs": 1,
-                                      "eval.finetune.epochs": 1, "eval.finetune.fractions": [0.25]})
+    values = streaming_run(
+        folder,
+        **{
+            "train.epochs": 1,
+            "eval.linear.mode": "sgd",
+            "eval.linear.epochs": 1,
+            "eval.finetune.epochs": 1,
+            "eval.finetune.fractions": [0.25],
+        },
+    )
     Trainer(build_config(values), tmp_path / "run", log=lambda *_: None).fit()
     evaluation = Evaluation(tmp_path / "run" / "last.pt", tmp_path / "eval", [], progress=False, log=lambda *_: None)
     assert evaluation.data.streamed
@@ -255,9 +321,10 @@ def test_the_evaluation_view_of_a_streamed_file_is_torchvisions_resize_and_cente
     """A streamed bank or test image under an ``eval_resize`` view is decoded as torchvision's
     Resize(256) + CenterCrop(224) of the file (within rounding), not cut from the image squeezed into
     a 256 px square, which loses the resolution of the longer side (stripes across it, here)."""
+    from torchvision.transforms import CenterCrop, Compose, PILToTensor, Resize
+
     from kinship.augment.views import center_view
     from kinship.data.stream import FileImages
-    from torchvision.transforms import CenterCrop, Compose, PILToTensor, Resize
 
     x = np.arange(500)[None, :, None]
     files = [tmp_path / "wide.png", tmp_path / "tall.png"]  # stripes of a 7 px period across the longer side
@@ -275,13 +342,33 @@ def test_the_evaluation_view_of_a_streamed_file_is_torchvisions_resize_and_cente
     assert error < 2 and error_before > 10 * error, (error, error_before)
 
 
-@pytest.mark.parametrize("method", [
-    {"name": "coke", "clusters": [4], "hidden": 32, "dim": 16, "view1": {"crop_size": 16}, "view2": {"crop_size": 16}},
-    {"name": "clim", "queue_size": 64, "augment": {"crop_size": 16}, "resolutions": [16, 12], "clusters": 4, "neighbours": 4,
-     "positives": 2, "refresh_start": 1, "refresh_every": 1},
-    {"name": "sscl", "queue_size": 64, "hidden": 32, "dim": 16, "refresh_every": 1, "weak": {"crop_size": 16},
-     "strong": {"crop_size": 16, "randaugment": 2}},
-], ids=lambda m: m["name"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"name": "coke", "clusters": [4], "hidden": 32, "dim": 16, "view1": {"crop_size": 16}, "view2": {"crop_size": 16}},
+        {
+            "name": "clim",
+            "queue_size": 64,
+            "augment": {"crop_size": 16},
+            "resolutions": [16, 12],
+            "clusters": 4,
+            "neighbours": 4,
+            "positives": 2,
+            "refresh_start": 1,
+            "refresh_every": 1,
+        },
+        {
+            "name": "sscl",
+            "queue_size": 64,
+            "hidden": 32,
+            "dim": 16,
+            "refresh_every": 1,
+            "weak": {"crop_size": 16},
+            "strong": {"crop_size": 16, "randaugment": 2},
+        },
+    ],
+    ids=lambda m: m["name"],
+)
 def test_methods_that_read_beyond_their_batch_train_on_a_streamed_folder(folder, tmp_path, method):
     """CoKe's scan epoch labels the tail the batches leave out (80 images, batch 24), CLIM fetches each
     anchor's positives after its refresh, SsCL reads its labeled stream and refreshes its prototypes:

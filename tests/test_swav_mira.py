@@ -1,10 +1,11 @@
 """SwAV and MIRA: swapped prediction, schedules, teacher, prototype freezing, queue, batch norm per view."""
+
 import math
 
 import torch
 import torch.nn.functional as F
-
 from conftest import data_handle
+
 from kinship.assembly import build_config
 from kinship.data import Batch
 from kinship.losses import swapped_prediction_loss
@@ -121,8 +122,17 @@ def test_multi_crop_views_and_cluster_head():
 def test_bench_reports_the_solver_share():
     from kinship.bench import bench
 
-    result = bench("swav", "cpu", "convnet", batch=32, steps=1, compute_only=True, warmup=1, width=8,
-                   overrides=["method.prototypes=30", "method.hidden=32", "method.dim=16"])
+    result = bench(
+        "swav",
+        "cpu",
+        "convnet",
+        batch=32,
+        steps=1,
+        compute_only=True,
+        warmup=1,
+        width=8,
+        overrides=["method.prototypes=30", "method.hidden=32", "method.dim=16"],
+    )
     assert 0 < result["solver_frac"] < 1
     assert "solver_frac" not in bench("byol", "cpu", "convnet", batch=32, steps=1, compute_only=True, warmup=1, width=8)
 
@@ -142,7 +152,9 @@ def test_mira_and_byol_forward_each_view_in_its_own_batch_norm_pass_by_default()
 
     def byol(**extra):
         torch.manual_seed(0)
-        config = build_config({"method": {"name": "byol", "projector_hidden": 16, "projector_dim": 8, "predictor_hidden": 16, **extra}})
+        config = build_config(
+            {"method": {"name": "byol", "projector_hidden": 16, "projector_dim": 8, "predictor_hidden": 16, **extra}}
+        )
         return BYOL(config.method, ConvNet(8), data_handle(64, 4, 16))
 
     info = StepInfo(1, 0, 10, None, 0, 1)

@@ -1,11 +1,12 @@
 """Trainer: exact resume, NaN handling, atomic checkpoints, outputs of a run."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import tiny_run_config
 from test_torchrun import DATA, TRAIN, VARIANTS
+
 from kinship import checkpoint
 from kinship.assembly import build_config
 from kinship.errors import NonFiniteLossError
@@ -105,7 +106,13 @@ def test_image_folder_in_memory_and_streaming(tmp_path, streaming):
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(data.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
     values = tiny_run_config(**{"train.epochs": 1, "train.batch_size": 32})
-    values["data"] = {"name": "imagefolder", "path": str(tmp_path / "train"), "test_path": str(tmp_path / "test"),
-                      "image_size": 16, "streaming": streaming, "workers": 0}
+    values["data"] = {
+        "name": "imagefolder",
+        "path": str(tmp_path / "train"),
+        "test_path": str(tmp_path / "test"),
+        "image_size": 16,
+        "streaming": streaming,
+        "workers": 0,
+    }
     summary = Trainer(build_config(values), tmp_path / "run", log=lambda *_: None).fit()
     assert summary["epochs_done"] == 1 and 0 <= summary["knn_top1"] <= 100

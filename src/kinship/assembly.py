@@ -4,6 +4,7 @@ evaluation suite, export, the benchmark and the command line.
 This is the one module that knows both the method registry and the data pipeline; everything
 below it (blocks, models, augment, data, methods) imports nothing from here or above.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,17 @@ import torch
 
 from kinship.checkpoint import read_checkpoint
 from kinship.config import MethodConfig, RunConfig, parse_config, read_values
-from kinship.data import BatchPlan, DataInfo, ImageSet, LabeledPlan, TensorLoader, TrainData
-from kinship.data import hide_unlabeled, labeled_subset, load_split
+from kinship.data import (
+    BatchPlan,
+    DataInfo,
+    ImageSet,
+    LabeledPlan,
+    TensorLoader,
+    TrainData,
+    hide_unlabeled,
+    labeled_subset,
+    load_split,
+)
 from kinship.data.store import list_image_folder, seeded_subset
 from kinship.data.stream import FileImages, StreamingLoader
 from kinship.data.subsets import corrupt_labels, map_labels, read_labeled_file, save_indices
@@ -24,8 +34,16 @@ from kinship.methods import METHODS, Method
 from kinship.models.backbones import build_backbone, remove_batch_norm, split_batch_norm
 from kinship.runtime import rank, use_bf16, world_size
 
-__all__ = ["RunData", "build_config", "build_method", "load_config", "load_pretrained", "load_run_data", "make_loader",
-           "read_checkpoint"]
+__all__ = [
+    "RunData",
+    "build_config",
+    "build_method",
+    "load_config",
+    "load_pretrained",
+    "load_run_data",
+    "make_loader",
+    "read_checkpoint",
+]
 
 
 def method_configs() -> dict[str, type[MethodConfig]]:
@@ -70,7 +88,9 @@ def streamed_split(config: RunConfig, split: str, device: torch.device, classes:
             raise DataError(f"{dc.test_path} has class folders the train split lacks: {', '.join(unknown[:5])}")
         position = {name: i for i, name in enumerate(classes)}
         labels = [position[names[label]] for label in labels]
-    images = FileImages(files, torch.tensor(labels, dtype=torch.int64), classes or names, dc.image_size, device, dc.decode_threads)
+    images = FileImages(
+        files, torch.tensor(labels, dtype=torch.int64), classes or names, dc.image_size, device, dc.decode_threads
+    )
     keep = seeded_subset(len(images), dc.train_limit if split == "train" else dc.test_limit, split)
     return images if keep is None else images.subset(keep)
 
@@ -88,8 +108,10 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         files, gt, classes = None, train.labels.clone(), train.classes
     labels = gt
     if classes and int(gt.max()) >= len(classes):
-        raise DataError(f"the train split has label {int(gt.max())}, but its data names {len(classes)} classes "
-                        f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): labels must lie in [0, {len(classes) - 1}]")
+        raise DataError(
+            f"the train split has label {int(gt.max())}, but its data names {len(classes)} classes "
+            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): labels must lie in [0, {len(classes) - 1}]"
+        )
     num_classes = max(len(classes), int(gt.max()) + 1)
     if dc.label_map:  # train on coarser labels (each class mapped to its parent)
         labels = map_labels(gt, Path(dc.label_map).expanduser(), num_classes)
@@ -100,7 +122,11 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         if dc.labeled_file:
             if dc.name == "imagefolder" and dc.train_limit:
                 raise DataError("data.labeled_file names images of the whole folder: it cannot be used with data.train_limit")
-            names = files if files is not None else (list_image_folder(Path(dc.path).expanduser())[0] if dc.name == "imagefolder" else None)
+            names = (
+                files
+                if files is not None
+                else (list_image_folder(Path(dc.path).expanduser())[0] if dc.name == "imagefolder" else None)
+            )
             labeled = read_labeled_file(Path(dc.labeled_file).expanduser(), len(gt), names)
         else:
             labeled = labeled_subset(gt, dc.labeled_per_class, dc.labeled_fraction, config.train.seed)
@@ -113,7 +139,11 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
     candidates = (gt >= 0).nonzero().squeeze(1)
     keep = None if len(candidates) == len(gt) else candidates
     if 0 < limit < len(candidates):
-        keep = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(config.train.seed))[:limit]].sort().values
+        keep = (
+            candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(config.train.seed))[:limit]]
+            .sort()
+            .values
+        )
     if dc.streams:
         bank = streamed if keep is None else streamed.subset(keep)
         test = streamed_split(config, "test", device, classes)
@@ -125,12 +155,15 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         image_size = bank.images.shape[-1]
     info = DataInfo(size=len(gt), num_classes=num_classes, image_size=image_size, labeled=int((labels >= 0).sum()))
     images, aspect = (None, None) if dc.streams else (train.images, train.aspect)
-    handle = TrainData(info, labels.to(device), gt.to(device), images, files, use_bf16(config.train.precision, device),
-                       dc.decode_threads, aspect)
+    handle = TrainData(
+        info, labels.to(device), gt.to(device), images, files, use_bf16(config.train.precision, device), dc.decode_threads, aspect
+    )
     return RunData(handle, bank, test, train)
 
 
-def make_loader(data: RunData, config: RunConfig, plan: BatchPlan, device: torch.device, method: Method) -> TensorLoader | StreamingLoader:
+def make_loader(
+    data: RunData, config: RunConfig, plan: BatchPlan, device: torch.device, method: Method
+) -> TensorLoader | StreamingLoader:
     """The unlabeled stream over the whole train split and, with ``train.labeled_batch_size``, the
     labeled one: from the images in memory, or decoded and cropped from the files for ``method``'s
     view recipes."""
@@ -141,8 +174,19 @@ def make_loader(data: RunData, config: RunConfig, plan: BatchPlan, device: torch
         return TensorLoader(data.train, plan, data.handle.labels, labeled_plan)
     labeled_recipes = method.view_recipes(labeled=True) if labeled_plan is not None else []
     workers = min(config.data.workers, len(os.sched_getaffinity(0)))  # more decoding processes than cores only queue
-    return StreamingLoader(data.handle.files, data.handle.labels, plan, device, method.view_recipes(), labeled_recipes,
-                           labeled_plan, workers, config.data.prefetch, config.train.seed, config.data.decoder)
+    return StreamingLoader(
+        data.handle.files,
+        data.handle.labels,
+        plan,
+        device,
+        method.view_recipes(),
+        labeled_recipes,
+        labeled_plan,
+        workers,
+        config.data.prefetch,
+        config.train.seed,
+        config.data.decoder,
+    )
 
 
 def build_method(config: RunConfig, data: TrainData) -> Method:

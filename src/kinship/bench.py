@@ -2,8 +2,10 @@
 ``compute_only`` (the same step on fixed, already augmented views), over a run of steps between two
 synchronisations (``img_per_s_run``: what training sees on a GPU, where the host runs ahead) and from
 the median of steps synchronised one by one (``img_per_s``; the solvers' share of the time,
-``solver_frac``, is measured there); and the ops one more step dispatches in each phase (views, forward + backward + optimizer, after_step), with those that make
-the host wait for the device (:mod:`kinship.dispatch`)."""
+``solver_frac``, is measured there); and the ops one more step dispatches in each phase (views,
+forward + backward + optimizer, after_step), with those that make the host wait for the device
+(:mod:`kinship.dispatch`)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -24,26 +26,52 @@ from kinship.dispatch import OpLog
 from kinship.methods import StepInfo
 from kinship.optim import build_optimizer, training_step
 from kinship.runtime import (
-    compiled, deterministic, environment, resolve_device, timed_sections, tune_cpu_allocator, tune_cuda, use_bf16,
+    compiled,
+    deterministic,
+    environment,
+    resolve_device,
+    timed_sections,
+    tune_cpu_allocator,
+    tune_cuda,
+    use_bf16,
 )
 
 
-def bench(method: str, device: str, backbone: str, batch: int, steps: int, compute_only: bool,
-          compile: bool = False, precision: str = "auto", warmup: int = 3, width: int = 32,
-          overrides: list[str] = (), tune_allocator: bool = True, channels_last: bool = True, images: int = 16384) -> dict:
+def bench(
+    method: str,
+    device: str,
+    backbone: str,
+    batch: int,
+    steps: int,
+    compute_only: bool,
+    compile: bool = False,
+    precision: str = "auto",
+    warmup: int = 3,
+    width: int = 32,
+    overrides: list[str] = (),
+    tune_allocator: bool = True,
+    channels_last: bool = True,
+    images: int = 16384,
+) -> dict:
     """``tune_allocator`` / ``channels_last`` False: measure what each of them is worth (the allocator
     setting is per process: a run without it needs a process of its own)."""
     if tune_allocator:
         tune_cpu_allocator()
     dev = resolve_device(device)
     tune_cuda(dev)
-    values = {"method": {"name": method}, "model": {"backbone": backbone, "width": width},
-              "train": {"batch_size": batch, "compile": compile}}
+    values = {
+        "method": {"name": method},
+        "model": {"backbone": backbone, "width": width},
+        "train": {"batch_size": batch, "compile": compile},
+    }
     config = build_config(apply_overrides(values, list(overrides)))
     g = torch.Generator().manual_seed(0)
     n = max(batch * 4, images)  # by default more images than a memory bank holds
-    data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                    torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)]).to(dev)
+    data = ImageSet(
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n,), generator=g),
+        [str(i) for i in range(10)],
+    ).to(dev)
     handle, labeled_plan = TrainData.of(data), None
     if config.train.labeled_batch_size:  # semi-supervised: 25 labels per class, a labeled batch beside each unlabeled one
         handle = TrainData.of(data, labeled_subset(data.labels, per_class=25))
@@ -96,7 +124,10 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
             model.after_step(info)
         compiled_graphs.append(counters["stats"]["unique_graphs"] - graphs)
 
-    with compiled_views(compile, config.train.compile_backend, config.train.compile_mode), deterministic(config.train.deterministic):
+    with (
+        compiled_views(compile, config.train.compile_backend, config.train.compile_mode),
+        deterministic(config.train.deterministic),
+    ):
         start = time.perf_counter()
         one_step(0)
         sync()
@@ -123,17 +154,29 @@ def bench(method: str, device: str, backbone: str, batch: int, steps: int, compu
         with torch.compiler.set_stance("force_eager"):  # the ops the code asks for (compiled frames skip a dispatch mode)
             one_step(warmup + 2 * steps, logs)
         median = statistics.median(times)
-        return {"method": method, "overrides": list(overrides), "backbone": backbone, "device": dev.type, "batch": batch,
-                "mode": "compute_only" if compute_only else "pipeline", "img_per_s": round(batch / median, 1),
-                "img_per_s_mean": round(batch * steps / sum(times), 1), "img_per_s_run": round(batch * steps / run_seconds, 1),
-                "steps": steps, "compile": compile, "first_step_s": round(first_step_seconds, 2),
-                **({"compiled_graphs": compiled_graphs} if compile else {}),
-                "channels_last": channels_last, "deterministic": config.train.deterministic,
-                "autocast_bf16": autocast, "env": environment(),
-                "ops": {name: log.total for name, log in logs.items()},
-                "host_syncs": {name: dict(log.syncs) for name, log in logs.items() if log.syncs},
-                **({"solver_frac": round(sections["solver"] / sum(times), 4)} if "solver" in sections else {}),
-                **({"refresh_s": refresh_s, "images": n} if refresh_s else {})}
+        return {
+            "method": method,
+            "overrides": list(overrides),
+            "backbone": backbone,
+            "device": dev.type,
+            "batch": batch,
+            "mode": "compute_only" if compute_only else "pipeline",
+            "img_per_s": round(batch / median, 1),
+            "img_per_s_mean": round(batch * steps / sum(times), 1),
+            "img_per_s_run": round(batch * steps / run_seconds, 1),
+            "steps": steps,
+            "compile": compile,
+            "first_step_s": round(first_step_seconds, 2),
+            **({"compiled_graphs": compiled_graphs} if compile else {}),
+            "channels_last": channels_last,
+            "deterministic": config.train.deterministic,
+            "autocast_bf16": autocast,
+            "env": environment(),
+            "ops": {name: log.total for name, log in logs.items()},
+            "host_syncs": {name: dict(log.syncs) for name, log in logs.items() if log.syncs},
+            **({"solver_frac": round(sections["solver"] / sum(times), 4)} if "solver" in sections else {}),
+            **({"refresh_s": refresh_s, "images": n} if refresh_s else {}),
+        }
 
 
 def peak_rss_mb() -> float:
@@ -153,8 +196,18 @@ def peak_rss_mb() -> float:
     return round(total, 1)
 
 
-def loader_bench(folder: str, workers: int, batch: int, steps: int, image_size: int = 224, views: int = 2,
-                 prefetch: int = 4, warmup: int = 2, device: str = "cpu", decoder: str = "pil") -> dict:
+def loader_bench(
+    folder: str,
+    workers: int,
+    batch: int,
+    steps: int,
+    image_size: int = 224,
+    views: int = 2,
+    prefetch: int = 4,
+    warmup: int = 2,
+    device: str = "cpu",
+    decoder: str = "pil",
+) -> dict:
     """Source images per second that the streaming loader delivers from an ImageFolder (``views``
     random-resized crops RandomResizedCrop(image_size, (0.2, 1)) + flip per image, as MoCo v2's and
     CoKe's loaders, uint8 on ``device``; ``decoder`` as ``data.decoder``), after ``warmup`` batches
@@ -167,8 +220,9 @@ def loader_bench(folder: str, workers: int, batch: int, steps: int, image_size: 
     plan = BatchPlan(len(files), batch, seed=0)
     recipe = AugmentConfig(crop_size=image_size, crop_scale=(0.2, 1.0))
     dev = resolve_device(device)
-    loader = StreamingLoader(files, torch.tensor(labels), plan, dev, [recipe] * views, workers=workers, prefetch=prefetch,
-                             decoder=decoder)
+    loader = StreamingLoader(
+        files, torch.tensor(labels), plan, dev, [recipe] * views, workers=workers, prefetch=prefetch, decoder=decoder
+    )
     batches = (b for epoch in itertools.count() for b in loader.epoch(epoch))
     for _ in range(warmup):
         next(batches)
@@ -180,9 +234,20 @@ def loader_bench(folder: str, workers: int, batch: int, steps: int, image_size: 
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    result = {"loader": "kinship", "decoder": decoder, "device": dev.type, "folder": str(folder), "images": len(files),
-              "workers": workers, "batch": batch,
-              "steps": steps, "views": views, "image_size": image_size, "img_per_s": round(batch * steps / seconds, 1),
-              "peak_rss_mb": peak_rss_mb(), "env": environment()}
+    result = {
+        "loader": "kinship",
+        "decoder": decoder,
+        "device": dev.type,
+        "folder": str(folder),
+        "images": len(files),
+        "workers": workers,
+        "batch": batch,
+        "steps": steps,
+        "views": views,
+        "image_size": image_size,
+        "img_per_s": round(batch * steps / seconds, 1),
+        "peak_rss_mb": peak_rss_mb(),
+        "env": environment(),
+    }
     loader.close()
     return result

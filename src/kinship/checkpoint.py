@@ -1,5 +1,6 @@
 """Checkpoints: written atomically (a temporary file in the same folder, then renamed into place) and
 read back with ``weights_only=True``, every failure a :class:`CheckpointError` that names the file."""
+
 from __future__ import annotations
 
 import hashlib
@@ -126,8 +127,10 @@ def load(path: Path, device: torch.device | str = "cpu") -> Any:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:  # torch's own message would suggest weights_only=False: never for a file of unknown origin
-        raise CheckpointError(f"cannot read {path} as a kinship checkpoint: it is truncated, not a checkpoint, or holds "
-                              "objects other than tensors and plain values, which kinship never unpickles (they could run code)") from None
+        raise CheckpointError(
+            f"cannot read {path} as a kinship checkpoint: it is truncated, not a checkpoint, or holds "
+            "objects other than tensors and plain values, which kinship never unpickles (they could run code)"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(
             f"cannot read {path} as a torch checkpoint (truncated or not a checkpoint): {str(exc).splitlines()[0]}"

@@ -1,4 +1,5 @@
 """``kinship`` command line: pretrain, eval, export, views, pack-npz, bench, check-data."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         if not args.resume:
             raise ConfigError("pretrain needs --config FILE (or --resume to continue the run in --out)")
         if not config_path.is_file():
-            raise ConfigError(f"--resume without --config: {args.out} has no config.yaml (and so no run to continue); "
-                              "give --config for the first start: the same command then serves every restart")
+            raise ConfigError(
+                f"--resume without --config: {args.out} has no config.yaml (and so no run to continue); "
+                "give --config for the first start: the same command then serves every restart"
+            )
     config = load_config(config_path, args.set)
     log = print if rank() == 0 else (lambda *_: None)
-    summary = Trainer(config, Path(args.out), resume=args.resume, log=log, compile_cache=args.compile_cache,
-                      allow_changes=args.allow_changes).fit()
+    summary = Trainer(
+        config, Path(args.out), resume=args.resume, log=log, compile_cache=args.compile_cache, allow_changes=args.allow_changes
+    ).fit()
     if rank() == 0:
         parts = [f"k-NN top-1 {summary['knn_top1']:.2f}%" if "knn_top1" in summary else "no k-NN evaluation yet"]
         if "knn_pixel_top1" in summary:
@@ -118,12 +122,19 @@ def cmd_pack_npz(args: argparse.Namespace) -> int:
     name = values.get("data.name", args.source)
     if name == "cifar10-npz":
         raise ConfigError("pack-npz reads cifar10, cifar100, stl10 or an ImageFolder root, not an npz")
-    config = DataConfig(name=name, path=values.get("data.path", args.root), test_path=values.get("data.test_path", ""),
-                        download=args.download, image_size=args.image_size)
+    config = DataConfig(
+        name=name,
+        path=values.get("data.path", args.root),
+        test_path=values.get("data.test_path", ""),
+        download=args.download,
+        image_size=args.image_size,
+    )
     train, test = load_split(config, "train"), load_split(config, "test")
     pack_npz(train, test, Path(args.out), args.quality)
-    print(f"wrote {args.out}: {len(train)} train and {len(test)} test images, {len(train.classes)} classes, "
-          f"{train.images.shape[-1]} px, JPEG quality {args.quality}")
+    print(
+        f"wrote {args.out}: {len(train)} train and {len(test)} test images, {len(train.classes)} classes, "
+        f"{train.images.shape[-1]} px, JPEG quality {args.quality}"
+    )
     return 0
 
 
@@ -133,14 +144,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.loader_only:
         if not args.data:
             raise ConfigError("bench --loader-only needs --data FOLDER (an ImageFolder root: FOLDER/<class>/<image>)")
-        print(json.dumps(loader_bench(args.data, args.workers, args.batch, args.steps, args.image_size, args.views,
-                                      device=args.device, decoder=args.decoder)))
+        print(
+            json.dumps(
+                loader_bench(
+                    args.data,
+                    args.workers,
+                    args.batch,
+                    args.steps,
+                    args.image_size,
+                    args.views,
+                    device=args.device,
+                    decoder=args.decoder,
+                )
+            )
+        )
         return 0
     if not args.method:
         raise ConfigError("bench needs --method NAME (or --loader-only --data FOLDER)")
-    result = bench(args.method, args.device, args.backbone, args.batch, args.steps, args.compute_only,
-                   compile=args.compile, precision=args.precision, width=args.width, overrides=args.set,
-                   tune_allocator=not args.no_tune_allocator, channels_last=not args.no_channels_last)
+    result = bench(
+        args.method,
+        args.device,
+        args.backbone,
+        args.batch,
+        args.steps,
+        args.compute_only,
+        compile=args.compile,
+        precision=args.precision,
+        width=args.width,
+        overrides=args.set,
+        tune_allocator=not args.no_tune_allocator,
+        channels_last=not args.no_channels_last,
+    )
     print(json.dumps(result))
     return 0
 
@@ -166,22 +200,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML config (default with --resume: OUT/config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=10")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/last.pt, or start the run if OUT has no checkpoint yet (one command for "
-                        "the first start and every restart)")
-    p.add_argument("--allow-changes", action="store_true",
-                   help="with --resume: accept config keys changed since the checkpoint beyond those that only say when to "
-                        "stop, save or log (the run then no longer continues exactly)")
-    p.add_argument("--compile-cache", type=Path, metavar="FILE",
-                   help="with train.compile: load compiled artifacts from FILE and save them there; torch runs the code "
-                        "such a file holds, so name only a file you trust (default: this user's ~/.cache/kinship)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/last.pt, or start the run if OUT has no checkpoint yet (one command for "
+        "the first start and every restart)",
+    )
+    p.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: accept config keys changed since the checkpoint beyond those that only say when to "
+        "stop, save or log (the run then no longer continues exactly)",
+    )
+    p.add_argument(
+        "--compile-cache",
+        type=Path,
+        metavar="FILE",
+        help="with train.compile: load compiled artifacts from FILE and save them there; torch runs the code "
+        "such a file holds, so name only a file you trust (default: this user's ~/.cache/kinship)",
+    )
     p.set_defaults(func=cmd_pretrain)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint: knn, linear, finetune, clustering, purity, tsne, curves, classifier or all")
-    e.add_argument("protocol", choices=["all", "knn", "linear", "finetune", "clustering", "purity", "tsne", "curves", "classifier"])
+    e = sub.add_parser(
+        "eval", help="evaluate a checkpoint: knn, linear, finetune, clustering, purity, tsne, curves, classifier or all"
+    )
+    e.add_argument(
+        "protocol", choices=["all", "knn", "linear", "finetune", "clustering", "purity", "tsne", "curves", "classifier"]
+    )
     e.add_argument("--checkpoint", required=True, help="last.pt of a pretrain run")
     e.add_argument("--data", help="evaluate on other data: cifar10, cifar100, stl10, a .npz file or an ImageFolder root")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. eval.finetune.epochs=5")
+    e.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. eval.finetune.epochs=5"
+    )
     e.add_argument("--out", help="where the report, figures and feature cache go (default: the checkpoint's folder)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
@@ -200,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(func=cmd_views)
 
-    n = sub.add_parser("pack-npz", help="write the JPEG npz the demo and CPU presets read, from torchvision data or an ImageFolder")
+    n = sub.add_parser(
+        "pack-npz", help="write the JPEG npz the demo and CPU presets read, from torchvision data or an ImageFolder"
+    )
     n.add_argument("source", help="cifar10, cifar100, stl10, or an ImageFolder root with train/ and val/ (or test/)")
     n.add_argument("--root", default="data/torchvision", help="torchvision datasets: where they are (or go, with --download)")
     n.add_argument("--download", action="store_true", help="torchvision datasets: download when missing")
@@ -219,11 +271,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--compute-only", action="store_true", help="fixed augmented views: model step only")
     b.add_argument("--compile", action="store_true")
     b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    b.add_argument("--no-tune-allocator", action="store_true", help="keep glibc's default malloc thresholds (to measure the tuning)")
+    b.add_argument(
+        "--no-tune-allocator", action="store_true", help="keep glibc's default malloc thresholds (to measure the tuning)"
+    )
     b.add_argument("--no-channels-last", action="store_true", help="keep the default memory format (to measure channels_last)")
-    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. method.symmetric=false")
-    b.add_argument("--loader-only", action="store_true",
-                   help="time the streaming loader alone on --data: source images/s and peak memory (this process and its workers)")
+    b.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. method.symmetric=false"
+    )
+    b.add_argument(
+        "--loader-only",
+        action="store_true",
+        help="time the streaming loader alone on --data: source images/s and peak memory (this process and its workers)",
+    )
     b.add_argument("--data", help="--loader-only: an ImageFolder root (FOLDER/<class>/<image>)")
     b.add_argument("--workers", type=int, default=8, help="--loader-only: decoding processes")
     b.add_argument("--image-size", type=int, default=224, help="--loader-only: output side of each crop")

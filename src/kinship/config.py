@@ -6,6 +6,7 @@ of method config dataclasses by name (:func:`kinship.assembly.build_config` pass
 so this module depends on no method. Each method's dataclass checks its own values in
 ``validate``, when the config is parsed, before any data is read.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,7 +32,9 @@ class DataConfig:
     path: str = "../shared/data/cifar10-jpeg.npz"  # npz file, torchvision root, or ImageFolder root
     test_path: str = ""  # ImageFolder only: the evaluation split's root
     download: bool = False  # torchvision datasets: download when missing (only when asked)
-    image_size: int = 32  # STL-10, in-memory ImageFolder: stored side after resize; streamed ImageFolder: side of eval and random-access reads
+    image_size: int = (
+        32  # STL-10, in-memory ImageFolder: stored side after resize; streamed ImageFolder: side of eval and random-access reads
+    )
     train_limit: int = 0  # >0: a seeded random subset of the train split (quick runs)
     test_limit: int = 0  # >0: a seeded random subset of the test split
     labeled_per_class: int = 0  # >0: labeled subset with N images per class
@@ -358,16 +361,20 @@ def parse_config(values: dict, method_configs: Mapping[str, type[MethodConfig]])
     train = values.get("train")
     if isinstance(train, dict) and "compile_cache" in train:  # a key of earlier releases, in their saved config.yaml
         if train["compile_cache"]:
-            raise ConfigError("train.compile_cache is no longer read from a config: torch runs the code such a file "
-                              "holds, so name a file you trust on the command line (kinship pretrain --compile-cache FILE)")
+            raise ConfigError(
+                "train.compile_cache is no longer read from a config: torch runs the code such a file "
+                "holds, so name a file you trust on the command line (kinship pretrain --compile-cache FILE)"
+            )
         values["train"] = {k: v for k, v in train.items() if k != "compile_cache"}
     method_values = dict(values.pop("method", None) or {})
     if "name" not in method_values:
         raise ConfigError("config key 'method.name' is required")
     name = method_values["name"]
     if name not in method_configs:
-        raise ConfigError(f"unknown method '{name}'{_nearest(name, list(method_configs), hint=False)}; "
-                          f"the methods: {', '.join(sorted(method_configs))}")
+        raise ConfigError(
+            f"unknown method '{name}'{_nearest(name, list(method_configs), hint=False)}; "
+            f"the methods: {', '.join(sorted(method_configs))}"
+        )
     config = _build(RunConfig, values, "")
     config.method = _build(method_configs[name], method_values, "method")
     validate(config)
@@ -381,7 +388,8 @@ BACKBONES = "resnet18, resnet34, resnet50, wrnDEPTH_WIDEN (wrn28_2, wrn28_8) or 
 def known_backbone(name: str) -> bool:
     """Whether ``model.backbone`` names one of :data:`BACKBONES` (kinship.models.backbones builds them)."""
     return name in ("resnet18", "resnet34", "resnet50", "convnet") or (
-        name.startswith("wrn") and name.count("_") == 1 and name[3:].replace("_", "").isdigit())
+        name.startswith("wrn") and name.count("_") == 1 and name[3:].replace("_", "").isdigit()
+    )
 
 
 def validate(config: RunConfig) -> None:
@@ -390,45 +398,90 @@ def validate(config: RunConfig) -> None:
         (known_backbone(config.model.backbone), f"unknown model.backbone '{config.model.backbone}' (choose {BACKBONES})"),
         (config.train.epochs >= 1, "train.epochs must be >= 1"),
         (config.model.norm in ("batch", "none", "split"), f"model.norm must be batch, none or split, got '{config.model.norm}'"),
-        (config.model.norm != "split" or (config.model.bn_splits >= 1 and config.train.batch_size % config.model.bn_splits == 0),
-         f"model.norm split: train.batch_size ({config.train.batch_size}) must be a multiple of model.bn_splits ({config.model.bn_splits})"),
-        (not config.model.zero_init_residual or config.model.backbone.startswith("resnet"), "model.zero_init_residual applies to ResNet backbones only"),
-        (min(config.train.checkpoint_every, config.train.checkpoint_every_steps, config.train.stop_after_steps,
-             config.train.stop_after_epochs, config.train.labeled_batch_size, config.train.steps_per_epoch) >= 0
-         and min(config.train.checkpoint_every_min, config.train.time_limit_min) >= 0,
-         "train.checkpoint_every*, stop_after_*, time_limit_min, labeled_batch_size and steps_per_epoch must be >= 0"),
+        (
+            config.model.norm != "split"
+            or (config.model.bn_splits >= 1 and config.train.batch_size % config.model.bn_splits == 0),
+            f"model.norm split: train.batch_size ({config.train.batch_size}) must be a multiple of "
+            f"model.bn_splits ({config.model.bn_splits})",
+        ),
+        (
+            not config.model.zero_init_residual or config.model.backbone.startswith("resnet"),
+            "model.zero_init_residual applies to ResNet backbones only",
+        ),
+        (
+            min(
+                config.train.checkpoint_every,
+                config.train.checkpoint_every_steps,
+                config.train.stop_after_steps,
+                config.train.stop_after_epochs,
+                config.train.labeled_batch_size,
+                config.train.steps_per_epoch,
+            )
+            >= 0
+            and min(config.train.checkpoint_every_min, config.train.time_limit_min) >= 0,
+            "train.checkpoint_every*, stop_after_*, time_limit_min, labeled_batch_size and steps_per_epoch must be >= 0",
+        ),
         (config.train.log_every >= 1, "train.log_every must be >= 1"),
         (config.train.batch_size >= 2, "train.batch_size must be >= 2"),
         (config.optim.lr > 0, "optim.lr must be > 0"),
-        (config.optim.warmup_start_lr >= 0 and config.optim.warmup_epochs >= 0, "optim.warmup_start_lr and warmup_epochs must be >= 0"),
+        (
+            config.optim.warmup_start_lr >= 0 and config.optim.warmup_epochs >= 0,
+            "optim.warmup_start_lr and warmup_epochs must be >= 0",
+        ),
         (config.optim.name in ("sgd", "lars", "adamw"), f"optim.name must be sgd, lars or adamw, got '{config.optim.name}'"),
-        (config.optim.schedule in ("cosine", "fixmatch"), f"optim.schedule must be cosine or fixmatch, got '{config.optim.schedule}'"),
+        (
+            config.optim.schedule in ("cosine", "fixmatch"),
+            f"optim.schedule must be cosine or fixmatch, got '{config.optim.schedule}'",
+        ),
         (not config.optim.nesterov or config.optim.name == "sgd", "optim.nesterov is for optim.name: sgd"),
-        (config.train.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got '{config.train.precision}'"),
-        (config.train.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-         f"train.compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got '{config.train.compile_mode}'"),
+        (
+            config.train.precision in ("auto", "fp32", "bf16"),
+            f"train.precision must be auto, fp32 or bf16, got '{config.train.precision}'",
+        ),
+        (
+            config.train.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+            "train.compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, "
+            f"got '{config.train.compile_mode}'",
+        ),
         (config.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got '{config.train.device}'"),
         (config.eval.knn_k >= 1, "eval.knn_k must be >= 1"),
         (config.eval.knn_temperature > 0, "eval.knn_temperature must be > 0"),
-        (sum(map(bool, (config.data.labeled_per_class, config.data.labeled_fraction, config.data.labeled_file))) <= 1,
-         "set only one of data.labeled_per_class, data.labeled_fraction and data.labeled_file"),
+        (
+            sum(map(bool, (config.data.labeled_per_class, config.data.labeled_fraction, config.data.labeled_file))) <= 1,
+            "set only one of data.labeled_per_class, data.labeled_fraction and data.labeled_file",
+        ),
         (config.eval.linear.mode in ("lbfgs", "sgd"), f"eval.linear.mode must be lbfgs or sgd, got '{config.eval.linear.mode}'"),
-        (config.eval.finetune.head_init in ("probe", "random"), f"eval.finetune.head_init must be probe or random, got '{config.eval.finetune.head_init}'"),
+        (
+            config.eval.finetune.head_init in ("probe", "random"),
+            f"eval.finetune.head_init must be probe or random, got '{config.eval.finetune.head_init}'",
+        ),
         (all(0 < f <= 1 for f in config.eval.finetune.fractions), "eval.finetune.fractions must lie in (0, 1]"),
         (all(n >= 1 for n in config.eval.finetune.per_class), "eval.finetune.per_class must be >= 1"),
         (all(k >= 1 and t > 0 for k, t in config.eval.knn_protocols), "eval.knn_protocols: each entry is [k >= 1, T > 0]"),
-        (config.eval.clustering_k >= 0 and config.eval.clustering_restarts >= 1, "eval.clustering_k must be >= 0 and eval.clustering_restarts >= 1"),
+        (
+            config.eval.clustering_k >= 0 and config.eval.clustering_restarts >= 1,
+            "eval.clustering_k must be >= 0 and eval.clustering_restarts >= 1",
+        ),
         (0.0 <= config.data.labeled_fraction <= 1.0, "data.labeled_fraction must be in [0, 1]"),
         (0.0 <= config.data.label_noise < 1.0, "data.label_noise must be in [0, 1)"),
-        (not config.data.superclasses or config.data.name == "cifar100", "data.superclasses is for data.name: cifar100 (CIFAR-100-20)"),
+        (
+            not config.data.superclasses or config.data.name == "cifar100",
+            "data.superclasses is for data.name: cifar100 (CIFAR-100-20)",
+        ),
         (not config.data.streaming or config.data.name == "imagefolder", "data.streaming is for data.name: imagefolder"),
         (config.data.workers >= 0 and config.data.prefetch >= 1, "data.workers must be >= 0 and data.prefetch >= 1"),
         (config.data.decoder in ("pil", "nvjpeg"), f"data.decoder must be pil or nvjpeg, got '{config.data.decoder}'"),
-        (config.data.decoder == "pil" or config.data.streams, "data.decoder nvjpeg is for streamed data (data.name: imagefolder)"),
+        (
+            config.data.decoder == "pil" or config.data.streams,
+            "data.decoder nvjpeg is for streamed data (data.name: imagefolder)",
+        ),
         (0.0 <= config.data.max_bad_files < 1.0, "data.max_bad_files (a share of the training images) must be in [0, 1)"),
         (config.data.memory_budget_gb > 0, "data.memory_budget_gb must be > 0"),
         (config.train.dist_timeout_min > 0, "train.dist_timeout_min must be > 0"),
-        (config.eval.baseline_limit >= 0 and config.eval.knn_train_limit >= 0, "eval.baseline_limit and eval.knn_train_limit must be >= 0"),
+        (
+            config.eval.baseline_limit >= 0 and config.eval.knn_train_limit >= 0,
+            "eval.baseline_limit and eval.knn_train_limit must be >= 0",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -6,6 +6,7 @@ waits for everything queued before it, and the device idles while the host prepa
 next. :class:`OpLog` records every op dispatched inside it, on any device, so that such ops can be
 found (and counted) on a CPU.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -15,11 +16,24 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ops whose result the host reads (a value or an output shape), or that copy host data to the device
-HOST_SYNC_OPS = frozenset({
-    "aten.nonzero", "aten.argwhere", "aten._local_scalar_dense", "aten.is_nonzero",
-    "aten.equal", "aten.masked_select", "aten.unique", "aten._unique", "aten._unique2", "aten.unique_consecutive",
-    "aten.unique_dim", "aten.lift_fresh", "aten.repeat_interleave", "aten.bincount",
-})
+HOST_SYNC_OPS = frozenset(
+    {
+        "aten.nonzero",
+        "aten.argwhere",
+        "aten._local_scalar_dense",
+        "aten.is_nonzero",
+        "aten.equal",
+        "aten.masked_select",
+        "aten.unique",
+        "aten._unique",
+        "aten._unique2",
+        "aten.unique_consecutive",
+        "aten.unique_dim",
+        "aten.lift_fresh",
+        "aten.repeat_interleave",
+        "aten.bincount",
+    }
+)
 # indexing with a boolean mask needs the mask's nonzero count for its shape
 MASK_INDEX_OPS = frozenset({"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"})
 

@@ -3,6 +3,7 @@
 The command line prints it as ``kinship: error: <message>`` and exits with status 2; the message
 names what is wrong (the key, the file, the step) and what to do. Anything else escaping is a bug.
 """
+
 from __future__ import annotations
 
 

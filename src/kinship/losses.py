@@ -1,4 +1,5 @@
 """Losses as pure functions on tensors (shapes documented), each with the paper's formula."""
+
 from __future__ import annotations
 
 import torch
@@ -28,14 +29,21 @@ def info_nce_with_queue(
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target, reduction=reduction)
 
 
-def mixed_info_nce(query: torch.Tensor, anchor_key: torch.Tensor, positive_key: torch.Tensor, negatives: torch.Tensor,
-                   lam: torch.Tensor, temperature: float) -> torch.Tensor:
+def mixed_info_nce(
+    query: torch.Tensor,
+    anchor_key: torch.Tensor,
+    positive_key: torch.Tensor,
+    negatives: torch.Tensor,
+    lam: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
     """CLIM Eq. 4, per sample: lambda nce(x_mix, x) + (1 - lambda) nce(x_mix, x~), where the mixed
     query holds a share lambda (B,) of the anchor's pixels. Shapes as :func:`info_nce_with_queue`;
     returns (B,)."""
     lam = lam.to(anchor_key.dtype)
-    return (lam * info_nce_with_queue(query, anchor_key, negatives, temperature, "none")
-            + (1 - lam) * info_nce_with_queue(query, positive_key, negatives, temperature, "none"))
+    return lam * info_nce_with_queue(query, anchor_key, negatives, temperature, "none") + (1 - lam) * info_nce_with_queue(
+        query, positive_key, negatives, temperature, "none"
+    )
 
 
 def mean_shift_loss(prediction: torch.Tensor, neighbour_mean: torch.Tensor) -> torch.Tensor:
@@ -64,13 +72,21 @@ def swapped_prediction_loss(targets: list[torch.Tensor], logits: list[torch.Tens
     of every crop v, the global crops first. Target g is predicted by every crop v != g with
     :func:`soft_cross_entropy`; mean over the batch and those crops, then over g.
     """
-    per_target = [torch.stack([soft_cross_entropy(s, q, temperature) for v, s in enumerate(logits) if v != g]).mean()
-                  for g, q in enumerate(targets)]
+    per_target = [
+        torch.stack([soft_cross_entropy(s, q, temperature) for v, s in enumerate(logits) if v != g]).mean()
+        for g, q in enumerate(targets)
+    ]
     return torch.stack(per_target).mean()
 
 
-def margin_contrastive_loss(positive: torch.Tensor, negative: torch.Tensor, weight: torch.Tensor, gamma: float,
-                            margin: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+def margin_contrastive_loss(
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    weight: torch.Tensor,
+    gamma: float,
+    margin: float,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """SsCL's contrastive loss with several positives, a margin and self-paced weights, per query:
 
         L = log(1 + sum_n exp(gamma (s_n + m)) sum_p exp(-gamma alpha_p s_p))
@@ -100,5 +116,7 @@ def pseudo_label_loss(strong_logits: torch.Tensor, target: torch.Tensor, thresho
     loss and the (B,) float mask."""
     confidence, pseudo = target.detach().max(dim=1)
     mask = (confidence > threshold).to(strong_logits.dtype)
-    per_sample = F.cross_entropy(strong_logits.to(torch.promote_types(strong_logits.dtype, torch.float32)), pseudo, reduction="none")
+    per_sample = F.cross_entropy(
+        strong_logits.to(torch.promote_types(strong_logits.dtype, torch.float32)), pseudo, reduction="none"
+    )
     return (per_sample * mask).mean(), mask

@@ -1,5 +1,6 @@
 """Optimizers (SGD, LARS, AdamW), the learning-rate rules (linear scaling, warm-up + cosine) and the
 one training step that the trainer, the benchmark, fine-tuning and method-internal classifiers share."""
+
 from __future__ import annotations
 
 import math
@@ -19,9 +20,12 @@ class LARS(torch.optim.Optimizer):
     LARC in clip mode, which SwAV's code uses; solo-learn's ``clip_lr``).
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
-                 clip: bool = False) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip, lars_exclude=False))
+    def __init__(
+        self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001, clip: bool = False
+    ) -> None:
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip, lars_exclude=False)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -73,11 +77,13 @@ def build_optimizer(model: nn.Module, config: OptimConfig, global_batch: int) ->
     if config.name == "sgd":
         for g in groups:
             g.pop("lars_exclude", None)
-        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov,
-                               **fused)
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov, **fused
+        )
     if config.name == "lars":
-        return LARS(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, eta=config.lars_eta,
-                    clip=config.lars_clip)
+        return LARS(
+            groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, eta=config.lars_eta, clip=config.lars_clip
+        )
     for g in groups:
         g.pop("lars_exclude", None)
     return torch.optim.AdamW(groups, lr=lr, betas=config.betas, weight_decay=config.weight_decay, **fused)
@@ -95,7 +101,12 @@ def cosine_ramp(step: int, total_steps: int, base: float, final: float = 1.0) ->
 
 
 def learning_rate(
-    step: int, total_steps: int, warmup_steps: int, base_lr: float, final_ratio: float, start_lr: float = 0.0,
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    base_lr: float,
+    final_ratio: float,
+    start_lr: float = 0.0,
     schedule: str = "cosine",
 ) -> float:
     """Linear warm-up from ``start_lr`` (reached just before step 0) to ``base_lr`` over ``warmup_steps``,

@@ -1,10 +1,11 @@
 """Process-level setup: device choice, CPU allocator tuning, distributed helpers, timed sections,
 environment record."""
+
 from __future__ import annotations
 
 import contextlib
-import datetime
 import ctypes
+import datetime
 import os
 import platform
 import sys
@@ -67,8 +68,13 @@ def deterministic(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    previous = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
-                torch.is_deterministic_algorithms_warn_only_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    previous = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = previous[4] or ":4096:8"  # read by cuBLAS when its handle is made
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -87,12 +93,16 @@ def compiled(fn: Callable, enabled: bool, backend: str = "inductor", mode: str =
     if not enabled:
         return fn
     try:
-        return torch.compile(fn, fullgraph=fullgraph, backend=backend, mode=None if mode == "default" or backend != "inductor" else mode)
+        return torch.compile(
+            fn, fullgraph=fullgraph, backend=backend, mode=None if mode == "default" or backend != "inductor" else mode
+        )
     except Exception as exc:  # dynamo's InvalidBackend and friends: a config value that cannot work
         if backend in torch._dynamo.list_backends(exclude_tags=()):
             raise
-        raise ConfigError(f"train.compile_backend '{backend}' is not a torch.compile backend "
-                          f"(eager, {', '.join(torch._dynamo.list_backends())}, ...): {str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            f"train.compile_backend '{backend}' is not a torch.compile backend "
+            f"(eager, {', '.join(torch._dynamo.list_backends())}, ...): {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -10,6 +10,7 @@ image of the global batch costs nothing next to transforming the local images.
 Everything takes an explicit ``torch.Generator``: nothing here touches the global RNG, which
 ``torch.distributions`` would (e.g. its Beta, for CutMix).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -9,6 +9,7 @@ uniform pixel and clipped to the image, as the CutMix reference code (``rand_bbo
 returned is the area actually kept from the anchor, which clipping can only raise. Draws are made
 for the global batch and each process keeps its shard's rows (:mod:`kinship.sampling`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,9 @@ import torch
 from kinship.sampling import Shard, beta
 
 
-def cutmix_boxes(shard: Shard, height: int, width: int, alpha: float, generator: torch.Generator,
-                 device: torch.device | str) -> torch.Tensor:
+def cutmix_boxes(
+    shard: Shard, height: int, width: int, alpha: float, generator: torch.Generator, device: torch.device | str
+) -> torch.Tensor:
     """(shard.size, 4) int64 boxes (y0, y1, x0, x1), the rows [y0, y1) x [x0, x1) pasted from the
     positive; empty when y0 == y1 or x0 == x1."""
     n = shard.total
@@ -25,8 +27,15 @@ def cutmix_boxes(shard: Shard, height: int, width: int, alpha: float, generator:
     cut_h, cut_w = torch.floor(height * cut).long(), torch.floor(width * cut).long()
     cy = torch.floor(torch.rand(n, generator=generator, device=device) * height).long()
     cx = torch.floor(torch.rand(n, generator=generator, device=device) * width).long()
-    boxes = torch.stack([(cy - cut_h // 2).clamp(0, height), (cy + cut_h // 2).clamp(0, height),
-                         (cx - cut_w // 2).clamp(0, width), (cx + cut_w // 2).clamp(0, width)], dim=1)
+    boxes = torch.stack(
+        [
+            (cy - cut_h // 2).clamp(0, height),
+            (cy + cut_h // 2).clamp(0, height),
+            (cx - cut_w // 2).clamp(0, width),
+            (cx + cut_w // 2).clamp(0, width),
+        ],
+        dim=1,
+    )
     return shard.rows(boxes)
 
 
@@ -57,8 +66,9 @@ def mixup(anchor: torch.Tensor, positive: torch.Tensor, lam: torch.Tensor) -> to
     return weight * anchor + (1 - weight) * positive
 
 
-def mix(anchor: torch.Tensor, positive: torch.Tensor, mode: str, alpha: float, generator: torch.Generator,
-        shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mix(
+    anchor: torch.Tensor, positive: torch.Tensor, mode: str, alpha: float, generator: torch.Generator, shard: Shard | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``mode`` cutmix | mixup of two view batches (B, C, H, W): (x_mix, lambda (B,) float32)."""
     shard = shard or Shard.whole(anchor.shape[0])
     if mode == "cutmix":
@@ -67,4 +77,3 @@ def mix(anchor: torch.Tensor, positive: torch.Tensor, mode: str, alpha: float, g
         lam = shard.rows(beta(shard.total, alpha, alpha, generator, anchor.device))
         return mixup(anchor, positive, lam), lam
     raise ValueError(f"unknown mixing '{mode}' (cutmix or mixup)")
-

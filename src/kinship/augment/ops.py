@@ -12,6 +12,7 @@ An op applied with probability p transforms every image and keeps the result whe
 coin came up (``torch.where``): selecting the images first would give a shape that depends on the
 draws, which the host must read from the device before it can go on.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,20 +37,37 @@ def _cached_constant(values: tuple[float, ...], device: torch.device, dtype: tor
     return torch.tensor(values, device=device, dtype=dtype)
 
 
-def draw_crop_boxes(shard: Shard, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator,
-                    device: torch.device, attempts: int = 10) -> dict[str, torch.Tensor]:
+def draw_crop_boxes(
+    shard: Shard,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+    device: torch.device,
+    attempts: int = 10,
+) -> dict[str, torch.Tensor]:
     """RandomResizedCrop's draws: ``attempts`` area fractions ~ U(scale) and aspects (log-uniform in
     ``ratio``) per sample, then the position of the crop (left, top ~ U(0, 1))."""
     n = shard.total
-    return {"area_fraction": shard.rows(uniform(n * attempts, *scale, generator, device).view(n, attempts)),
-            "crop_aspect": torch.exp(shard.rows(uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), generator,
-                                                        device).view(n, attempts))),
-            "left": shard.rows(torch.rand(n, generator=generator, device=device)),
-            "top": shard.rows(torch.rand(n, generator=generator, device=device))}
+    return {
+        "area_fraction": shard.rows(uniform(n * attempts, *scale, generator, device).view(n, attempts)),
+        "crop_aspect": torch.exp(
+            shard.rows(uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), generator, device).view(n, attempts))
+        ),
+        "left": shard.rows(torch.rand(n, generator=generator, device=device)),
+        "top": shard.rows(torch.rand(n, generator=generator, device=device)),
+    }
 
 
-def crop_boxes(height: int | torch.Tensor, width: int | torch.Tensor, ratio: tuple[float, float], area_fraction: torch.Tensor,
-               crop_aspect: torch.Tensor, left: torch.Tensor, top: torch.Tensor, aspect: torch.Tensor | None = None) -> torch.Tensor:
+def crop_boxes(
+    height: int | torch.Tensor,
+    width: int | torch.Tensor,
+    ratio: tuple[float, float],
+    area_fraction: torch.Tensor,
+    crop_aspect: torch.Tensor,
+    left: torch.Tensor,
+    top: torch.Tensor,
+    aspect: torch.Tensor | None = None,
+) -> torch.Tensor:
     """torchvision's RandomResizedCrop box sampler, vectorised: (n, 4) boxes (x0, y0, w, h) in stored
     pixels from the draws of :func:`draw_crop_boxes`.
 
@@ -62,8 +80,10 @@ def crop_boxes(height: int | torch.Tensor, width: int | torch.Tensor, ratio: tup
     files of a streamed batch, cropped at decode time).
     """
     n = len(left)
-    height, width = (size.float().view(n, 1) if isinstance(size, torch.Tensor) else torch.full((n, 1), float(size), device=left.device)
-                     for size in (height, width))
+    height, width = (
+        size.float().view(n, 1) if isinstance(size, torch.Tensor) else torch.full((n, 1), float(size), device=left.device)
+        for size in (height, width)
+    )
     # the original's width / height; lengths in units of the stored height, the original being
     # (original * height) x height
     original = width / height if aspect is None else aspect.to(left.device).float().view(-1, 1)
@@ -88,8 +108,9 @@ def crop_boxes(height: int | torch.Tensor, width: int | torch.Tensor, ratio: tup
     return torch.stack([x0, y0, w, h], dim=1)
 
 
-def center_crop_boxes(n: int, height: int, width: int, crop: int, resize: int, aspect: torch.Tensor | None,
-                      device: torch.device) -> torch.Tensor:
+def center_crop_boxes(
+    n: int, height: int, width: int, crop: int, resize: int, aspect: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
     """(n, 4) boxes of torchvision's Resize(resize) + CenterCrop(crop) (ImageNet evaluation: 256, 224)
     in stored pixels: the shorter original side is ``resize`` px, the central ``crop`` px square kept."""
     original = torch.full((n,), width / height, device=device) if aspect is None else aspect.to(device).float()
@@ -149,8 +170,16 @@ def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return maxc.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
-def draw_color_jitter(shard: Shard, p: float, brightness: float, contrast: float, saturation: float, hue: float,
-                      generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+def draw_color_jitter(
+    shard: Shard,
+    p: float,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
     """ColorJitter's draws: a coin with probability ``p``, then the factors ~ U(max(0, 1 - s), 1 + s)
     of each nonzero strength s and the hue shift ~ U(-hue, hue) (in turns)."""
     n = shard.total
@@ -163,9 +192,14 @@ def draw_color_jitter(shard: Shard, p: float, brightness: float, contrast: float
     return draws
 
 
-def color_jitter(images: torch.Tensor, select: torch.Tensor, brightness: torch.Tensor | None = None,
-                 contrast: torch.Tensor | None = None, saturation: torch.Tensor | None = None,
-                 hue: torch.Tensor | None = None) -> torch.Tensor:
+def color_jitter(
+    images: torch.Tensor,
+    select: torch.Tensor,
+    brightness: torch.Tensor | None = None,
+    contrast: torch.Tensor | None = None,
+    saturation: torch.Tensor | None = None,
+    hue: torch.Tensor | None = None,
+) -> torch.Tensor:
     """torchvision ColorJitter where ``select``, with per-sample factors (None: that part is off).
 
     Order is fixed (brightness, contrast, saturation, hue); torchvision draws a random order per call.
@@ -193,10 +227,13 @@ def random_grayscale(images: torch.Tensor, select: torch.Tensor) -> torch.Tensor
     return images * (1 - select) + rgb_to_grayscale(images) * select  # exact at select 0 and 1
 
 
-def draw_gaussian_blur(shard: Shard, p: float, sigma: tuple[float, float], generator: torch.Generator,
-                       device: torch.device) -> dict[str, torch.Tensor]:
-    return {"select": shard.rows(coin(shard.total, p, generator, device)),
-            "sigma": shard.rows(uniform(shard.total, *sigma, generator, device))}
+def draw_gaussian_blur(
+    shard: Shard, p: float, sigma: tuple[float, float], generator: torch.Generator, device: torch.device
+) -> dict[str, torch.Tensor]:
+    return {
+        "select": shard.rows(coin(shard.total, p, generator, device)),
+        "sigma": shard.rows(uniform(shard.total, *sigma, generator, device)),
+    }
 
 
 def gaussian_blur(images: torch.Tensor, select: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

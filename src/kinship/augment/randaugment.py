@@ -10,15 +10,14 @@ augmentation here does (:mod:`kinship.sampling`), and applies each operation to 
 it: a loop over the 14 operations, not over images. As in :mod:`kinship.augment.ops`, the draws
 (``draw_<op>``) are apart from the pure operations.
 """
-from __future__ import annotations
 
-import math
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kinship.augment.ops import _blend, constant, rgb_to_grayscale
 from kinship.augment.mixing import box_masks
+from kinship.augment.ops import _blend, constant, rgb_to_grayscale
 from kinship.sampling import Shard, uniform
 
 
@@ -92,8 +91,14 @@ def solarize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= _column(threshold), 1 - x, x)
 
 
-def affine(x: torch.Tensor, angle: torch.Tensor, translate: tuple[torch.Tensor, torch.Tensor],
-           shear: tuple[torch.Tensor, torch.Tensor], corner: bool, fill: float) -> torch.Tensor:
+def affine(
+    x: torch.Tensor,
+    angle: torch.Tensor,
+    translate: tuple[torch.Tensor, torch.Tensor],
+    shear: tuple[torch.Tensor, torch.Tensor],
+    corner: bool,
+    fill: float,
+) -> torch.Tensor:
     """torchvision ``affine`` (tensor path, nearest, unit scale) with per-sample ``angle`` and
     ``shear`` (degrees) and ``translate`` (pixels), about the image centre, or with ``corner`` about
     the top-left corner (as RandAugment's shears); pixels from outside the image are ``fill``.
@@ -164,10 +169,20 @@ def identity(x: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
 
 # FixMatch's RandAugment list and ranges (Table 12): (operation, low, high) of the uniform magnitude
 OPS = (
-    (autocontrast, 0.0, 0.0), (brightness, 0.05, 0.95), (color, 0.05, 0.95), (contrast, 0.05, 0.95),
-    (equalize, 0.0, 0.0), (identity, 0.0, 0.0), (posterize, 4.0, 8.0), (rotate, -30.0, 30.0),
-    (sharpness, 0.05, 0.95), (shear_x, -0.3, 0.3), (shear_y, -0.3, 0.3), (solarize, 0.0, 1.0),
-    (translate_x, -0.3, 0.3), (translate_y, -0.3, 0.3),
+    (autocontrast, 0.0, 0.0),
+    (brightness, 0.05, 0.95),
+    (color, 0.05, 0.95),
+    (contrast, 0.05, 0.95),
+    (equalize, 0.0, 0.0),
+    (identity, 0.0, 0.0),
+    (posterize, 4.0, 8.0),
+    (rotate, -30.0, 30.0),
+    (sharpness, 0.05, 0.95),
+    (shear_x, -0.3, 0.3),
+    (shear_y, -0.3, 0.3),
+    (solarize, 0.0, 1.0),
+    (translate_x, -0.3, 0.3),
+    (translate_y, -0.3, 0.3),
 )
 
 
@@ -212,10 +227,14 @@ def magnitude(op, low: float, high: float, unit: torch.Tensor) -> torch.Tensor:
     return low + (high - low) * unit
 
 
-def draw_cutout(shard: Shard, height: int, width: int, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+def draw_cutout(
+    shard: Shard, height: int, width: int, generator: torch.Generator, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Cutout's centre: a uniform pixel (row, column) per image."""
-    return {"cy": shard.rows(torch.floor(uniform(shard.total, 0, height, generator, device)).long()),
-            "cx": shard.rows(torch.floor(uniform(shard.total, 0, width, generator, device)).long())}
+    return {
+        "cy": shard.rows(torch.floor(uniform(shard.total, 0, height, generator, device)).long()),
+        "cx": shard.rows(torch.floor(uniform(shard.total, 0, width, generator, device)).long()),
+    }
 
 
 def cutout(x: torch.Tensor, fraction: float, cy: torch.Tensor, cx: torch.Tensor, fill: float = FILL) -> torch.Tensor:
@@ -223,15 +242,24 @@ def cutout(x: torch.Tensor, fraction: float, cy: torch.Tensor, cx: torch.Tensor,
     (cy, cx), clipped to the image, painted grey."""
     n, _, h, w = x.shape
     side = int(fraction * w)
-    boxes = torch.stack([(cy - side // 2).clamp(0, h), (cy + side - side // 2).clamp(0, h),
-                         (cx - side // 2).clamp(0, w), (cx + side - side // 2).clamp(0, w)], dim=1)
+    boxes = torch.stack(
+        [
+            (cy - side // 2).clamp(0, h),
+            (cy + side - side // 2).clamp(0, h),
+            (cx - side // 2).clamp(0, w),
+            (cx + side - side // 2).clamp(0, w),
+        ],
+        dim=1,
+    )
     return torch.where(box_masks(boxes, h, w), torch.full_like(x, fill), x)
 
 
 def draw_pad_crop(shard: Shard, pad: int, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
     """The padded crop's offsets: top and left, each uniform in 0..2 pad."""
-    return {"top": shard.rows(torch.randint(2 * pad + 1, (shard.total,), generator=generator, device=device)),
-            "left": shard.rows(torch.randint(2 * pad + 1, (shard.total,), generator=generator, device=device))}
+    return {
+        "top": shard.rows(torch.randint(2 * pad + 1, (shard.total,), generator=generator, device=device)),
+        "left": shard.rows(torch.randint(2 * pad + 1, (shard.total,), generator=generator, device=device)),
+    }
 
 
 def pad_crop(x: torch.Tensor, pad: int, flip: torch.Tensor, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
@@ -243,4 +271,6 @@ def pad_crop(x: torch.Tensor, pad: int, flip: torch.Tensor, top: torch.Tensor, l
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     rows = (top.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
     cols = (left.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
-    return padded[torch.arange(n, device=x.device).view(n, 1, 1, 1), torch.arange(c, device=x.device).view(1, c, 1, 1), rows, cols]
+    return padded[
+        torch.arange(n, device=x.device).view(n, 1, 1, 1), torch.arange(c, device=x.device).view(1, c, 1, 1), rows, cols
+    ]

@@ -8,6 +8,7 @@ Images of an ImageFolder are stored whole, resized to a square whatever their sh
 one's original width / height (``aspect``): random-resized crops then reach every part of the image
 with the geometry torchvision gives on the file, and the evaluation view can be Resize + CenterCrop.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,15 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 Draws = dict[str, dict[str, torch.Tensor]]  # a view's random numbers, by op
 
 
-def draw_view(recipe: AugmentConfig, shard: Shard, height: int, width: int, generator: torch.Generator,
-              device: torch.device, cropped: bool = False) -> Draws:
+def draw_view(
+    recipe: AugmentConfig,
+    shard: Shard,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    device: torch.device,
+    cropped: bool = False,
+) -> Draws:
     """Every random number one view of a batch of (height, width) images needs, by op, drawn in the
     order the ops apply, for the global batch (this shard's rows kept: the view of an image does not
     depend on how the batch is split across processes). ``cropped``: the images are this recipe's
@@ -54,8 +62,9 @@ def draw_view(recipe: AugmentConfig, shard: Shard, height: int, width: int, gene
     elif not cropped:
         draws.update(draw_geometry(recipe, shard, generator, device))
     if recipe.jitter_p > 0:
-        draws["jitter"] = ops.draw_color_jitter(shard, recipe.jitter_p, recipe.brightness, recipe.contrast, recipe.saturation,
-                                                recipe.hue, generator, device)
+        draws["jitter"] = ops.draw_color_jitter(
+            shard, recipe.jitter_p, recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue, generator, device
+        )
     if recipe.grayscale_p > 0:
         draws["grayscale"] = ops.draw_coin(shard, recipe.grayscale_p, generator, device)
     if recipe.blur_p > 0:
@@ -71,8 +80,10 @@ def draw_view(recipe: AugmentConfig, shard: Shard, height: int, width: int, gene
 
 def draw_geometry(recipe: AugmentConfig, shard: Shard, generator: torch.Generator, device: torch.device | str) -> Draws:
     """The draws of a random-resized-crop recipe's geometry: the crop box, then the flip."""
-    return {"crop": ops.draw_crop_boxes(shard, recipe.crop_scale, recipe.crop_ratio, generator, device),
-            "flip": ops.draw_coin(shard, recipe.flip_p, generator, device)}
+    return {
+        "crop": ops.draw_crop_boxes(shard, recipe.crop_scale, recipe.crop_ratio, generator, device),
+        "flip": ops.draw_coin(shard, recipe.flip_p, generator, device),
+    }
 
 
 def render_view(images: torch.Tensor, recipe: AugmentConfig, draws: Draws, aspect: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,7 +115,10 @@ def render_view(images: torch.Tensor, recipe: AugmentConfig, draws: Draws, aspec
 
 
 def augment(
-    images: torch.Tensor, recipe: AugmentConfig, generator: torch.Generator, shard: Shard | None = None,
+    images: torch.Tensor,
+    recipe: AugmentConfig,
+    generator: torch.Generator,
+    shard: Shard | None = None,
     aspect: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One random view per image: float images in [0, 1] -> normalised float views of ``crop_size``.
@@ -133,14 +147,20 @@ def make_views(batch: ViewSource, recipes: list[AugmentConfig], generator: torch
         return _render(batch.images, tuple(recipes), draws, batch.aspect)
     made = batch.crops[: len(recipes)]
     if [r for r, _ in made] != list(recipes):
-        raise RuntimeError(f"views of {len(recipes)} recipes asked of a streamed batch cropped for {len(batch.crops)} other ones: "
-                           "a method's views must follow its view_recipes")
+        raise RuntimeError(
+            f"views of {len(recipes)} recipes asked of a streamed batch cropped for {len(batch.crops)} other ones: "
+            "a method's views must follow its view_recipes"
+        )
     draws = [draw_view(recipe, batch.shard, *crop.shape[-2:], generator, crop.device, cropped=True) for recipe, crop in made]
     return _render([crop for _, crop in made], tuple(recipes), draws, None)
 
 
-def render_views(images: torch.Tensor | list[torch.Tensor], recipes: tuple[AugmentConfig, ...], draws: list[Draws],
-                 aspect: torch.Tensor | None = None) -> list[torch.Tensor]:
+def render_views(
+    images: torch.Tensor | list[torch.Tensor],
+    recipes: tuple[AugmentConfig, ...],
+    draws: list[Draws],
+    aspect: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     """The views of uint8 images (decoded to float once) that ``draws`` define, one per recipe; or
     of a list of uint8 crops, one per recipe."""
     if isinstance(images, list):

@@ -1,12 +1,13 @@
 """Assignment solvers: pseudo-labels from scores or logits (B, K) of a batch.
 
-Sinkhorn and MIRA give soft labels; both exponentiate the (B, K) matrix once and then only rescale its rows and columns, so that each
-iteration is two matrix-vector products (no exp/log of the matrix inside the loop: the log-space form
-took 18% of a small-CNN MIRA step, this one 3%). They run in fp32 (fp64 when given fp64) with
-autocast switched off, so the trainer's bf16 autocast never reaches them (under CPU bf16 autocast
-MIRA's fixed point moved 1e-2 from its fp64 value, Sinkhorn's codes 4e-3), without gradient, and treat the batch of all processes as one: every sum over the batch is all-reduced and
-the batch size is counted, so N processes give the single-process result on the concatenated batch
-(also for unequal shards).
+Sinkhorn and MIRA give soft labels; both exponentiate the (B, K) matrix once and then only rescale
+its rows and columns, so that each iteration is two matrix-vector products (no exp/log of the matrix
+inside the loop: the log-space form took 18% of a small-CNN MIRA step, this one 3%). They run in
+fp32 (fp64 when given fp64) with autocast switched off, so the trainer's bf16 autocast never reaches
+them (under CPU bf16 autocast MIRA's fixed point moved 1e-2 from its fp64 value, Sinkhorn's codes
+4e-3), without gradient, and treat the batch of all processes as one: every sum over the batch is
+all-reduced and the batch size is counted, so N processes give the single-process result on the
+concatenated batch (also for unequal shards).
 
 - :func:`sinkhorn`: SwAV's equal-partition codes (Caron et al. 2020, Sinkhorn-Knopp).
 - :func:`mira_targets`: MIRA's mutual-information regularised pseudo-labels by the fixed point of
@@ -17,6 +18,7 @@ the batch size is counted, so N processes give the single-process result on the 
   centres that are the normalised running means of their features within an epoch (Eq. 13);
   :func:`update_label_slots` and :func:`slot_targets`: its moving-average soft labels (Sec. 3.4).
 """
+
 from __future__ import annotations
 
 import functools
@@ -84,7 +86,9 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
 
 @full_precision
 @torch.no_grad()
-def mira_targets(logits: torch.Tensor, tau: float = 0.225, beta: float | torch.Tensor = 2 / 3, iterations: int = 30) -> torch.Tensor:
+def mira_targets(
+    logits: torch.Tensor, tau: float = 0.225, beta: float | torch.Tensor = 2 / 3, iterations: int = 30
+) -> torch.Tensor:
     """MIRA's pseudo-labels W (..., B, K) for teacher logits (..., B, K), beta in [0, 1); leading
     dimensions are independent problems (both crops at once: (2, B, K)).
 
@@ -153,8 +157,8 @@ class OnlineCentres(nn.Module):
 
     ``renormalise_per_batch``: the official code's variant, which continues the running mean from
     the normalised centre after every batch (so earlier batches weigh 1/||mean|| more and the result
-    depends on the batch size); CoKe's default, as the code produced the paper's numbers. All state is buffers: in the checkpoint and
-    identical on every process (sums and counts are all-reduced)."""
+    depends on the batch size); CoKe's default, as the code produced the paper's numbers. All state
+    is buffers: in the checkpoint and identical on every process (sums and counts are all-reduced)."""
 
     def __init__(self, k: int, dim: int, renormalise_per_batch: bool = False, generator: torch.Generator | None = None) -> None:
         super().__init__()

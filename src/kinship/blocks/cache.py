@@ -4,6 +4,7 @@ CMSF keeps each image's target embedding from its previous visit (the previous e
 self-supervised constraint, and the labeled images' embeddings to train its pseudo-label classifier.
 Callers pass the rows of all processes (gathered, rank order), so every process holds the same cache.
 """
+
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@ The paper says both that p_b is refined "via the similarity distribution p_s" an
 it as distribution alignment does, and keeps the per-sample p_s. "literal" (p_b * p~_s), "product"
 (p_b * p_s) and "none" (p_b) are the other readings, for ablation.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Exponential moving average (momentum) targets: MoCo's key encoder, BYOL's and CMSF's targets,
 MIRA's teacher."""
+
 from __future__ import annotations
 
 import copy

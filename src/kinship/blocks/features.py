@@ -5,6 +5,7 @@ across processes). ``images`` is anything with ``len`` and slicing that yields u
 batches on the network's device: a tensor, or something whose slices carry ``.images`` and
 ``.aspect`` (an image set, or a reader that decodes files chunk by chunk).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Protocol

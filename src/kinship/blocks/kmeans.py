@@ -4,6 +4,7 @@ Used by the clustering evaluation and by the methods that cluster features (CLIM
 ``spherical=True`` clusters l2-normalised features by cosine similarity with unit centroids (the
 usual choice for contrastive features); otherwise squared Euclidean distance.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

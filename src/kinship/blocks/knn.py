@@ -3,6 +3,7 @@
 Features are compared by cosine similarity. Queries go through in chunks so that the (chunk, N)
 similarity matrix, not (Q, N), bounds memory on CPU and GPU alike.
 """
+
 from __future__ import annotations
 
 import torch
@@ -10,9 +11,7 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def topk_neighbors(
-    queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_neighbors(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine top-k: (Q, d) queries and (N, d) bank, both l2-normalised -> similarities and indices (Q, k)."""
     k = min(k, bank.shape[0])
     sims, idx = [], []

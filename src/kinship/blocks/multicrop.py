@@ -1,4 +1,5 @@
 """Multi-crop forward: a network on crops of several resolutions, one batched pass per resolution."""
+
 from __future__ import annotations
 
 import itertools

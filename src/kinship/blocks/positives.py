@@ -8,6 +8,7 @@ The table keeps P candidates per anchor: a random P of Omega_p when it has at le
 Omega_p followed by the nearest remaining neighbours in rank order (Sec. 3.2.1: "no more than 10
 remain"), whatever their cluster. A training step then draws one candidate per anchor.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,9 @@ SELECTIONS = ("centre", "knn_cluster", "knn", "cluster", "random")
 
 
 @torch.no_grad()
-def centre_wise_mask(features: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor,
-                     neighbours: torch.Tensor) -> torch.Tensor:
+def centre_wise_mask(
+    features: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor, neighbours: torch.Tensor
+) -> torch.Tensor:
     """(N, k) bool: neighbour j of anchor i is in Omega_p (Eq. 2): same cluster, and no farther from
     the anchor's centroid than the anchor (<=, L2). features (N, d), centroids (m, d), assignments
     (N,), neighbours (N, k) indices, nearest first."""
@@ -30,8 +32,9 @@ def centre_wise_mask(features: torch.Tensor, centroids: torch.Tensor, assignment
 
 
 @torch.no_grad()
-def candidates_from_neighbours(neighbours: torch.Tensor, keep: torch.Tensor, count: int,
-                               generator: torch.Generator) -> torch.Tensor:
+def candidates_from_neighbours(
+    neighbours: torch.Tensor, keep: torch.Tensor, count: int, generator: torch.Generator
+) -> torch.Tensor:
     """(N, count) int64: a random ``count`` of each row's kept neighbours, or all of them followed by
     the nearest neighbours not kept, in rank order. neighbours (N, k), keep (N, k) bool, k >= count."""
     n, k = neighbours.shape
@@ -44,8 +47,9 @@ def candidates_from_neighbours(neighbours: torch.Tensor, keep: torch.Tensor, cou
 
 
 @torch.no_grad()
-def same_cluster_candidates(assignments: torch.Tensor, count: int, generator: torch.Generator,
-                            fallback: torch.Tensor) -> torch.Tensor:
+def same_cluster_candidates(
+    assignments: torch.Tensor, count: int, generator: torch.Generator, fallback: torch.Tensor
+) -> torch.Tensor:
     """(N, count): uniform draws (with replacement) from each anchor's cluster, itself excluded; an
     anchor alone in its cluster takes the first ``count`` columns of ``fallback`` (N, >= count)."""
     n = assignments.shape[0]
@@ -70,8 +74,15 @@ def random_candidates(n: int, count: int, generator: torch.Generator, device: to
 
 
 @torch.no_grad()
-def select_positives(selection: str, features: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor,
-                     neighbours: torch.Tensor, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def select_positives(
+    selection: str,
+    features: torch.Tensor,
+    centroids: torch.Tensor,
+    assignments: torch.Tensor,
+    neighbours: torch.Tensor,
+    count: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The candidate table (N, count) int64 of ``selection`` and the number of neighbours each anchor
     kept (N,) (the size of Omega_p for ``centre``; k for ``knn``; 0 for the draws without neighbours).
 
@@ -116,8 +127,9 @@ def class_members(labels: torch.Tensor, classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_members(members: torch.Tensor, classes: torch.Tensor, count: int, generator: torch.Generator,
-                   shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_members(
+    members: torch.Tensor, classes: torch.Tensor, count: int, generator: torch.Generator, shard: Shard
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` members of each query's class (SsCL's labeled positives): distinct when the class
     has at least ``count``, else all of them and then repeats drawn uniformly. members (C, M) from
     :func:`class_members`; classes (B,) this shard's queries' classes (-1: none). Draws are made for

@@ -4,6 +4,7 @@ Rows of every process enter in rank order, so all processes hold the same queue;
 integer side columns (labels, dataset indices, flags; -1 until written) and the pointer are buffers
 and travel in the method's ``state_dict``.
 """
+
 from __future__ import annotations
 
 import torch

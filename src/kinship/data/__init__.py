@@ -6,6 +6,17 @@ from kinship.data.subsets import hide_unlabeled, labeled_subset
 from kinship.errors import DataError
 
 __all__ = [
-    "Batch", "BatchPlan", "DataError", "DataInfo", "FileImages", "ImageSet", "LabeledPlan", "StreamingLoader", "TensorLoader",
-    "TrainData", "hide_unlabeled", "labeled_subset", "load_split",
+    "Batch",
+    "BatchPlan",
+    "DataError",
+    "DataInfo",
+    "FileImages",
+    "ImageSet",
+    "LabeledPlan",
+    "StreamingLoader",
+    "TensorLoader",
+    "TrainData",
+    "hide_unlabeled",
+    "labeled_subset",
+    "load_split",
 ]

@@ -6,6 +6,7 @@ refreshes class prototypes; CoKe keeps one label per image. ``embed_all`` runs a
 whole split (or chosen indices) in eval mode without autograd, each process embedding its share,
 and gathers the rows so that every process holds the identical table.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,7 +61,9 @@ class TrainData:
         """A handle on an in-memory image set (views, benchmarks) whose labels are all known, or only
         those of the indices ``labeled`` (the others hidden)."""
         labels = data.labels if labeled is None else hide_unlabeled(data.labels, labeled.to(data.labels.device))
-        info = DataInfo(len(data), max(len(data.classes), int(data.labels.max()) + 1), data.images.shape[-1], int((labels >= 0).sum()))
+        info = DataInfo(
+            len(data), max(len(data.classes), int(data.labels.max()) + 1), data.images.shape[-1], int((labels >= 0).sum())
+        )
         return TrainData(info, labels, data.labels, data.images, aspect=data.aspect)
 
     @property
@@ -95,13 +98,18 @@ class TrainData:
         if self.images is not None:
             aspect = None if self.aspect is None else self.aspect[index]
             return Batch(index, self.images[index], self.labels[index], aspect=aspect)
-        images, aspect = read_image_files([self.files[i] for i in index.tolist()], self.image_size, self.decode_threads,
-                                          substitute=True)
+        images, aspect = read_image_files(
+            [self.files[i] for i in index.tolist()], self.image_size, self.decode_threads, substitute=True
+        )
         return Batch(index, images.to(index.device), self.labels[index], aspect=aspect.to(index.device))
 
     @torch.no_grad()
     def embed_all(
-        self, network: nn.Module, view: View, index: torch.Tensor | None = None, batch_size: int = 512,
+        self,
+        network: nn.Module,
+        view: View,
+        index: torch.Tensor | None = None,
+        batch_size: int = 512,
         mix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """``network`` (eval mode, no autograd) on ``view`` of every training image, or of ``index``:

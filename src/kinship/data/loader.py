@@ -11,6 +11,7 @@ in which case the passes run on across epoch boundaries.
 Semi-supervised methods also get a labeled batch at every step (:class:`LabeledPlan`): a function of
 (seed, step) that wraps around the labeled set as often as needed, sliced across processes the same way.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ CIFAR-10/100 and STL-10 (downloaded only when ``download`` is set), any ImageFol
 resized to a square, with its original aspect ratio), and a small synthetic set for tests. Label -1
 marks an unlabeled image (STL-10's unlabeled split).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,13 +21,14 @@ import torch
 from PIL import Image
 
 from kinship.config import DataConfig
-from kinship.errors import DataError
 from kinship.data.subsets import CIFAR100_SUPERCLASS_NAMES, cifar100_superclasses
-
+from kinship.errors import DataError
 
 # torchvision 0.29 deprecates its image decoders in favour of torchcodec; they still work, and are
 # the fastest batched JPEG decoder on torch 2.11 (the GPU machines) through 2.14.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+)
 
 
 @dataclass
@@ -97,14 +99,18 @@ def decode_jpeg_buffers(buffers: np.ndarray, offsets: np.ndarray, threads: int, 
     return torch.stack(parts)
 
 
-PACK_HINT = ("build it from torchvision's CIFAR-10 (a 170 MB download): "
-             "kinship pack-npz cifar10 --root data/torchvision --download --out {path}")
+PACK_HINT = (
+    "build it from torchvision's CIFAR-10 (a 170 MB download): "
+    "kinship pack-npz cifar10 --root data/torchvision --download --out {path}"
+)
 
 
 def load_npz(path: Path, split: str, threads: int) -> ImageSet:
     if not path.is_file():
-        raise DataError(f"dataset file not found: {path}; {PACK_HINT.format(path=path)} "
-                        "(or set data.path to another copy; the format: docs/data.md)")
+        raise DataError(
+            f"dataset file not found: {path}; {PACK_HINT.format(path=path)} "
+            "(or set data.path to another copy; the format: docs/data.md)"
+        )
     try:
         data = np.load(path, allow_pickle=False)
         buffers, offsets, labels = data[f"{split}_jpeg"], data[f"{split}_offsets"], data[f"{split}_labels"]
@@ -158,8 +164,9 @@ def load_torchvision(name: str, root: Path, split: str, download: bool, image_si
         hint = "" if download else " (to download it: data.download: true, or pack-npz --download)"
         raise DataError(f"{name} not found under {root}: {exc}{hint}") from None
     except OSError as exc:  # the download itself failed (no network, a proxy, a full disk)
-        raise DataError(f"cannot download {name} into {root}: {exc}; download it where there is a network "
-                        f"and point the root there") from None
+        raise DataError(
+            f"cannot download {name} into {root}: {exc}; download it where there is a network and point the root there"
+        ) from None
     raise DataError(f"unknown torchvision dataset '{name}'")
 
 
@@ -183,8 +190,10 @@ def first_readable(files: list[Path], i: int, read: Callable[[Path], Read], fail
         except (DataError, *UNREADABLE) as exc:
             failed.append((str(files[i]), str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"))
             i = (i + 1) % len(files)
-    raise DataError(f"{SUBSTITUTE_TRIES} unreadable images in a row, the last {failed[-1][0]} ({failed[-1][1]}): "
-                    "kinship check-data FOLDER lists every file that does not decode")
+    raise DataError(
+        f"{SUBSTITUTE_TRIES} unreadable images in a row, the last {failed[-1][0]} ({failed[-1][1]}): "
+        "kinship check-data FOLDER lists every file that does not decode"
+    )
 
 
 def read_image_file(path: Path, size: int, center: int = 0) -> tuple[torch.Tensor, float]:
@@ -203,8 +212,9 @@ def read_image_file(path: Path, size: int, center: int = 0) -> tuple[torch.Tenso
                 box_w, box_h = size * w / new_w, size * h / new_h
                 img.draft("RGB", (math.ceil(w * size / box_w), math.ceil(h * size / box_h)))
                 sx, sy = img.width / w, img.height / h
-                img = img.convert("RGB").resize((size, size), Image.BILINEAR,
-                                                box=(left * sx, top * sy, (left + box_w) * sx, (top + box_h) * sy))
+                img = img.convert("RGB").resize(
+                    (size, size), Image.BILINEAR, box=(left * sx, top * sy, (left + box_w) * sx, (top + box_h) * sy)
+                )
                 return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), 1.0
             img = img.convert("RGB")
             img = img.resize((size, size), Image.BILINEAR)
@@ -234,8 +244,9 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, classes
 
 
-def read_image_files(files: list[Path], size: int, threads: int = 0, substitute: bool = False,
-                     center: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def read_image_files(
+    files: list[Path], size: int, threads: int = 0, substitute: bool = False, center: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode image files on a thread pool (``threads`` 0: all cores) -> uint8 (N, 3, size, size) and
     float (N,) original aspect ratios (:func:`read_image_file`, ``center`` as there). ``substitute``: a file that cannot
     be read is replaced by the next one of ``files`` that can (streamed data, whose bad files the
@@ -255,8 +266,10 @@ def load_image_folder(root: Path, size: int, threads: int, budget_gb: float = fl
     files, labels, classes = list_image_folder(root)
     need = len(files) * 3 * size * size / 2**30
     if need > budget_gb:
-        raise DataError(f"{root}: {len(files)} images at {size} px take {need:.1f} GiB decoded, over data.memory_budget_gb "
-                        f"{budget_gb:g}: stream them (data.streaming: true, the default for imagefolder)")
+        raise DataError(
+            f"{root}: {len(files)} images at {size} px take {need:.1f} GiB decoded, over data.memory_budget_gb "
+            f"{budget_gb:g}: stream them (data.streaming: true, the default for imagefolder)"
+        )
     images, aspect = read_image_files(files, size, threads)
     return ImageSet(images, torch.tensor(labels, dtype=torch.int64), classes, aspect)
 
@@ -310,8 +323,9 @@ def seeded_subset(n: int, limit: int, split: str) -> torch.Tensor | None:
     return torch.randperm(n, generator=g)[:limit].sort().values
 
 
-def write_image_folder(root: Path, classes: int, per_class: int, width: int, height: int, seed: int = 0,
-                       quality: int = 90) -> list[Path]:
+def write_image_folder(
+    root: Path, classes: int, per_class: int, width: int, height: int, seed: int = 0, quality: int = 90
+) -> list[Path]:
     """An ImageFolder of JPEGs for tests and benchmarks: ``classes`` folders of ``per_class`` images
     of about ``width`` x ``height`` px (each side drawn within +-20 %, so shapes vary as in ImageNet),
     each class a colour and a stripe orientation under noise, as :func:`synthetic`."""

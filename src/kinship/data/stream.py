@@ -19,6 +19,7 @@ A file that cannot be read is replaced by the next readable file of the list (a 
 alone, so a resumed run meets the same substitute), reported with its path and counted; the
 trainer stops the run once more than ``data.max_bad_files`` of the training images have failed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,9 @@ def open_image(path: Path) -> Image.Image:
     return image
 
 
-def crop_views(image: Image.Image, boxes: list[tuple[float, float, float, float]], sizes: list[int],
-               flips: list[bool]) -> list[np.ndarray]:
+def crop_views(
+    image: Image.Image, boxes: list[tuple[float, float, float, float]], sizes: list[int], flips: list[bool]
+) -> list[np.ndarray]:
     """Each box (x0, y0, w, h, in the file's pixels) of ``image`` resized to its size (H, W, 3 uint8),
     mirrored where flipped; decoded once, at the strongest JPEG reduction that keeps every box at
     least as large as its output."""
@@ -68,8 +70,9 @@ def crop_views(image: Image.Image, boxes: list[tuple[float, float, float, float]
         # within the cut (the whole cut, unless the reduction made the box's corners fractional)
         left, top, right, bottom = x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy
         cut = (math.floor(left), math.floor(top), math.ceil(right), math.ceil(bottom))
-        view = image.crop(cut).resize((size, size), Image.BILINEAR,
-                                      box=(left - cut[0], top - cut[1], right - cut[0], bottom - cut[1]))
+        view = image.crop(cut).resize(
+            (size, size), Image.BILINEAR, box=(left - cut[0], top - cut[1], right - cut[0], bottom - cut[1])
+        )
         if flip:
             view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         out.append(np.asarray(view))
@@ -96,8 +99,9 @@ def crop_on_device(images: list[torch.Tensor], boxes: torch.Tensor, size: int, f
     from torchvision.ops import roi_align
 
     corners = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
-    crops = torch.cat([roi_align(image.unsqueeze(0).float(), [corners[i : i + 1]], size, aligned=True)
-                       for i, image in enumerate(images)])
+    crops = torch.cat(
+        [roi_align(image.unsqueeze(0).float(), [corners[i : i + 1]], size, aligned=True) for i, image in enumerate(images)]
+    )
     crops = torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
     return crops.round_().clamp_(0, 255).to(torch.uint8)
 
@@ -110,8 +114,15 @@ def step_seed(seed: int, step: int, stream: int) -> int:
 class FileCrops(torch.utils.data.Dataset):
     """The worker's side: a task (step, indices, labeled indices) -> the crops of every recipe."""
 
-    def __init__(self, files: list[Path], recipes: list[AugmentConfig], labeled_recipes: list[AugmentConfig],
-                 shards: tuple[Shard, Shard | None], seed: int, decoder: str = "pil") -> None:
+    def __init__(
+        self,
+        files: list[Path],
+        recipes: list[AugmentConfig],
+        labeled_recipes: list[AugmentConfig],
+        shards: tuple[Shard, Shard | None],
+        seed: int,
+        decoder: str = "pil",
+    ) -> None:
         self.files, self.recipes, self.labeled_recipes, self.shards, self.seed = files, recipes, labeled_recipes, shards, seed
         self.decoder = decoder  # pil: crops made here | nvjpeg: the file's bytes and boxes, decoded on the device
 
@@ -157,7 +168,9 @@ class FileCrops(torch.utils.data.Dataset):
         """File ``i`` opened, or the next file of the list that opens (each failure noted in ``bad``)."""
         return first_readable(self.files, i, open_image, bad)
 
-    def prepare(self, image: Image.Image, path: Path, boxes: list, sizes: list[int], flips: list[bool]) -> np.ndarray | torch.Tensor:
+    def prepare(
+        self, image: Image.Image, path: Path, boxes: list, sizes: list[int], flips: list[bool]
+    ) -> np.ndarray | torch.Tensor:
         """What the worker sends of one image: its crops (``pil``) or its checked JPEG bytes (``nvjpeg``)."""
         return crop_views(image, boxes, sizes, flips) if self.decoder == "pil" else jpeg_source(image, path)
 
@@ -198,9 +211,20 @@ class StreamingLoader:
     for the run (workers alive across epochs), ``prefetch`` batches per worker prepared ahead in
     pinned memory on a GPU, copied with ``non_blocking``; nothing in a step waits on the host."""
 
-    def __init__(self, files: list[Path], labels: torch.Tensor, plan: BatchPlan, device: torch.device,
-                 recipes: list[AugmentConfig], labeled_recipes: list[AugmentConfig] = (), labeled_plan: LabeledPlan | None = None,
-                 workers: int = 8, prefetch: int = 4, seed: int = 0, decoder: str = "pil") -> None:
+    def __init__(
+        self,
+        files: list[Path],
+        labels: torch.Tensor,
+        plan: BatchPlan,
+        device: torch.device,
+        recipes: list[AugmentConfig],
+        labeled_recipes: list[AugmentConfig] = (),
+        labeled_plan: LabeledPlan | None = None,
+        workers: int = 8,
+        prefetch: int = 4,
+        seed: int = 0,
+        decoder: str = "pil",
+    ) -> None:
         self.plan, self.labeled_plan, self.device, self.workers, self.prefetch = plan, labeled_plan, device, workers, prefetch
         self.labels = labels.to(device)
         self.recipes, self.labeled_recipes = tuple(recipes), tuple(labeled_recipes)
@@ -215,9 +239,16 @@ class StreamingLoader:
         """Start the workers on the batches from (``epoch``, ``step_in_epoch``) on; :meth:`epoch` does
         it too, when its first step is not the one the workers prepare next."""
         step = epoch * self.plan.steps_per_epoch + step_in_epoch
-        self._batches = iter(torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, sampler=_Steps(self.plan, self.labeled_plan, step), num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", prefetch_factor=self.prefetch if self.workers else None))
+        self._batches = iter(
+            torch.utils.data.DataLoader(
+                self.dataset,
+                batch_size=None,
+                sampler=_Steps(self.plan, self.labeled_plan, step),
+                num_workers=self.workers,
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=self.prefetch if self.workers else None,
+            )
+        )
         self._next_step = step
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
@@ -257,9 +288,24 @@ class FileImages:
     their aspect ratios, :func:`~kinship.data.store.read_image_file`): the k-NN bank and the test
     split of streamed data, whose features are extracted in batches without holding the pixels."""
 
-    def __init__(self, files: list[Path], labels: torch.Tensor, classes: list[str], size: int, device: torch.device,
-                 threads: int = 0, center: int = 0) -> None:
-        self.files, self.labels, self.classes, self.size, self.device, self.threads = files, labels, classes, size, device, threads
+    def __init__(
+        self,
+        files: list[Path],
+        labels: torch.Tensor,
+        classes: list[str],
+        size: int,
+        device: torch.device,
+        threads: int = 0,
+        center: int = 0,
+    ) -> None:
+        self.files, self.labels, self.classes, self.size, self.device, self.threads = (
+            files,
+            labels,
+            classes,
+            size,
+            device,
+            threads,
+        )
         self.center = center  # > 0: decode Resize(center) + CenterCrop(size) of each file (see for_view), not the whole image
 
     def __len__(self) -> int:
@@ -268,8 +314,15 @@ class FileImages:
     def subset(self, index: torch.Tensor) -> "FileImages":
         """The files of ``index``, not decoded."""
         rows = index.cpu()
-        return FileImages([self.files[i] for i in rows.tolist()], self.labels[rows.to(self.labels.device)], self.classes,
-                          self.size, self.device, self.threads, self.center)
+        return FileImages(
+            [self.files[i] for i in rows.tolist()],
+            self.labels[rows.to(self.labels.device)],
+            self.classes,
+            self.size,
+            self.device,
+            self.threads,
+            self.center,
+        )
 
     def for_view(self, view: View) -> tuple["FileImages", View]:
         """These files as :func:`~kinship.blocks.features.extract_features` reads them for ``view``, and
@@ -285,8 +338,9 @@ class FileImages:
     def __getitem__(self, rows: slice | torch.Tensor) -> ImageSet:
         """The images of ``rows`` decoded, on the device (an :class:`ImageSet`'s rows)."""
         index = torch.arange(len(self))[rows] if isinstance(rows, slice) else rows.cpu()
-        images, aspect = read_image_files([self.files[i] for i in index.tolist()], self.size, self.threads, substitute=True,
-                                          center=self.center)
+        images, aspect = read_image_files(
+            [self.files[i] for i in index.tolist()], self.size, self.threads, substitute=True, center=self.center
+        )
         labels = self.labels[index.to(self.labels.device)].cpu()
         return ImageSet(images, labels, self.classes, None if self.center else aspect).to(self.device)
 

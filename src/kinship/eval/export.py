@@ -4,6 +4,7 @@ ResNet backbones keep torchvision's parameter names, so the file loads into
 ``torchvision.models.resnetXX()`` once its classifier is dropped (``fc = Identity``) and, for the
 CIFAR stem, after the two-line stem change printed by :func:`loading_instructions`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,13 +30,22 @@ def loading_instructions(config: RunConfig, path: Path) -> str:
     if m.backbone.startswith("resnet"):
         lines = ["import torch, torchvision", f"model = torchvision.models.{m.backbone}()"]
         if m.cifar_stem:
-            lines += [f"model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding={m.stem_padding}, bias=False)  # CIFAR stem",
-                      "model.maxpool = torch.nn.Identity()  # CIFAR stem"]
-        lines += ["model.fc = torch.nn.Identity()  # the backbone's features; put your own classifier here",
-                  f"model.load_state_dict(torch.load('{path}', weights_only=True))"]
+            lines += [
+                "model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, "
+                f"padding={m.stem_padding}, bias=False)  # CIFAR stem",
+                "model.maxpool = torch.nn.Identity()  # CIFAR stem",
+            ]
+        lines += [
+            "model.fc = torch.nn.Identity()  # the backbone's features; put your own classifier here",
+            f"model.load_state_dict(torch.load('{path}', weights_only=True))",
+        ]
     else:
-        lines = ["import torch", "from kinship.models.backbones import build_backbone  # kinship's WRN or small CPU network",
-                 f"model = build_backbone('{m.backbone}', width={m.width})", f"model.load_state_dict(torch.load('{path}', weights_only=True))"]
+        lines = [
+            "import torch",
+            "from kinship.models.backbones import build_backbone  # kinship's WRN or small CPU network",
+            f"model = build_backbone('{m.backbone}', width={m.width})",
+            f"model.load_state_dict(torch.load('{path}', weights_only=True))",
+        ]
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ CMSF's evaluation head. With ``train_backbone=False`` the backbone stays in eval
 ``no_grad`` (the frozen probe of the papers, trained on augmented images); with ``True`` every
 layer is fine-tuned. Images stay uint8 on the device and are augmented there in batches.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -99,8 +100,9 @@ def train_classifier(
                 group["lr"] = group["base_lr"] * factor
             batch = data[order[start:stop]]
             views = augment(to_float(batch.images), recipe, generator, aspect=batch.aspect)
-            loss, _ = training_step(optimizer, lambda: (F.cross_entropy(model(views).float(), batch.labels), {}),
-                                    device.type if autocast else None)
+            loss, _ = training_step(
+                optimizer, lambda: (F.cross_entropy(model(views).float(), batch.labels), {}), device.type if autocast else None
+            )
             epoch_loss += loss.detach()
             step += 1
         losses.append(epoch_loss.item() / len(batches))
@@ -111,7 +113,11 @@ def train_classifier(
 
 
 def classifier_accuracy(
-    model: Classifier, images: torch.Tensor | ImageSet, labels: torch.Tensor, recipe: AugmentConfig, batch_size: int = 512,
+    model: Classifier,
+    images: torch.Tensor | ImageSet,
+    labels: torch.Tensor,
+    recipe: AugmentConfig,
+    batch_size: int = 512,
     autocast: bool = False,
 ) -> dict[int, float]:
     """Top-1/top-5 (percent) on centre views, BN in eval mode: the class scores are the model's

@@ -7,6 +7,7 @@ held-out part of the train set from a log grid and the model is refitted on the 
 convex, so the result does not depend on initialisation or batch order: one number per checkpoint.
 The SGD probe with augmentation (ImageNet scale) is in :mod:`kinship.eval.finetune`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,8 +52,13 @@ def fit_softmax_regression(
         else:
             linear.load_state_dict(init.state_dict())
     optimizer = torch.optim.LBFGS(
-        linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-        tolerance_grad=1e-7, tolerance_change=1e-10,
+        linear.parameters(),
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
     )
 
     def closure() -> torch.Tensor:

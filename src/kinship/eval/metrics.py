@@ -1,4 +1,5 @@
 """Label-aware metrics of a feature space: clustering ACC/NMI/ARI, neighbour purity, class cosines."""
+
 from __future__ import annotations
 
 import numpy as np

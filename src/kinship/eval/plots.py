@@ -1,4 +1,5 @@
 """Pictures for the report: a t-SNE map of test features and the training curves of a run."""
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,7 @@ def stratified_sample(labels: torch.Tensor, count: int, seed: int = 0) -> torch.
     return torch.cat(picks).sort().values
 
 
-def tsne_png(
-    features: torch.Tensor, labels: torch.Tensor, classes: list[str], path: Path, title: str, seed: int = 0
-) -> dict:
+def tsne_png(features: torch.Tensor, labels: torch.Tensor, classes: list[str], path: Path, title: str, seed: int = 0) -> dict:
     """2-D t-SNE (scikit-learn, PCA init, perplexity 30) of l2-normalised features, one colour per class."""
     from sklearn.manifold import TSNE
 

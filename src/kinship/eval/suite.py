@@ -6,6 +6,7 @@ checkpoint file's SHA-256, the data settings and the evaluation view; every prot
 The protocols that train on images (SGD linear probe, fine-tuning) use the decoded uint8 images on
 the device. ``run_all`` writes ``report.json``, ``report.md`` and the PNGs into the output folder.
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,7 +55,9 @@ def check_labels(data: RunData) -> None:
     if missing:
         raise DataError(f"the test split has labels {missing[:10]} that the train split lacks: the label sets do not match")
     if data.test.classes and data.bank.classes and list(data.test.classes) != list(data.bank.classes):
-        raise DataError(f"the train and test splits name different classes: {data.bank.classes[:5]}... vs {data.test.classes[:5]}...")
+        raise DataError(
+            f"the train and test splits name different classes: {data.bank.classes[:5]}... vs {data.test.classes[:5]}..."
+        )
 
 
 @dataclass
@@ -101,8 +104,14 @@ class Evaluation:
     # -- features ----------------------------------------------------------------------------
     def cache_path(self) -> Path:
         # "format" 2: the head's K is stored beside its argmax (a format-1 file would report K 0)
-        key = {"format": 2, "checkpoint": self.sha256, "data": to_dict(self.config.data), "bank": self.config.eval.knn_train_limit,
-               "recipe": to_dict(self.recipe), "autocast": self.autocast}
+        key = {
+            "format": 2,
+            "checkpoint": self.sha256,
+            "data": to_dict(self.config.data),
+            "bank": self.config.eval.knn_train_limit,
+            "recipe": to_dict(self.recipe),
+            "autocast": self.autocast,
+        }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return self.out_dir / "eval_cache" / f"features-{digest}.pt"
 
@@ -112,8 +121,9 @@ class Evaluation:
         path, tick = self.cache_path(), time.time()
         if path.is_file():
             saved = torch.load(path, map_location=self.device, weights_only=True)
-            self._features = Features(saved["train"], saved["test"], saved.get("head_test"), int(saved.get("head_k", 0)),
-                                      time.time() - tick, True)
+            self._features = Features(
+                saved["train"], saved["test"], saved.get("head_test"), int(saved.get("head_k", 0)), time.time() - tick, True
+            )
             self.log(f"features: cached {path} ({len(saved['train'])} train, {len(saved['test'])} test)")
             return self._features
         extract = dict(batch_size=self.config.eval.batch_size, autocast=self.autocast, progress=self.progress)
@@ -145,15 +155,37 @@ class Evaluation:
         lc, f = self.config.eval.linear, self.features()
         y_train, y_test = self.data.bank.labels, self.data.test.labels
         if lc.mode == "lbfgs":
-            result, _, _ = linear_probe(f.train, y_train, f.test, y_test, self.num_classes, tuple(lc.l2_grid),
-                                       lc.val_fraction, self.config.train.seed, lc.max_iter, self.progress)
+            result, _, _ = linear_probe(
+                f.train,
+                y_train,
+                f.test,
+                y_test,
+                self.num_classes,
+                tuple(lc.l2_grid),
+                lc.val_fraction,
+                self.config.train.seed,
+                lc.max_iter,
+                self.progress,
+            )
             return {"mode": "lbfgs", **result}
         # SGD on augmented images through the frozen backbone (the ImageNet-scale protocol)
         head = random_head(f.train.shape[1], self.num_classes, self.device)
         model = Classifier(copy.deepcopy(self.backbone), Standardizer.fit(f.train), head, train_backbone=False)
         losses = train_classifier(
-            model, self.data.bank, train_recipe(self.recipe, lc.crop_scale), lc.epochs, lc.batch_size,
-            0.0, lc.lr, 0.9, lc.weight_decay, lc.milestones, self.config.train.seed, self.autocast, self.progress, "linear probe (sgd)",
+            model,
+            self.data.bank,
+            train_recipe(self.recipe, lc.crop_scale),
+            lc.epochs,
+            lc.batch_size,
+            0.0,
+            lc.lr,
+            0.9,
+            lc.weight_decay,
+            lc.milestones,
+            self.config.train.seed,
+            self.autocast,
+            self.progress,
+            "linear probe (sgd)",
         )
         acc = classifier_accuracy(model, self.data.test, y_test, self.recipe, self.config.eval.batch_size, self.autocast)
         return {"mode": "sgd", "top1": acc[1], "top5": acc[5], "epochs": lc.epochs, "final_loss": losses[-1]}
@@ -172,21 +204,53 @@ class Evaluation:
             sub_labels = sub.labels
             feats = extract_features(self.backbone, sub, self.recipe, self.config.eval.batch_size, self.autocast)
             test_feats = self.features().test
-            probe, head, standardize = linear_probe(feats, sub_labels, test_feats, self.data.test.labels, self.num_classes,
-                                                    tuple(self.config.eval.linear.l2_grid), self.config.eval.linear.val_fraction,
-                                                    fc.seed, self.config.eval.linear.max_iter)
+            probe, head, standardize = linear_probe(
+                feats,
+                sub_labels,
+                test_feats,
+                self.data.test.labels,
+                self.num_classes,
+                tuple(self.config.eval.linear.l2_grid),
+                self.config.eval.linear.val_fraction,
+                fc.seed,
+                self.config.eval.linear.max_iter,
+            )
             if fc.head_init == "random":
                 head = random_head(feats.shape[1], self.num_classes, self.device)
-            model = Classifier(copy.deepcopy(self.backbone), standardize, copy.deepcopy(head).requires_grad_(True), train_backbone=True)
+            model = Classifier(
+                copy.deepcopy(self.backbone), standardize, copy.deepcopy(head).requires_grad_(True), train_backbone=True
+            )
             losses = train_classifier(
-                model, sub, train_recipe(self.recipe, fc.crop_scale), fc.epochs, fc.batch_size,
-                fc.lr_backbone, fc.lr_head, fc.momentum, fc.weight_decay, None, fc.seed, self.autocast, self.progress,
+                model,
+                sub,
+                train_recipe(self.recipe, fc.crop_scale),
+                fc.epochs,
+                fc.batch_size,
+                fc.lr_backbone,
+                fc.lr_head,
+                fc.momentum,
+                fc.weight_decay,
+                None,
+                fc.seed,
+                self.autocast,
+                self.progress,
                 f"fine-tune {tag}",
             )
-            acc = classifier_accuracy(model, self.data.test, self.data.test.labels, self.recipe,
-                                      self.config.eval.batch_size, self.autocast)
-            rows.append({"labels": tag, "images": len(subset), "frozen_probe_top1": probe["top1"], "frozen_probe_top5": probe["top5"],
-                         "top1": acc[1], "top5": acc[5], "final_loss": losses[-1], "seconds": time.time() - tick})
+            acc = classifier_accuracy(
+                model, self.data.test, self.data.test.labels, self.recipe, self.config.eval.batch_size, self.autocast
+            )
+            rows.append(
+                {
+                    "labels": tag,
+                    "images": len(subset),
+                    "frozen_probe_top1": probe["top1"],
+                    "frozen_probe_top5": probe["top5"],
+                    "top1": acc[1],
+                    "top5": acc[5],
+                    "final_loss": losses[-1],
+                    "seconds": time.time() - tick,
+                }
+            )
             self.log(f"fine-tune {tag} ({len(subset)} images): top-1 {acc[1]:.2f}% (frozen probe {probe['top1']:.2f}%)")
         return {"settings": rows, "epochs": fc.epochs, "head_init": fc.head_init}
 
@@ -199,8 +263,14 @@ class Evaluation:
         y = self.data.test.labels.cpu()
         rows = [{"clustering": "k-means (spherical, fit on train)", "k": k, **clustering_scores(y, predicted.cpu())}]
         if f.head_test is not None:
-            rows.append({"clustering": "method head argmax", "k": f.head_k, "occupied": len(f.head_test.unique()),
-                         **clustering_scores(y, f.head_test.cpu())})
+            rows.append(
+                {
+                    "clustering": "method head argmax",
+                    "k": f.head_k,
+                    "occupied": len(f.head_test.unique()),
+                    **clustering_scores(y, f.head_test.cpu()),
+                }
+            )
         return {"rows": rows, "restarts": ev.clustering_restarts}
 
     def purity(self) -> dict:
@@ -212,8 +282,14 @@ class Evaluation:
         f = self.features()
         pick = plots.stratified_sample(self.data.test.labels, self.config.eval.tsne_points, self.config.train.seed)
         title = f"t-SNE of {len(pick)} test features: {self.config.method.name}, {self.config.model.backbone}"
-        return plots.tsne_png(f.test[pick.to(self.device)], self.data.test.labels[pick.to(self.device)],
-                              list(self.data.test.classes), self.out_dir / "tsne.png", title, self.config.train.seed)
+        return plots.tsne_png(
+            f.test[pick.to(self.device)],
+            self.data.test.labels[pick.to(self.device)],
+            list(self.data.test.classes),
+            self.out_dir / "tsne.png",
+            title,
+            self.config.train.seed,
+        )
 
     def classifier(self) -> dict:
         """The method's own classifiers (a semi-supervised method's EMA and online networks) on the
@@ -226,11 +302,19 @@ class Evaluation:
         records = plots.read_metrics(metrics) if metrics.is_file() else []
         rows = []
         for name, network in networks.items():
-            acc = classifier_accuracy(network, self.data.test, self.data.test.labels, self.recipe, self.config.eval.batch_size,
-                                      self.autocast)
+            acc = classifier_accuracy(
+                network, self.data.test, self.data.test.labels, self.recipe, self.config.eval.batch_size, self.autocast
+            )
             logged = [r[f"classifier_{name}_top1"] for r in records if f"classifier_{name}_top1" in r][-20:]
-            rows.append({"classifier": name, "top1": acc[1], "top5": acc[5], "logged": len(logged),
-                         "median_last_20": float(torch.tensor(logged).median()) if logged else None})
+            rows.append(
+                {
+                    "classifier": name,
+                    "top1": acc[1],
+                    "top5": acc[5],
+                    "logged": len(logged),
+                    "median_last_20": float(torch.tensor(logged).median()) if logged else None,
+                }
+            )
         return {"rows": rows}
 
     def curves(self) -> dict:
@@ -254,12 +338,22 @@ class Evaluation:
     def header(self) -> dict:
         f = self._features
         return {
-            "checkpoint": str(self.path), "sha256": self.sha256,
+            "checkpoint": str(self.path),
+            "sha256": self.sha256,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"CPU ({environment()['cores']} cores)",
-            "method": self.config.method.name, "backbone": self.config.model.backbone, "width": self.config.model.width,
-            "data": {"name": self.config.data.name, "path": self.config.data.path, "train": len(self.data.bank.labels),
-                     "test": len(self.data.test.labels), "classes": self.num_classes},
+            "device": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else f"CPU ({environment()['cores']} cores)",
+            "method": self.config.method.name,
+            "backbone": self.config.model.backbone,
+            "width": self.config.model.width,
+            "data": {
+                "name": self.config.data.name,
+                "path": self.config.data.path,
+                "train": len(self.data.bank.labels),
+                "test": len(self.data.test.labels),
+                "classes": self.num_classes,
+            },
             "features": None if f is None else {"dim": f.train.shape[1], "seconds": f.seconds, "cached": f.cached},
             "environment": environment(),
         }
@@ -273,7 +367,9 @@ class Evaluation:
             except DataError as exc:  # e.g. fine-tuning on streamed data: the other protocols still run
                 results[protocol] = {"skipped": str(exc), "seconds": 0.0}
             result = results[protocol]
-            self.log(f"eval {protocol}: " + (f"skipped: {result['skipped']}" if "skipped" in result else f"{result['seconds']:.1f} s"))
+            self.log(
+                f"eval {protocol}: " + (f"skipped: {result['skipped']}" if "skipped" in result else f"{result['seconds']:.1f} s")
+            )
         report = {**self.header(), "protocols": results}
         (self.out_dir / "report.json").write_text(json.dumps(report, indent=2))
         (self.out_dir / "report.md").write_text(markdown_report(report))
@@ -287,47 +383,98 @@ def markdown_report(report: dict) -> str:
     skipped = {name: r["skipped"] for name, r in report["protocols"].items() if "skipped" in r}
     env = report["environment"]
     lines = [
-        f"# Evaluation of `{report['checkpoint']}`", "",
+        f"# Evaluation of `{report['checkpoint']}`",
+        "",
         f"Method **{report['method']}**, backbone {report['backbone']}"
         + (f" (width {report['width']})" if report["backbone"] == "convnet" else "")
         + f"; data {d['name']} ({d['train']:,} train / {d['test']:,} test images, {d['classes']} classes).",
         f"Checkpoint SHA-256 `{report['sha256'][:16]}`; {report['date']}; {report['device']}, "
-        f"torch {env.get('torch')}, {env.get('threads', '?')} threads.", "",
+        f"torch {env.get('torch')}, {env.get('threads', '?')} threads.",
+        "",
     ]
     if "knn" in p:
-        lines += ["## k-NN (cosine, frozen backbone, train split as the bank)", "", "| vote | k | T | top-1 | top-5 |", "|---|---|---|---|---|"]
+        lines += [
+            "## k-NN (cosine, frozen backbone, train split as the bank)",
+            "",
+            "| vote | k | T | top-1 | top-5 |",
+            "|---|---|---|---|---|",
+        ]
         lines += [f"| weighted | {r['k']} | {r['T']} | {r['top1']:.2f} | {r['top5']:.2f} |" for r in p["knn"]["weighted"]]
         lines += [f"| majority | {r['k']} | - | {r['top1']:.2f} | - |" for r in p["knn"]["plain"]]
         lines.append("")
     if "linear" in p:
         r = p["linear"]
-        how = ("full-batch L-BFGS logistic regression on cached, l2-normalised and standardised features, "
-               f"l2 = {r['l2']:g} chosen on 10% of train" if r["mode"] == "lbfgs" else f"SGD on augmented images, {r['epochs']} epochs")
-        lines += ["## Linear probe", "", f"{how}.", "", "| top-1 | top-5 |", "|---|---|", f"| {r['top1']:.2f} | {r['top5']:.2f} |", ""]
+        how = (
+            "full-batch L-BFGS logistic regression on cached, l2-normalised and standardised features, "
+            f"l2 = {r['l2']:g} chosen on 10% of train"
+            if r["mode"] == "lbfgs"
+            else f"SGD on augmented images, {r['epochs']} epochs"
+        )
+        lines += [
+            "## Linear probe",
+            "",
+            f"{how}.",
+            "",
+            "| top-1 | top-5 |",
+            "|---|---|",
+            f"| {r['top1']:.2f} | {r['top5']:.2f} |",
+            "",
+        ]
     if "finetune" in p:
         r = p["finetune"]
-        lines += ["## Semi-supervised fine-tuning (whole network)", "",
-                  f"{r['epochs']} epochs, classifier initialised from: {r['head_init']}.", "",
-                  "| labels | images | frozen probe top-1 | fine-tuned top-1 | fine-tuned top-5 |", "|---|---|---|---|---|"]
-        lines += [f"| {s['labels']} | {s['images']:,} | {s['frozen_probe_top1']:.2f} | {s['top1']:.2f} | {s['top5']:.2f} |" for s in r["settings"]]
+        lines += [
+            "## Semi-supervised fine-tuning (whole network)",
+            "",
+            f"{r['epochs']} epochs, classifier initialised from: {r['head_init']}.",
+            "",
+            "| labels | images | frozen probe top-1 | fine-tuned top-1 | fine-tuned top-5 |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['labels']} | {s['images']:,} | {s['frozen_probe_top1']:.2f} | {s['top1']:.2f} | {s['top5']:.2f} |"
+            for s in r["settings"]
+        ]
         lines.append("")
     if "clustering" in p:
-        lines += ["## Clustering of the test split", "", "| clustering | K (occupied) | ACC | NMI | ARI |", "|---|---|---|---|---|"]
-        lines += [f"| {r['clustering']} | {r['k']}{' (%d)' % r['occupied'] if 'occupied' in r else ''} | {r['acc']:.2f} | "
-                  f"{r['nmi']:.2f} | {r['ari']:.2f} |" for r in p["clustering"]["rows"]]
+        lines += [
+            "## Clustering of the test split",
+            "",
+            "| clustering | K (occupied) | ACC | NMI | ARI |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['clustering']} | {r['k']}{' (%d)' % r['occupied'] if 'occupied' in r else ''} | {r['acc']:.2f} | "
+            f"{r['nmi']:.2f} | {r['ari']:.2f} |"
+            for r in p["clustering"]["rows"]
+        ]
         lines.append("")
     if "purity" in p:
         r = p["purity"]
         ks = list(r["purity"])
-        lines += ["## Neighbour purity (test queries, train bank)", "", "| k | " + " | ".join(ks) + " |",
-                  "|---" * (len(ks) + 1) + "|", "| purity (%) | " + " | ".join(f"{r['purity'][k]:.2f}" for k in ks) + " |", "",
-                  f"Mean cosine similarity of test pairs: same class {r['intra_class_cosine']:.4f}, "
-                  f"different classes {r['inter_class_cosine']:.4f}.", ""]
+        lines += [
+            "## Neighbour purity (test queries, train bank)",
+            "",
+            "| k | " + " | ".join(ks) + " |",
+            "|---" * (len(ks) + 1) + "|",
+            "| purity (%) | " + " | ".join(f"{r['purity'][k]:.2f}" for k in ks) + " |",
+            "",
+            f"Mean cosine similarity of test pairs: same class {r['intra_class_cosine']:.4f}, "
+            f"different classes {r['inter_class_cosine']:.4f}.",
+            "",
+        ]
     if "classifier" in p:
-        lines += ["## The method's own classifiers (test split)", "",
-                  "| classifier | top-1 | top-5 | median of the last 20 logged top-1 (count) |", "|---|---|---|---|"]
-        lines += [f"| {r['classifier']} | {r['top1']:.2f} | {r['top5']:.2f} | "
-                  + (f"{r['median_last_20']:.2f} ({r['logged']})" if r["logged"] else "-") + " |" for r in p["classifier"]["rows"]]
+        lines += [
+            "## The method's own classifiers (test split)",
+            "",
+            "| classifier | top-1 | top-5 | median of the last 20 logged top-1 (count) |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['classifier']} | {r['top1']:.2f} | {r['top5']:.2f} | "
+            + (f"{r['median_last_20']:.2f} ({r['logged']})" if r["logged"] else "-")
+            + " |"
+            for r in p["classifier"]["rows"]
+        ]
         lines.append("")
     if "tsne" in p:
         lines += ["## t-SNE of test features", "", f"![t-SNE]({p['tsne']['png']})", ""]

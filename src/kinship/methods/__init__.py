@@ -1,4 +1,5 @@
 """Method registry: ``method.name`` in a config -> the method class (whose ``Config`` parses its section)."""
+
 from kinship.methods.base import DataInfo, Method, Refresh, StepInfo, TrainData
 from kinship.methods.byol import BYOL
 from kinship.methods.clim import CLIM
@@ -10,7 +11,18 @@ from kinship.methods.sscl import FixMatch, SsCL
 from kinship.methods.supervised import Supervised
 from kinship.methods.swav import SwAV
 
-METHODS: dict[str, type[Method]] = {"byol": BYOL, "mocov2": MoCoV2, "msf": MSF, "cmsf": CMSF, "swav": SwAV, "mira": MIRA, "coke": CoKe,
-                                 "clim": CLIM, "sscl": SsCL, "fixmatch": FixMatch, "supervised": Supervised}
+METHODS: dict[str, type[Method]] = {
+    "byol": BYOL,
+    "mocov2": MoCoV2,
+    "msf": MSF,
+    "cmsf": CMSF,
+    "swav": SwAV,
+    "mira": MIRA,
+    "coke": CoKe,
+    "clim": CLIM,
+    "sscl": SsCL,
+    "fixmatch": FixMatch,
+    "supervised": Supervised,
+}
 
 __all__ = ["METHODS", "DataInfo", "Method", "Refresh", "StepInfo", "TrainData"]

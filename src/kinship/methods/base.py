@@ -19,6 +19,7 @@ step's schedule values live in tensors that ``begin_step`` fills, its phases in 
   once per due position, also across a resume;
 - ``on_epoch_end``: per-epoch metrics for ``metrics.jsonl``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -7,6 +7,7 @@ online: backbone -> projector -> predictor;  target: EMA(backbone -> projector),
 (default, as BYOL's code) each view goes through the online and the target network in its own pass,
 so BN statistics never mix the two asymmetric views; off, the symmetric loss forwards both in one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,8 +40,10 @@ class BYOLConfig(MethodConfig):
     view2: AugmentConfig = field(default_factory=lambda: AugmentConfig(blur_p=0.0, solarize_p=0.2))
 
     def validate(self, run: RunConfig) -> None:
-        check(0 <= self.momentum_base <= self.momentum_final <= 1,
-              f"method.momentum_base <= momentum_final must lie in [0, 1], got {self.momentum_base}, {self.momentum_final}")
+        check(
+            0 <= self.momentum_base <= self.momentum_final <= 1,
+            f"method.momentum_base <= momentum_final must lie in [0, 1], got {self.momentum_base}, {self.momentum_final}",
+        )
 
 
 class BYOL(Method):

@@ -24,6 +24,7 @@ MoCo v2's; lambda is the area actually pasted after the box is clipped (the CutM
 the positive's key is a view of its own (a key of the query-side view would leak the pasted
 pixels); the clustering features are the key encoder's projections of the evaluation view.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kinship.augment.mixing import mix
 from kinship.augment.views import make_views
 from kinship.blocks.kmeans import kmeans
 from kinship.blocks.knn import nearest_neighbours
-from kinship.augment.mixing import mix
 from kinship.blocks.positives import SELECTIONS, pair_purity, random_candidates, select_positives
 from kinship.config import AugmentConfig, RunConfig, check, check_choice
 from kinship.losses import info_nce_with_queue, mixed_info_nce
@@ -53,7 +54,9 @@ class CLIMConfig(MoCoV2Config):
     mixing: str = "cutmix"  # cutmix | mixup | none (Table 10; none: the positive is a plain second key)
     cutmix_alpha: float = 2.0  # Beta(alpha, alpha) of the box (Table 9)
     mixup_alpha: float = 0.2  # the paper's best mixup alpha
-    resolutions: list[int] = field(default_factory=list)  # the crop rendered at each (Eq. 6); empty: crop size only. ImageNet [224, 160]
+    resolutions: list[int] = field(
+        default_factory=list
+    )  # the crop rendered at each (Eq. 6); empty: crop size only. ImageNet [224, 160]
     clusters: int = 10000  # m: k-means centres (Table 8, ImageNet)
     neighbours: int = 40  # k (Table 8)
     positives: int = 10  # P: candidates kept per anchor (Sec. 3.2.1)
@@ -69,13 +72,21 @@ class CLIMConfig(MoCoV2Config):
         check(not self.symmetric, "method.symmetric is not supported by clim (the paper's loss is MoCo v2's asymmetric one)")
         check(self.cutmix_alpha > 0 and self.mixup_alpha > 0, "method.cutmix_alpha and mixup_alpha must be > 0")
         size = self.augment.crop_size
-        check(all(8 <= r <= size for r in self.resolutions) and (not self.resolutions or size in self.resolutions),
-              f"method.resolutions {self.resolutions}: each in [8, crop size {size}], the crop size among them")
-        check(1 <= self.positives <= self.neighbours, f"method.positives (P) must be in [1, neighbours k], got P={self.positives}, k={self.neighbours}")
+        check(
+            all(8 <= r <= size for r in self.resolutions) and (not self.resolutions or size in self.resolutions),
+            f"method.resolutions {self.resolutions}: each in [8, crop size {size}], the crop size among them",
+        )
+        check(
+            1 <= self.positives <= self.neighbours,
+            f"method.positives (P) must be in [1, neighbours k], got P={self.positives}, k={self.neighbours}",
+        )
         check(self.clusters >= 2 and self.kmeans_iters >= 1, "method.clusters must be >= 2 and kmeans_iters >= 1")
         check(self.refresh_every >= 1 and self.refresh_start >= 0, "method.refresh_every must be >= 1 and refresh_start >= 0")
-        check(self.refresh_start < run.train.epochs,
-              f"method.refresh_start ({self.refresh_start}) must be below train.epochs ({run.train.epochs}): the run would be MoCo v2")
+        check(
+            self.refresh_start < run.train.epochs,
+            f"method.refresh_start ({self.refresh_start}) must be below train.epochs ({run.train.epochs}): "
+            "the run would be MoCo v2",
+        )
         check(self.plain_weight >= 0, f"method.plain_weight must be >= 0, got {self.plain_weight}")
 
 
@@ -84,8 +95,11 @@ class CLIM(MoCoV2):
 
     def __init__(self, config: CLIMConfig, backbone: nn.Module, data: TrainData) -> None:
         super().__init__(config, backbone, data)
-        check(config.clusters <= data.size and config.neighbours < data.size,
-              f"method.clusters (m={config.clusters}) and neighbours (k={config.neighbours}) need more training images than {data.size}")
+        check(
+            config.clusters <= data.size and config.neighbours < data.size,
+            f"method.clusters (m={config.clusters}) and neighbours (k={config.neighbours}) need more training images "
+            f"than {data.size}",
+        )
         self.resolutions = config.resolutions or [config.augment.crop_size]
         self.register_buffer("candidates", torch.full((data.size, config.positives), -1, dtype=torch.long))
         self.has_candidates = False  # kept on the host: reading the table's first entry would wait for the device
@@ -109,26 +123,45 @@ class CLIM(MoCoV2):
     def refresh(self, name: str, step: StepInfo) -> dict:
         cfg, start = self.config, time.perf_counter()
         features = F.normalize(self.data.embed_all(self.key_encoder, cfg.augment), dim=1)  # identical on every process
-        clusters = kmeans(features, cfg.clusters, iters=cfg.kmeans_iters, seed=step.shared_seed, spherical=True,
-                          init="kmeans++" if cfg.clusters <= 1024 else "random")  # k-means++ is sequential in m
+        clusters = kmeans(
+            features,
+            cfg.clusters,
+            iters=cfg.kmeans_iters,
+            seed=step.shared_seed,
+            spherical=True,
+            init="kmeans++" if cfg.clusters <= 1024 else "random",
+        )  # k-means++ is sequential in m
         neighbours = nearest_neighbours(features, cfg.neighbours)
         generator = torch.Generator(device=features.device).manual_seed(step.shared_seed)
-        table, kept = select_positives(cfg.selection, features, clusters.centroids, clusters.assignments, neighbours,
-                                       cfg.positives, generator)
+        table, kept = select_positives(
+            cfg.selection, features, clusters.centroids, clusters.assignments, neighbours, cfg.positives, generator
+        )
         self.use_candidates(table)
-        metrics = {"kept_mean": kept.float().mean(), "kept_at_least_p": (kept >= cfg.positives).float().mean(),
-                   "empty_clusters": int((torch.bincount(clusters.assignments, minlength=cfg.clusters) == 0).sum())}
+        metrics = {
+            "kept_mean": kept.float().mean(),
+            "kept_at_least_p": (kept >= cfg.positives).float().mean(),
+            "empty_clusters": int((torch.bincount(clusters.assignments, minlength=cfg.clusters) == 0).sum()),
+        }
         truth = self.data.true_labels
         if truth is not None:  # Sec. 4.4's argument: how often the positives share the anchor's class
-            metrics.update(purity_selected=pair_purity(table, truth), purity_knn=pair_purity(neighbours, truth),
-                           purity_random=pair_purity(random_candidates(len(truth), cfg.positives, generator, truth.device), truth))
+            metrics.update(
+                purity_selected=pair_purity(table, truth),
+                purity_knn=pair_purity(neighbours, truth),
+                purity_random=pair_purity(random_candidates(len(truth), cfg.positives, generator, truth.device), truth),
+            )
         return {**metrics, "seconds": time.perf_counter() - start}
 
     # -- views: the anchors' query and key, and the positives' query and key -------------------------
     def at_resolutions(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The same crop at every resolution (Eq. 5: the crop ratio fixed, K_train changed)."""
-        return [x if r == x.shape[-1] else F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
-                .contiguous(memory_format=torch.channels_last) for r in self.resolutions]
+        return [
+            x
+            if r == x.shape[-1]
+            else F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False).contiguous(
+                memory_format=torch.channels_last
+            )
+            for r in self.resolutions
+        ]
 
     def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
         return [self.config.augment, self.config.augment]
@@ -148,8 +181,14 @@ class CLIM(MoCoV2):
         positive_query, positive_key = make_views(positive, [cfg.augment, cfg.augment], step.generator)
         if cfg.mixing == "none":
             return views + self.at_resolutions(positive_key)
-        mixed, lam = mix(query, positive_query, cfg.mixing, cfg.cutmix_alpha if cfg.mixing == "cutmix" else cfg.mixup_alpha,
-                         step.generator, shard)
+        mixed, lam = mix(
+            query,
+            positive_query,
+            cfg.mixing,
+            cfg.cutmix_alpha if cfg.mixing == "cutmix" else cfg.mixup_alpha,
+            step.generator,
+            shard,
+        )
         return views + self.at_resolutions(mixed) + self.at_resolutions(positive_key) + [lam]
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
@@ -178,8 +217,11 @@ class CLIM(MoCoV2):
                 kin = pair_mean(lambda r, s: info_nce_with_queue(plain[r], positive_keys[s], negatives, cfg.temperature))
             else:
                 mixed, positive_keys, lam = queries(views[2 * n : 3 * n]), keys(views[3 * n : 4 * n], n), views[-1]
-                kin = pair_mean(lambda r, s: mixed_info_nce(mixed[r], anchor_keys[s], positive_keys[s], negatives, lam,
-                                                            cfg.temperature).mean())
+                kin = pair_mean(
+                    lambda r, s: mixed_info_nce(
+                        mixed[r], anchor_keys[s], positive_keys[s], negatives, lam, cfg.temperature
+                    ).mean()
+                )
                 logs["lambda"] = lam.mean()
             loss = (cfg.plain_weight * moco + kin) / (cfg.plain_weight + 1)
             logs["loss_kin"] = kin.detach()

@@ -21,6 +21,7 @@ The constraint C_i (``constraint``):
                 2-layer MLP on u when max p >= tau (Sec. 2.3); other queries fall back to MSF. The MLP
                 is trained twice per epoch on the cached embeddings of the labeled images.
 """
+
 from __future__ import annotations
 
 import math
@@ -94,10 +95,14 @@ class CMSFConfig(MethodConfig):
         check_choice("method.target_view", self.target_view, ("weak", "strong"))
         check_choice("method.constraint_view", self.constraint_view, ("cached", "third_aug"))
         check_choice("method.previous_lookup", self.previous_lookup, ("image", "slot"))
-        check(not self.top_all or self.constraint in ("supervised", "semi"),
-              "method.top_all is the label-constrained variant: use it with constraint supervised or semi")
-        check(self.topk >= 1 and self.topk_constraint >= 1 and self.bank_size >= 1,
-              "method.topk, topk_constraint and bank_size must be >= 1")
+        check(
+            not self.top_all or self.constraint in ("supervised", "semi"),
+            "method.top_all is the label-constrained variant: use it with constraint supervised or semi",
+        )
+        check(
+            self.topk >= 1 and self.topk_constraint >= 1 and self.bank_size >= 1,
+            "method.topk, topk_constraint and bank_size must be >= 1",
+        )
         check(0 <= self.momentum <= 1, f"method.momentum must be in [0, 1], got {self.momentum}")
 
 
@@ -117,7 +122,8 @@ def rank_of_last(similarity: torch.Tensor, index: torch.Tensor, selected: torch.
 
 
 def crop_mean_loss(predictions: list[torch.Tensor], neighbour_mean: torch.Tensor) -> torch.Tensor:
-    """Eq. (1) averaged over the batch and, with equal weights, over the online crops (kinship's choice; the paper does not weight them)."""
+    """Eq. (1) averaged over the batch and, with equal weights, over the online crops (kinship's
+    choice; the paper does not weight them)."""
     return sum(mean_shift_loss(v, neighbour_mean).mean() for v in predictions) / len(predictions)
 
 
@@ -277,7 +283,11 @@ class CMSF(Method):
         return masked_topk(w @ rows.T - 3.0 * no_previous, valid, self.config.topk_constraint)
 
     def self_selection(
-        self, similarity: torch.Tensor, w: torch.Tensor, w_valid: torch.Tensor, valid: torch.Tensor,
+        self,
+        similarity: torch.Tensor,
+        w: torch.Tensor,
+        w_valid: torch.Tensor,
+        valid: torch.Tensor,
         msf: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """S^c_i: the top-k of <u_i, M_j> within C_i, searched among the k' candidates only (no dense
@@ -318,7 +328,8 @@ class CMSF(Method):
 
     @torch.enable_grad()
     def train_classifier(self, seed: int) -> None:
-        """Warm-started SGD passes over the cached labeled embeddings (filled slots only) (official code; warm-started across rounds: kinship's choice).
+        """Warm-started SGD passes over the cached labeled embeddings (filled slots only) (official
+        code; warm-started across rounds: kinship's choice).
 
         Every process holds the same cache and draws the same order; rank 0's weights are then
         broadcast so that non-deterministic kernels cannot make the processes disagree.

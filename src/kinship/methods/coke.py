@@ -27,6 +27,7 @@ All clustering state (centres, sums, counts, duals, labels, label slots) is buff
 every process: features and labels of the global batch are all-reduced or gathered
 (``blocks.assignment``), in fp32 with autocast off.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,22 +78,39 @@ class CoKeConfig(MethodConfig):
     # SimCLR's strong jitter (0.8, 0.8, 0.8, 0.2), set in the one-view preset
     view1: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=(0.08, 1.0)))
     view2: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=(0.08, 1.0), solarize_p=0.2))
-    local: AugmentConfig = field(default_factory=lambda: AugmentConfig(
-        crop_size=16, crop_scale=(0.05, 0.6), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2))
+    local: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(
+            crop_size=16, crop_scale=(0.05, 0.6), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2
+        )
+    )
 
     def validate(self, run: RunConfig) -> None:
-        check(len(self.clusters) >= 1 and all(k >= 2 for k in self.clusters), f"method.clusters: one K >= 2 per head, got {self.clusters}")
-        check(0 <= self.gamma <= 1, f"method.gamma (the lower bound gamma' N / K as a fraction) must be in [0, 1], got {self.gamma}")
-        check(self.eta >= 0 and self.temperature > 0 and self.label_temperature > 0,
-              "method.eta must be >= 0, method.temperature and label_temperature > 0")
+        check(
+            len(self.clusters) >= 1 and all(k >= 2 for k in self.clusters),
+            f"method.clusters: one K >= 2 per head, got {self.clusters}",
+        )
+        check(
+            0 <= self.gamma <= 1, f"method.gamma (the lower bound gamma' N / K as a fraction) must be in [0, 1], got {self.gamma}"
+        )
+        check(
+            self.eta >= 0 and self.temperature > 0 and self.label_temperature > 0,
+            "method.eta must be >= 0, method.temperature and label_temperature > 0",
+        )
         check(self.views in (1, 2), f"method.views must be 1 or 2, got {self.views}")
-        check(0 <= self.alpha <= 1 and 0 <= self.pred_weight <= 1 and 0 <= self.small_crop_weight <= 1,
-              "method.alpha, pred_weight and small_crop_weight must lie in [0, 1]")
+        check(
+            0 <= self.alpha <= 1 and 0 <= self.pred_weight <= 1 and 0 <= self.small_crop_weight <= 1,
+            "method.alpha, pred_weight and small_crop_weight must lie in [0, 1]",
+        )
         check(self.local_crops >= 0 and (self.local_crops == 0 or self.views == 2), "method.local_crops needs method.views: 2")
         check(self.scan_epochs >= 0 and self.label_slots >= 1, "method.scan_epochs must be >= 0 and label_slots >= 1")
-        check(0 <= self.moving_average_after < run.train.epochs,
-              f"method.moving_average_after must be in [0, train.epochs), got {self.moving_average_after}")
-        check(self.moving_average_after == 0 or self.views == 1, "method.moving_average_after is the one-view stage 2: set method.views: 1")
+        check(
+            0 <= self.moving_average_after < run.train.epochs,
+            f"method.moving_average_after must be in [0, train.epochs), got {self.moving_average_after}",
+        )
+        check(
+            self.moving_average_after == 0 or self.views == 1,
+            "method.moving_average_after is the one-view stage 2: set method.views: 1",
+        )
         check_choice("method.loss_labels", self.loss_labels, ("previous", "current"))
         check_choice("method.loss_centres", self.loss_centres, ("previous", "current"))
         check_choice("method.centre_update", self.centre_update, ("mean", "per_batch"))
@@ -120,12 +138,15 @@ class CoKe(Method):
 
     def __init__(self, config: CoKeConfig, backbone: nn.Module, data: TrainData) -> None:
         super().__init__(config, backbone, data)
-        self.projector = nn.Sequential(*mlp(backbone.feature_dim, config.hidden, config.dim, layers=3), nn.BatchNorm1d(config.dim))
+        self.projector = nn.Sequential(
+            *mlp(backbone.feature_dim, config.hidden, config.dim, layers=3), nn.BatchNorm1d(config.dim)
+        )
         if config.pred_weight > 0:
             self.predictor = mlp(config.dim, config.hidden, config.dim)
         slots = config.label_slots if config.moving_average_after else 0
-        self.heads = nn.ModuleList(ClusteringHead(k, config.dim, data.size, slots, config.centre_update == "per_batch")
-                                   for k in config.clusters)
+        self.heads = nn.ModuleList(
+            ClusteringHead(k, config.dim, data.size, slots, config.centre_update == "per_batch") for k in config.clusters
+        )
         self._scan_tail: tuple[torch.Tensor, list[int]] | None = None  # set by views(), used by forward() of the same step
         # the epoch's phase, set by begin_step: the centres the assignment uses, the label averaging
         self.stage2 = self.averaged_targets = False
@@ -210,8 +231,10 @@ class CoKe(Method):
         xbar = torch.stack(x[: cfg.views]).mean(0).detach()  # Eq. 17: not renormalised
         with section("solver"):
             previous = [head.labels[index] for head in self.heads]  # read before this step writes (Table 2)
-            assigned = [constrained_assignment(xbar, head.centres.previous if stage2 else head.centres.running, head.duals)
-                        for head in self.heads]
+            assigned = [
+                constrained_assignment(xbar, head.centres.previous if stage2 else head.centres.running, head.duals)
+                for head in self.heads
+            ]
         if not step.update:  # scan: assignment only
             self.update_clusters(xbar, index, sizes, assigned)
             return torch.zeros((), device=xbar.device), {}
@@ -225,8 +248,15 @@ class CoKe(Method):
         self.update_clusters(xbar, index, sizes, assigned)
         return loss, {"dual_max": self.heads[0].duals.max()}
 
-    def head_loss(self, head: ClusteringHead, centres: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
-                  x: list[torch.Tensor], q: list[torch.Tensor]) -> torch.Tensor:
+    def head_loss(
+        self,
+        head: ClusteringHead,
+        centres: torch.Tensor,
+        labels: torch.Tensor,
+        index: torch.Tensor,
+        x: list[torch.Tensor],
+        q: list[torch.Tensor],
+    ) -> torch.Tensor:
         """Eq. 14 for one head: soft cross-entropy of every crop's projection (and prediction) logits
         against its target, the global crops' mean and the local crops' mean weighted."""
         cfg = self.config
@@ -257,8 +287,9 @@ class CoKe(Method):
         return loss
 
     @torch.no_grad()
-    def update_clusters(self, xbar: torch.Tensor, index: torch.Tensor, sizes: list[int] | None,
-                        assigned: list[torch.Tensor]) -> None:
+    def update_clusters(
+        self, xbar: torch.Tensor, index: torch.Tensor, sizes: list[int] | None, assigned: list[torch.Tensor]
+    ) -> None:
         """Eq. 18 and Eq. 13 on the global batch, then the new labels (gathered) into every table."""
         cfg = self.config
         stage2 = self.stage2
@@ -288,9 +319,16 @@ class CoKe(Method):
         weight = self.moving_average_weight(epoch)
         for head in self.heads:
             counts = head.centres.counts
-            rows.append({"k": head.k, "min": counts.min(), "max": counts.max(), "bound": cfg.gamma * counts.sum() / head.k,
-                         "changed": (head.changed / head.relabelled).item() if head.relabelled > 0 else None,
-                         "dual_max": head.duals.max()})
+            rows.append(
+                {
+                    "k": head.k,
+                    "min": counts.min(),
+                    "max": counts.max(),
+                    "bound": cfg.gamma * counts.sum() / head.k,
+                    "changed": (head.changed / head.relabelled).item() if head.relabelled > 0 else None,
+                    "dual_max": head.duals.max(),
+                }
+            )
             head.centres.end_epoch(weight)
             head.centres.start_epoch()
             head.changed.zero_()

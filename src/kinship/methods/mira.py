@@ -14,6 +14,7 @@ Batch norm: with ``per_view_bn`` (default, as the official code) each crop goes 
 and the teacher in its own pass, so BN never mixes the two asymmetric views; off, the global crops
 share one pass (and the local crops another), as SwAV's code groups them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

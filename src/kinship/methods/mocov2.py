@@ -8,6 +8,7 @@ Under DDP the key batch is shuffled across processes (shuffle-BN) so that BN sta
 leak which key matches which query; on one process that shuffle is a no-op. With shuffle-BN, BN stays
 per process (no SyncBN, as ``moco/builder.py``): global statistics would undo the shuffle.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

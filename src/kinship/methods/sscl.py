@@ -30,6 +30,7 @@ positive keys come from a bank of labeled keys ("maintained in the key encoder")
 softmax uses gamma_s = gamma. FixMatch is the special case lambda_ctr = 0 with no calibration (``fixmatch``),
 supervised-only lambda_pl = lambda_ctr = 0 (the labeled batch alone is then computed).
 """
+
 from __future__ import annotations
 
 import time
@@ -89,8 +90,9 @@ class SsCLConfig(MethodConfig):
     weak: AugmentConfig = field(default_factory=weak_view)
     # the SimCLR recipe, then RandAugment (2 operations, random magnitude) and Cutout (Sec. 4.1:
     # "RandAugment combined with the augmentation strategy in SimCLR")
-    strong: AugmentConfig = field(default_factory=lambda: AugmentConfig(
-        crop_scale=(0.2, 1.0), saturation=0.4, hue=0.1, randaugment=2, cutout=0.5))
+    strong: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(crop_scale=(0.2, 1.0), saturation=0.4, hue=0.1, randaugment=2, cutout=0.5)
+    )
 
     def validate(self, run: RunConfig) -> None:
         check_choice("method.calibration", self.calibration, CALIBRATIONS)
@@ -99,19 +101,27 @@ class SsCLConfig(MethodConfig):
         for key, recipe in (("weak", self.weak), ("strong", self.strong)):
             check_choice(f"method.{key}.crop_mode", recipe.crop_mode, ("resized", "pad"))
             check(recipe.randaugment >= 0 and 0 <= recipe.cutout <= 1, f"method.{key}: randaugment >= 0 and cutout in [0, 1]")
-        check(min(self.pseudo_label_weight, self.contrastive_weight) >= 0, "method.pseudo_label_weight and contrastive_weight must be >= 0")
+        check(
+            min(self.pseudo_label_weight, self.contrastive_weight) >= 0,
+            "method.pseudo_label_weight and contrastive_weight must be >= 0",
+        )
         check(0 <= self.threshold <= 1, f"method.threshold must be in [0, 1], got {self.threshold}")
         check(self.gamma > 0 and self.similarity_gamma >= 0, "method.gamma must be > 0 and similarity_gamma >= 0")
-        check(self.positives >= 0 and self.window >= 1 and self.refresh_every >= 1 and self.queue_size >= 1,
-              "method.positives >= 0, window, refresh_every and queue_size >= 1")
+        check(
+            self.positives >= 0 and self.window >= 1 and self.refresh_every >= 1 and self.queue_size >= 1,
+            "method.positives >= 0, window, refresh_every and queue_size >= 1",
+        )
         check(0 <= self.momentum <= 1 and self.mixup_alpha > 0, "method.momentum must be in [0, 1] and mixup_alpha > 0")
-        check(not self.runs_key_network or self.refresh_every < run.train.epochs,
-              f"method.refresh_every ({self.refresh_every}) must be below train.epochs ({run.train.epochs}): the first refresh, "
-              "which calibration and the mined positives wait for, would never come")
-        check(run.train.labeled_batch_size > 0,
-              f"method {self.name} needs a labeled batch at every step: set train.labeled_batch_size (the papers: 64) "
-              "and a labeled subset (data.labeled_per_class or data.labeled_fraction)")
-
+        check(
+            not self.runs_key_network or self.refresh_every < run.train.epochs,
+            f"method.refresh_every ({self.refresh_every}) must be below train.epochs ({run.train.epochs}): the first refresh, "
+            "which calibration and the mined positives wait for, would never come",
+        )
+        check(
+            run.train.labeled_batch_size > 0,
+            f"method {self.name} needs a labeled batch at every step: set train.labeled_batch_size (the papers: 64) "
+            "and a labeled subset (data.labeled_per_class or data.labeled_fraction)",
+        )
 
     @property
     def uses_unlabeled(self) -> bool:
@@ -131,8 +141,9 @@ class FixMatchConfig(SsCLConfig):
     contrastive_weight: float = 0.0
     calibration: str = "none"
     # FixMatch's strong view: the weak view's flip and translation, RandAugment and Cutout
-    strong: AugmentConfig = field(default_factory=lambda: AugmentConfig(
-        crop_mode="pad", pad=4, jitter_p=0.0, grayscale_p=0.0, randaugment=2, cutout=0.5))
+    strong: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(crop_mode="pad", pad=4, jitter_p=0.0, grayscale_p=0.0, randaugment=2, cutout=0.5)
+    )
 
 
 class SsCL(Method):
@@ -143,7 +154,9 @@ class SsCL(Method):
         classes, feat = data.num_classes, backbone.feature_dim
         self.classifier = nn.Linear(feat, classes)  # h
         # g: 2 layers (none where no key is computed: FixMatch, supervised-only)
-        self.projector = mlp(feat, config.hidden or feat, config.dim, batch_norm=False) if self.runs_key_network else nn.Identity()
+        self.projector = (
+            mlp(feat, config.hidden or feat, config.dim, batch_norm=False) if self.runs_key_network else nn.Identity()
+        )
         self.key = EMATarget(backbone, self.projector, self.classifier)  # E_k: [f_k, g_k, h_k]
         self.key.update(config.momentum)  # each step's move made in the previous after_step (see MoCoV2)
         self.queue = FifoQueue(config.queue_size, config.dim)
@@ -155,8 +168,10 @@ class SsCL(Method):
         if data.labels is not None:  # training (not a checkpoint loaded for evaluation)
             labeled = data.labeled
             if len(labeled) == data.size and self.uses_unlabeled:
-                raise ConfigError(f"method {config.name} learns from unlabeled images and every training label is known: "
-                                  "choose a labeled subset (data.labeled_per_class or data.labeled_fraction)")
+                raise ConfigError(
+                    f"method {config.name} learns from unlabeled images and every training label is known: "
+                    "choose a labeled subset (data.labeled_per_class or data.labeled_fraction)"
+                )
             self.register_buffer("labeled_classes", data.labels[labeled], persistent=False)
             self.register_buffer("members", class_members(self.labeled_classes, classes), persistent=False)
 
@@ -253,11 +268,17 @@ class SsCL(Method):
         if truth is not None:
             correct = (p_hat.argmax(dim=1) == truth[batch.index]).float()
             logs["pseudo_accuracy"] = (correct * mask).sum() / mask.sum().clamp_min(1)
-        return loss, {"loss_sup": loss_sup.detach(), "loss_pl": loss_pl.detach(), "loss_ctr": loss_ctr.detach(),
-                      "mask_rate": mask.mean(), **logs}
+        return loss, {
+            "loss_sup": loss_sup.detach(),
+            "loss_pl": loss_pl.detach(),
+            "loss_ctr": loss_ctr.detach(),
+            "mask_rate": mask.mean(),
+            **logs,
+        }
 
-    def contrastive(self, strong_features: torch.Tensor, own_keys: torch.Tensor, batch: Batch,
-                    positives: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    def contrastive(
+        self, strong_features: torch.Tensor, own_keys: torch.Tensor, batch: Batch, positives: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict]:
         """Eq. 5 over the unlabeled queries: own key (alpha 1) and, after the first refresh, n_pos
         labeled keys of the assigned class (alpha_u; ``positives``: their rows of the bank and
         whether found, drawn with the views), against the queue."""
@@ -274,8 +295,11 @@ class SsCL(Method):
             alpha = torch.ones(len(query), device=query.device)
             if cfg.self_paced:  # cosine to the nearest (or the assigned) prototype, in [0, 1], no gradient
                 cosines = own_keys @ self.prototypes.T
-                alpha = (cosines.amax(dim=1) if cfg.alpha_prototype == "nearest"
-                         else cosines.gather(1, classes.clamp_min(0).unsqueeze(1)).squeeze(1)).clamp(0, 1)
+                alpha = (
+                    cosines.amax(dim=1)
+                    if cfg.alpha_prototype == "nearest"
+                    else cosines.gather(1, classes.clamp_min(0).unsqueeze(1)).squeeze(1)
+                ).clamp(0, 1)
             positive = torch.cat([positive, mined], dim=1)
             weight = torch.cat([weight, alpha.unsqueeze(1).expand_as(mined)], dim=1)
             valid = torch.cat([valid, found], dim=1)
@@ -318,8 +342,9 @@ class SsCL(Method):
             partners, found = sample_members(near, y, 1, generator, Shard.whole(len(y)))  # x_near ~ Omega_c
             lam = beta(len(y), cfg.mixup_alpha, cfg.mixup_alpha, generator, keys.device)
             keep = found[:, 0]
-            mixed, _ = data.embed_all(KeyNetwork(self.key), cfg.weak, labeled[anchors[keep, 0]],
-                                      mix=(partners[keep, 0], lam[keep]))
+            mixed, _ = data.embed_all(
+                KeyNetwork(self.key), cfg.weak, labeled[anchors[keep, 0]], mix=(partners[keep, 0], lam[keep])
+            )
             prototypes = class_prototypes(torch.cat([keys[labeled], mixed]), torch.cat([y, y[keep]]), classes)  # Eq. 4
         p_s = similarity_distribution(keys, prototypes, gamma_s)
         assigned = self.assignment(p_b, p_s)
@@ -334,9 +359,12 @@ class SsCL(Method):
         if truth is not None and unlabeled.any():  # Table 5 on the unlabeled images
             fc_right = p_b.argmax(1)[unlabeled] == truth[unlabeled]
             prototype_right = p_s.argmax(1)[unlabeled] == truth[unlabeled]
-            metrics.update(fc_accuracy=100 * fc_right.float().mean(), prototype_accuracy=100 * prototype_right.float().mean(),
-                           both_right=100 * (fc_right & prototype_right).float().mean(),
-                           assigned_accuracy=100 * (assigned[unlabeled] == truth[unlabeled]).float().mean())
+            metrics.update(
+                fc_accuracy=100 * fc_right.float().mean(),
+                prototype_accuracy=100 * prototype_right.float().mean(),
+                both_right=100 * (fc_right & prototype_right).float().mean(),
+                assigned_accuracy=100 * (assigned[unlabeled] == truth[unlabeled]).float().mean(),
+            )
         return metrics
 
     def assignment(self, p_b: torch.Tensor, p_s: torch.Tensor) -> torch.Tensor:
@@ -362,8 +390,14 @@ class KeyNetwork(nn.Module):
         return F.normalize(self.key[1](features).float(), dim=1), self.key[2](features)
 
 
-def nearest_of_class(keys: torch.Tensor, prototypes: torch.Tensor, assigned: torch.Tensor, candidates: torch.Tensor,
-                     members: torch.Tensor, minimum: int) -> torch.Tensor:
+def nearest_of_class(
+    keys: torch.Tensor,
+    prototypes: torch.Tensor,
+    assigned: torch.Tensor,
+    candidates: torch.Tensor,
+    members: torch.Tensor,
+    minimum: int,
+) -> torch.Tensor:
     """Omega_c (Eq. 4) as a (C, M) table of image indices padded with -1: the max(n_c, ``minimum``)
     candidates assigned to class c that are nearest (cosine) to its prototype, nearest first.
     ``members`` (C, .) from :func:`class_members` gives n_c."""

@@ -5,6 +5,7 @@
 The view is the standard random-resized crop and flip, without colour augmentation (the ImageNet
 recipe of torchvision's reference training). Images whose label is hidden are left out of the loss.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -53,7 +54,9 @@ class Supervised(Method):
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         logits = self.classifier(self.backbone(views[0])).float()
         known = (batch.labels >= 0).float()
-        per_sample = F.cross_entropy(logits, batch.labels.clamp_min(0), reduction="none", label_smoothing=self.config.label_smoothing)
+        per_sample = F.cross_entropy(
+            logits, batch.labels.clamp_min(0), reduction="none", label_smoothing=self.config.label_smoothing
+        )
         loss = (per_sample * known).sum() / known.sum().clamp_min(1)
         accuracy = ((logits.argmax(1) == batch.labels).float() * known).sum() / known.sum().clamp_min(1)
         return loss, {"train_accuracy": 100 * accuracy}

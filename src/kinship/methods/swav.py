@@ -13,6 +13,7 @@ its own share of it: Sinkhorn sums over all processes, so each queued row counts
 process with the whole queue (``main_swav.py`` keeps per-process queues instead, which a
 checkpoint written by rank 0 could not restore).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -47,10 +48,16 @@ class SwAVConfig(MethodConfig):
     local_crops: int = 0  # ImageNet: 6 x 96
     # colour distortion s = 1: jitter (0.8, 0.8, 0.8, 0.2) p 0.8, gray 0.2; blur p 0.5 on ImageNet, off
     # at 32 px (kinship's choice); global RRC(0.14, 1), local RRC(0.05, 0.14)
-    global_crop: AugmentConfig = field(default_factory=lambda: AugmentConfig(
-        crop_scale=(0.14, 1.0), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.0))
-    local: AugmentConfig = field(default_factory=lambda: AugmentConfig(
-        crop_size=16, crop_scale=(0.05, 0.14), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.0))
+    global_crop: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(
+            crop_scale=(0.14, 1.0), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.0
+        )
+    )
+    local: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(
+            crop_size=16, crop_scale=(0.05, 0.14), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.0
+        )
+    )
 
     def validate(self, run: RunConfig) -> None:
         check(self.prototypes >= 1 and self.sinkhorn_iterations >= 1, "method.prototypes and sinkhorn_iterations must be >= 1")
@@ -110,10 +117,12 @@ class SwAV(Method):
             scores = [logits[s].detach() for s in range(2)]  # fp32: the head and the solver run outside autocast
             queues = self.queues if self.queue_in_use else []
             if self.queue_full:  # SwAV uses the queue once it is full
-                scores = [torch.cat([self.head(torch.tensor_split(q.rows, world_size())[rank()], frozen=True), x])
-                          for q, x in zip(queues, scores)]
+                scores = [
+                    torch.cat([self.head(torch.tensor_split(q.rows, world_size())[rank()], frozen=True), x])
+                    for q, x in zip(queues, scores)
+                ]
             with section("solver"):  # both crops' problems in one call
-                codes = sinkhorn(torch.stack(scores), cfg.epsilon, cfg.sinkhorn_iterations)[:, -len(embeddings[0]):].unbind(0)
+                codes = sinkhorn(torch.stack(scores), cfg.epsilon, cfg.sinkhorn_iterations)[:, -len(embeddings[0]) :].unbind(0)
             for q, z in zip(queues, embeddings):
                 q.push(z.detach())  # the rows of every process
         return swapped_prediction_loss(codes, logits, cfg.temperature), {}

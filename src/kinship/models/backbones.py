@@ -3,6 +3,7 @@ semi-supervised papers and a small CNN for CPU presets.
 
 Every backbone maps images (B, 3, H, W) to features (B, D) and exposes ``feature_dim``.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -111,9 +112,20 @@ class WideResNet(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1, bias=False)]
         for group in range(3):
             for i in range(n):
-                layers.append(WideBlock(widths[group] if i == 0 else widths[group + 1], widths[group + 1],
-                                        (1 if group == 0 else 2) if i == 0 else 1, activate_first=group == 0))
-        layers += [nn.BatchNorm2d(widths[3], momentum=0.001), nn.LeakyReLU(0.1, inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+                layers.append(
+                    WideBlock(
+                        widths[group] if i == 0 else widths[group + 1],
+                        widths[group + 1],
+                        (1 if group == 0 else 2) if i == 0 else 1,
+                        activate_first=group == 0,
+                    )
+                )
+        layers += [
+            nn.BatchNorm2d(widths[3], momentum=0.001),
+            nn.LeakyReLU(0.1, inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        ]
         self.features = nn.Sequential(*layers)
         self.feature_dim = widths[3]
         for m in self.modules():
@@ -153,8 +165,16 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         if n % self.splits:
             raise ValueError(f"split batch norm: the batch of {n} does not divide into {self.splits} splits")
         mean, var = self.running_mean.repeat(self.splits), self.running_var.repeat(self.splits)
-        out = F.batch_norm(x.reshape(n // self.splits, c * self.splits, h, w), mean, var, self.weight.repeat(self.splits),
-                           self.bias.repeat(self.splits), True, self.momentum, self.eps)
+        out = F.batch_norm(
+            x.reshape(n // self.splits, c * self.splits, h, w),
+            mean,
+            var,
+            self.weight.repeat(self.splits),
+            self.bias.repeat(self.splits),
+            True,
+            self.momentum,
+            self.eps,
+        )
         with torch.no_grad():
             self.running_mean.copy_(mean.view(self.splits, c).mean(0))
             self.running_var.copy_(var.view(self.splits, c).mean(0))

@@ -12,6 +12,7 @@ Checkpoints are written every ``train.checkpoint_every`` epochs, and besides eve
 than an epoch lasts; always to a temporary file renamed into place, so a kill at any moment leaves
 the previous checkpoint intact, and ``--resume`` on a folder without one starts the run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,7 +41,18 @@ from kinship.errors import CheckpointError, DataError, NonFiniteLossError, Write
 from kinship.methods import Method, StepInfo
 from kinship.optim import build_optimizer, learning_rate, scaled_lr, set_learning_rate, training_step
 from kinship.runtime import (
-    agree, all_reduce, compiled, deterministic, init_distributed, is_distributed, progress_bar, rank, resolve_device, tune_cpu_allocator, tune_cuda, use_bf16,
+    agree,
+    all_reduce,
+    compiled,
+    deterministic,
+    init_distributed,
+    is_distributed,
+    progress_bar,
+    rank,
+    resolve_device,
+    tune_cpu_allocator,
+    tune_cuda,
+    use_bf16,
     world_size,
 )
 
@@ -63,11 +75,26 @@ def no_buffer_sync() -> dict[str, bool]:
 
 # the config keys a resumed run may change: when to stop, save, log or evaluate, how many processes
 # read the files, and where a collective times out; none of them changes what a step computes
-FREE_ON_RESUME = frozenset({
-    "train.epochs", "train.time_limit_min", "train.stop_after_steps", "train.stop_after_epochs", "train.checkpoint_every",
-    "train.checkpoint_every_steps", "train.checkpoint_every_min", "train.log_every", "train.progress", "train.dist_timeout_min",
-    "train.allow_resharding", "eval.knn_every", "eval.classifier_every", "data.workers", "data.prefetch", "data.decode_threads",
-})
+FREE_ON_RESUME = frozenset(
+    {
+        "train.epochs",
+        "train.time_limit_min",
+        "train.stop_after_steps",
+        "train.stop_after_epochs",
+        "train.checkpoint_every",
+        "train.checkpoint_every_steps",
+        "train.checkpoint_every_min",
+        "train.log_every",
+        "train.progress",
+        "train.dist_timeout_min",
+        "train.allow_resharding",
+        "eval.knn_every",
+        "eval.classifier_every",
+        "data.workers",
+        "data.prefetch",
+        "data.decode_threads",
+    }
+)
 
 
 @dataclass
@@ -109,7 +136,9 @@ def plain(value: Any) -> Any:
     return value
 
 
-def features(network: nn.Module, images: ImageSet | FileImages, recipe: AugmentConfig, config: RunConfig, autocast: bool) -> torch.Tensor:
+def features(
+    network: nn.Module, images: ImageSet | FileImages, recipe: AugmentConfig, config: RunConfig, autocast: bool
+) -> torch.Tensor:
     """Evaluation-view features of an image set in memory (computed where called), or of streamed
     files (each process decodes and embeds its share, the rows gathered: every process must call it)."""
     if isinstance(images, FileImages):
@@ -231,7 +260,8 @@ class Trainer:
             raise CheckpointError(
                 f"{self.ckpt_path} was written with other settings: {listing}. Resume with the run's own config "
                 f"(--resume without --config reads {self.out_dir / 'config.yaml'}), or accept the change with --allow-changes "
-                "(the run then no longer computes what it would have)")
+                "(the run then no longer computes what it would have)"
+            )
         if changed:
             self.log("resuming with changed settings: " + listing)
         return state
@@ -292,14 +322,16 @@ class Trainer:
         model: nn.Module = method
         if is_distributed():
             model = nn.parallel.DistributedDataParallel(
-                method, find_unused_parameters=method.unused_parameters, **no_buffer_sync())
+                method, find_unused_parameters=method.unused_parameters, **no_buffer_sync()
+            )
         step_fn = compiled(model, config.train.compile, config.train.compile_backend, config.train.compile_mode)
         checkpoint.remove_stale_temporaries(self.compile_cache)
         if config.train.compile and checkpoint.load_compile_cache(self.compile_cache):
             self.log(f"compiling from the artifacts in {self.compile_cache}")
         optimizer = build_optimizer(method, config.optim, config.train.batch_size)
-        plan = BatchPlan(data.handle.size, config.train.batch_size, config.train.seed, rank(), world_size(),
-                         config.train.steps_per_epoch)
+        plan = BatchPlan(
+            data.handle.size, config.train.batch_size, config.train.seed, rank(), world_size(), config.train.steps_per_epoch
+        )
         schedule = Schedule(plan.steps_per_epoch, method.scan_epochs, config.train.epochs)
 
         if not fresh:
@@ -309,7 +341,8 @@ class Trainer:
                 raise CheckpointError(
                     f"{self.ckpt_path} stopped at epoch {pos.epoch + 1}, step {pos.step_in_epoch}, outside this run's plan of "
                     f"{schedule.epochs} epochs of {schedule.steps_per_epoch} steps (train.epochs can only grow, and the "
-                    "batch and data as written)")
+                    "batch and data as written)"
+                )
             self.log(f"resumed from {self.ckpt_path} at epoch {pos.epoch + 1}, step {pos.global_step}")
         else:
             if self.resume:
@@ -327,22 +360,37 @@ class Trainer:
         generator = torch.Generator(device=device)
         stopping = False
         while pos.epoch < schedule.epochs and not stopping:
-            bar = progress_bar(total=schedule.steps_per_epoch, initial=pos.step_in_epoch,
-                               enabled=self.is_main and config.train.progress, desc=f"epoch {pos.epoch + 1}/{schedule.epochs}")
+            bar = progress_bar(
+                total=schedule.steps_per_epoch,
+                initial=pos.step_in_epoch,
+                enabled=self.is_main and config.train.progress,
+                desc=f"epoch {pos.epoch + 1}/{schedule.epochs}",
+            )
             tick, save_at_epoch_end = time.time(), False
             epoch_tick, epoch_first_step, mean_loss = tick, pos.step_in_epoch, math.nan
             for batch in loader.epoch(pos.epoch, pos.step_in_epoch):
                 generator.manual_seed(config.train.seed * 7919 * 1_000_003 + pos.global_step)
-                info = StepInfo(pos.epoch, pos.global_step, schedule.total_steps, generator,
-                                config.train.seed * 1_000_003 + pos.global_step, schedule.steps_per_epoch,
-                                update=pos.epoch >= schedule.scan_epochs)
+                info = StepInfo(
+                    pos.epoch,
+                    pos.global_step,
+                    schedule.total_steps,
+                    generator,
+                    config.train.seed * 1_000_003 + pos.global_step,
+                    schedule.steps_per_epoch,
+                    update=pos.epoch >= schedule.scan_epochs,
+                )
                 self.run_refreshes(method, info)
                 lr = 0.0
                 if info.update:
-                    lr = learning_rate(pos.global_step - schedule.scan_steps, schedule.total_steps - schedule.scan_steps,
-                                       round(config.optim.warmup_epochs * schedule.steps_per_epoch),
-                                       scaled_lr(config.optim.lr, config.train.batch_size, config.optim.lr_batch),
-                                       config.optim.final_lr_ratio, config.optim.warmup_start_lr, config.optim.schedule)
+                    lr = learning_rate(
+                        pos.global_step - schedule.scan_steps,
+                        schedule.total_steps - schedule.scan_steps,
+                        round(config.optim.warmup_epochs * schedule.steps_per_epoch),
+                        scaled_lr(config.optim.lr, config.train.batch_size, config.optim.lr_batch),
+                        config.optim.final_lr_ratio,
+                        config.optim.warmup_start_lr,
+                        config.optim.schedule,
+                    )
                     set_learning_rate(optimizer, lr)
                 loss, logs = self.step(method, step_fn, optimizer, batch, info)
                 pos.global_step += 1
@@ -370,9 +418,13 @@ class Trainer:
             bar.close()
             if bar.disable and self.is_main and config.train.progress:  # no bar (not a terminal): one line per epoch
                 steps = pos.step_in_epoch - epoch_first_step
-                loss_text = "" if math.isnan(mean_loss) else f"loss {mean_loss:.4f}, "  # nan: stopped before this epoch's first log line
-                self.log(f"epoch {pos.epoch + 1}/{schedule.epochs}: step {pos.step_in_epoch}/{schedule.steps_per_epoch}, "
-                         f"{loss_text}{steps * config.train.batch_size / max(time.time() - epoch_tick, 1e-9):.0f} img/s")
+                loss_text = (
+                    "" if math.isnan(mean_loss) else f"loss {mean_loss:.4f}, "
+                )  # nan: stopped before this epoch's first log line
+                self.log(
+                    f"epoch {pos.epoch + 1}/{schedule.epochs}: step {pos.step_in_epoch}/{schedule.steps_per_epoch}, "
+                    f"{loss_text}{steps * config.train.batch_size / max(time.time() - epoch_tick, 1e-9):.0f} img/s"
+                )
             if pos.step_in_epoch == schedule.steps_per_epoch:  # the epoch is complete
                 metrics = method.on_epoch_end(pos.epoch)
                 if metrics:
@@ -390,8 +442,12 @@ class Trainer:
             if is_distributed():
                 dist.barrier()
 
-        self.summary.update(minutes=(time.time() - self.start_time) / 60, epochs_done=pos.epoch,
-                            steps_done=pos.global_step, stopped_early=pos.epoch < schedule.epochs)
+        self.summary.update(
+            minutes=(time.time() - self.start_time) / 60,
+            epochs_done=pos.epoch,
+            steps_done=pos.global_step,
+            stopped_early=pos.epoch < schedule.epochs,
+        )
         if self.is_main:
             self.write_metrics({"summary": self.summary})
         return self.summary
@@ -402,7 +458,9 @@ class Trainer:
         scheduled = method.begin_step(info)
         views = method.views(batch, info)
         if info.update:
-            loss, logs = training_step(optimizer, lambda: step_fn(views, batch, info), self.device.type if self.autocast else None)
+            loss, logs = training_step(
+                optimizer, lambda: step_fn(views, batch, info), self.device.type if self.autocast else None
+            )
             method.after_step(info)
             return loss, {**logs, **scheduled}
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -417,16 +475,28 @@ class Trainer:
             if refresh.due(info.epoch, info.step_in_epoch, info.step) and record["step"] < info.step:
                 metrics = method.refresh(refresh.name, info) or {}
                 self.refreshes[refresh.name] = {"count": record["count"] + 1, "step": info.step}
-                self.write_metrics({"epoch": info.epoch + 1, "step": info.step, "refresh": refresh.name,
-                                    "refresh_count": record["count"] + 1, **metrics})
+                self.write_metrics(
+                    {
+                        "epoch": info.epoch + 1,
+                        "step": info.step,
+                        "refresh": refresh.name,
+                        "refresh_count": record["count"] + 1,
+                        **metrics,
+                    }
+                )
 
     def log_losses(self, pos: Position, lr: float, logs: dict, seconds: float, update: bool) -> float:
         """The mean loss over all processes since the last line, written to metrics.jsonl."""
         total = all_reduce(self.loss_sum.clone())
         mean_loss = (total / (self.loss_count * world_size())).item()
         self.check_finite(mean_loss, pos)
-        record = {"epoch": pos.epoch + 1, "step": pos.global_step, "loss": mean_loss, "lr": lr,
-                  "img_per_s": self.loss_count * self.config.train.batch_size / max(seconds, 1e-9)}
+        record = {
+            "epoch": pos.epoch + 1,
+            "step": pos.global_step,
+            "loss": mean_loss,
+            "lr": lr,
+            "img_per_s": self.loss_count * self.config.train.batch_size / max(seconds, 1e-9),
+        }
         if not update:
             record["scan"] = True
         record.update({k: float(v) for k, v in logs.items()})
@@ -456,9 +526,11 @@ class Trainer:
         self.write_metrics({"epoch": pos.epoch + 1, "step": pos.global_step, "bad_files": [path for path, _ in new]})
         share, size = self.config.data.max_bad_files, self.loader.plan.size
         if len(self.bad_files) > share * size:
-            raise DataError(f"{len(self.bad_files)} of the {size} training images failed to decode, over data.max_bad_files "
-                            f"({share:g}); the first: {', '.join(list(self.bad_files)[:3])}. kinship check-data "
-                            f"{self.config.data.path} lists them all")
+            raise DataError(
+                f"{len(self.bad_files)} of the {size} training images failed to decode, over data.max_bad_files "
+                f"({share:g}); the first: {', '.join(list(self.bad_files)[:3])}. kinship check-data "
+                f"{self.config.data.path} lists them all"
+            )
 
     def interruptions(self, pos: Position) -> tuple[bool, bool]:
         """(stop now, checkpoint now) after a step. Step counts decide alike on every process;
@@ -478,7 +550,11 @@ class Trainer:
         """Stop on a loss summed or averaged over the steps since the last log line that is not
         finite: checked at every log line and before every checkpoint, so none holds a diverged run."""
         if not math.isfinite(loss):
-            kept = f"the last good checkpoint {self.ckpt_path} is kept" if self.ckpt_path.exists() else "no checkpoint had been written yet"
+            kept = (
+                f"the last good checkpoint {self.ckpt_path} is kept"
+                if self.ckpt_path.exists()
+                else "no checkpoint had been written yet"
+            )
             last = pos.global_step - 1
             raise NonFiniteLossError(
                 f"loss is {loss} at step {last} (epoch {pos.epoch + 1}), the mean of steps {last - self.loss_count + 1}-{last}; "
@@ -512,8 +588,10 @@ class Trainer:
         acc = classifier_eval(method, data, self.config, self.autocast)
         self.summary.update(acc)
         self.write_metrics({"epoch": pos.epoch, **acc})
-        self.log(f"epoch {pos.epoch}: classifier top-1 " + ", ".join(
-            f"{k.split('_')[1]} {v:.2f}%" for k, v in acc.items() if k.endswith("_top1")))
+        self.log(
+            f"epoch {pos.epoch}: classifier top-1 "
+            + ", ".join(f"{k.split('_')[1]} {v:.2f}%" for k, v in acc.items() if k.endswith("_top1"))
+        )
 
 
 def changed_settings(before: dict, after: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
