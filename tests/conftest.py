@@ -6,8 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from kinship.data import DataInfo, TrainData
-
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SHARED_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.npz"
@@ -24,42 +22,6 @@ def cifar_npz() -> Path:
             pytest.fail(message + " (KINSHIP_REQUIRE_DATA=1)")
         pytest.skip(message)
     return path
-
-
-def tiny_run_config(**overrides) -> dict:
-    """A run on synthetic 16 px data with a width-8 CNN: seconds on CPU."""
-    values = {
-        "method": {"name": "mocov2", "queue_size": 128, "augment": {"crop_size": 16}},
-        "data": {"name": "synthetic", "image_size": 16, "train_limit": 256, "test_limit": 128},
-        "model": {"backbone": "convnet", "width": 8},
-        "optim": {"lr": 0.05},
-        "train": {"epochs": 2, "batch_size": 64, "progress": False, "log_every": 1},
-        "eval": {"knn_k": 20, "knn_every": 1},
-    }
-    for key, value in overrides.items():
-        node = values
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return values
-
-
-def fails(capsys, argv: list[str], *fragments: str) -> str:
-    """``kinship argv`` exits 2 with one line `kinship: error: ...` holding every fragment, no traceback."""
-    from kinship.cli import main
-
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("kinship: error: ") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-    return err
-
-
-def data_handle(size: int, num_classes: int, image_size: int) -> TrainData:
-    """The data handle of a method built without data (its state shapes follow ``size`` and ``num_classes``)."""
-    return TrainData.describe(DataInfo(size, num_classes, image_size))
 
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -91,3 +53,13 @@ def short_demo(tmp_path_factory, cifar_npz) -> tuple[Path, dict]:
 def private_compile_cache(tmp_path_factory):
     """Compiled artifacts of the tests go to a folder of their own, not the user's ~/.cache/kinship."""
     os.environ["KINSHIP_CACHE"] = str(tmp_path_factory.mktemp("kinship_cache"))
+
+
+@pytest.fixture
+def probe_method(monkeypatch):
+    """The test method of ``probe.py``, registered as ``probe`` for one test only."""
+    from kinship.methods import METHODS
+
+    from probe import Probe
+
+    monkeypatch.setitem(METHODS, "probe", Probe)

@@ -4,7 +4,8 @@ It trains a backbone and a linear classifier on the labeled stream, pulls each i
 toward a table that a refresh recomputes with ``embed_all`` every ``refresh_every`` epochs (so a
 refresh that ran twice, was skipped or differs across processes changes the weights), counts the
 labeled images it has seen and the images of its scan epochs, and reports per-epoch metrics.
-Importing this module registers it as ``probe``.
+The ``probe_method`` fixture (``conftest.py``) registers it as ``probe`` for a test; a spawned
+process registers it with :func:`register`.
 """
 
 from __future__ import annotations
@@ -90,4 +91,6 @@ class Probe(Method):
         return {"labeled_seen": self.labeled_seen.sum(), "scanned": self.scanned.sum()}
 
 
-METHODS["probe"] = Probe
+def register() -> None:
+    """Make ``method.name: probe`` buildable in this process."""
+    METHODS["probe"] = Probe

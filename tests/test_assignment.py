@@ -8,18 +8,9 @@ import torch.nn.functional as F
 
 from kinship.blocks.assignment import mira_targets, sinkhorn
 
+from helpers import skewed_logits
+
 TAU = 0.225
-
-
-def skewed_logits(b=256, k=20, seed=0, dtype=torch.float64, noise=0.35):
-    """Cosine logits of unit features around k prototypes, 20% of the clusters 10x more likely."""
-    g = torch.Generator().manual_seed(seed)
-    protos = F.normalize(torch.randn(k, 16, generator=g, dtype=dtype), dim=1)
-    weights = torch.ones(k, dtype=dtype)
-    weights[: max(1, k // 5)] = 10.0
-    labels = torch.multinomial(weights, b, replacement=True, generator=g)
-    x = F.normalize(protos[labels] + noise * torch.randn(b, 16, generator=g, dtype=dtype), dim=1)
-    return x @ protos.T
 
 
 def reference_mira(logits, beta, iterations=1000):

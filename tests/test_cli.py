@@ -4,11 +4,12 @@ the resume command serves the first start too; and the views picture."""
 import pytest
 import torch
 import yaml
-from conftest import fails, tiny_run_config
 from PIL import Image
 
 from kinship import checkpoint
 from kinship.cli import main
+
+from helpers import fails, tiny_run_config
 
 
 def write_config(tmp_path, values=None, name="c.yaml"):
@@ -236,7 +237,7 @@ def test_a_failed_download_is_an_error_that_says_so(tmp_path, capsys, monkeypatc
 
 def test_views_picture_of_a_semi_supervised_method(tmp_path):
     """SsCL: the labeled batch's weak view, then the unlabeled batch's weak and strong views."""
-    from test_sscl import semi_values
+    from helpers import semi_values
 
     out = tmp_path / "views.png"
     assert main(["views", "--config", write_config(tmp_path, semi_values()), "--out", str(out), "--images", "4"]) == 0

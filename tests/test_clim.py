@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_run_config
 
 from kinship.assembly import build_config, build_method
 from kinship.augment.mixing import box_masks, cutmix, cutmix_boxes, mix
@@ -18,6 +17,8 @@ from kinship.losses import info_nce_with_queue, mixed_info_nce
 from kinship.methods import StepInfo
 from kinship.sampling import Shard
 from kinship.train.trainer import Trainer
+
+from helpers import tiny_run_config
 
 
 def G(seed: int = 0) -> torch.Generator:

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import data_handle
 
 from kinship.assembly import build_config
 from kinship.blocks.cache import SampleCache
@@ -17,6 +16,8 @@ from kinship.methods import StepInfo
 from kinship.methods import cmsf as cmsf_module
 from kinship.methods.cmsf import CMSF
 from kinship.models.backbones import ConvNet
+
+from helpers import data_handle
 
 B, D, BANK = 6, 16, 40
 
@@ -310,10 +311,10 @@ def test_rank_of_the_farthest_constrained_neighbour_by_hand():
 
 
 def test_coarse_labels_from_a_label_map(tmp_path):
-    from conftest import tiny_run_config
-
     from kinship.assembly import load_run_data
     from kinship.data import DataError
+
+    from helpers import tiny_run_config
 
     mapping = tmp_path / "coarse.json"
     mapping.write_text("[0, 0, 1, 1]")  # synthetic data has 4 classes

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_run_config
 
 from kinship import checkpoint
 from kinship.assembly import build_config, build_method, load_run_data
@@ -18,6 +17,8 @@ from kinship.errors import ConfigError
 from kinship.losses import soft_cross_entropy
 from kinship.methods import StepInfo
 from kinship.train.trainer import Trainer
+
+from helpers import tiny_run_config
 
 COKE = {
     "name": "coke",

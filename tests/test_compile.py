@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo
-from test_host_sync import small_bench
-from test_trainer import assert_resumed_exactly, losses, resume_values
 from torch._dynamo.utils import counters
 
 from kinship import checkpoint
@@ -25,6 +23,10 @@ from kinship.data import Batch
 from kinship.errors import ConfigError
 from kinship.runtime import compiled
 from kinship.train.trainer import Trainer
+
+from helpers import assert_resumed_exactly, losses, resume_values, small_bench
+
+pytestmark = pytest.mark.slow  # torch.compile graphs
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

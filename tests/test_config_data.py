@@ -6,13 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import data_handle
 from PIL import Image
 
 from kinship.assembly import build_config, load_config
 from kinship.data import BatchPlan, DataError, labeled_subset
 from kinship.data.store import load_npz, read_image_file
 from kinship.errors import ConfigError
+
+from helpers import data_handle
 
 
 def test_unknown_key_names_it_and_the_nearest():
@@ -142,9 +143,9 @@ def test_image_folder_images_are_stored_whole_with_their_aspect_ratio(tmp_path):
 
 
 def test_imagenet_presets_evaluate_on_resize_256_center_crop_224():
-    from conftest import data_handle
-
     from kinship.assembly import build_method
+
+    from helpers import data_handle
 
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*imagenet*.yaml")):
         config = load_config(path, [])
@@ -165,10 +166,10 @@ def test_mira_imagenet_preset_zero_initialises_residual_branches_and_warms_up_fr
 
 
 def test_moco_cifar_preset_matches_the_moco_cifar_demo():
-    from conftest import data_handle
-
     from kinship.assembly import build_method
     from kinship.models.backbones import SplitBatchNorm2d
+
+    from helpers import data_handle
 
     config = load_config(Path(__file__).parents[1] / "configs" / "mocov2_cifar10_resnet18.yaml", [])
     method = build_method(config, data_handle(50_000, 10, 32))

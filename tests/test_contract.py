@@ -3,11 +3,8 @@ handle, each exact across a resume and across processes."""
 
 import json
 
-import probe  # noqa: F401  (registers the "probe" method)
 import pytest
 import torch
-from conftest import tiny_run_config
-from test_distributed import spawn_two
 from torch import nn
 
 from kinship import checkpoint
@@ -15,6 +12,11 @@ from kinship.assembly import build_config, build_method
 from kinship.data import DataInfo, LabeledPlan, TrainData
 from kinship.methods import Refresh
 from kinship.train.trainer import Trainer
+
+import probe
+from helpers import spawn_two, tiny_run_config
+
+pytestmark = pytest.mark.usefixtures("probe_method")  # the "probe" method of probe.py
 
 
 def records(run, key):
@@ -157,12 +159,14 @@ def _trainer_worker(rank, port, out, values, folder):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    probe.register()  # a spawned process: no fixture ran here
     Trainer(build_config(values), folder, log=lambda *_: None).fit()
     from kinship.runtime import rank as current_rank
 
     out[current_rank()] = True
 
 
+@pytest.mark.slow
 def test_trainer_on_two_processes_equals_one_with_scan_refreshes_and_labeled_stream(tmp_path):
     """2 gloo processes through the trainer (a scan epoch, refreshes with embed_all, the labeled
     stream, the all-gathered counters) against one process on the same global batches, BN-free."""

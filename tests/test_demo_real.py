@@ -1,6 +1,10 @@
 """On the real shared CIFAR-10: a shortened demo learns, and its evaluation protocols behave."""
 
+import pytest
+
 from kinship.eval.suite import Evaluation
+
+pytestmark = pytest.mark.slow  # training on real CIFAR-10
 
 
 def test_short_demo_beats_random_init(short_demo):

@@ -1,21 +1,23 @@
 """Two gloo processes on CPU must reproduce one process fed the concatenated batch."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import data_handle
 from torch import nn
 
 from kinship.assembly import build_config, build_method
+from kinship.blocks.shuffle_bn import shuffled_forward
 from kinship.data import Batch
 from kinship.methods import METHODS, StepInfo
 from kinship.methods.cmsf import CMSF
-from kinship.methods.mocov2 import MoCoV2, shuffled_forward
+from kinship.methods.mocov2 import MoCoV2
 from kinship.train.trainer import no_buffer_sync, synchronised_batch_norm
+
+from helpers import data_handle, spawn_two
+
+pytestmark = pytest.mark.slow  # two spawned gloo processes per test
 
 BATCH, DIM = 8, 12
 
@@ -66,20 +68,6 @@ def _worker(rank: int, port: int, out: dict):
     grads = run_steps(ddp, method, views)
     out[rank] = {"queue": method.queue.rows.clone(), "ptr": method.queue.ptr.item(), "grads": grads}
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn_two(worker, *args) -> dict:
-    """Run ``worker(rank, port, out, *args)`` on 2 gloo processes; returns what each put in ``out``."""
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(worker, args=(free_port(), out, *args), nprocs=2, join=True)
-    return dict(out)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +181,7 @@ def test_cmsf_bank_and_cache_equal_single_process(two_process_cmsf, constraint):
 
 def solver_inputs():
     """Cosine logits sorted by cluster, so that the two shards hold different clusters (120 and 136 rows)."""
-    from test_assignment import skewed_logits
+    from helpers import skewed_logits
 
     logits = skewed_logits(b=256, k=20, seed=7)
     return logits[logits.argmax(1).argsort()], 120

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_run_config
 from PIL import Image
 
 from kinship.assembly import RunData, build_config, build_method
@@ -18,6 +17,8 @@ from kinship.eval.export import export_backbone
 from kinship.eval.metrics import clustering_scores
 from kinship.eval.suite import Evaluation, check_labels
 from kinship.train.trainer import Trainer
+
+from helpers import tiny_run_config
 
 EVAL_SETTINGS = [
     "eval.finetune.fractions=[0.25]",

@@ -13,8 +13,9 @@ its labels and duals must match exactly.
 import json
 from pathlib import Path
 
-import golden_cases as gc
 import pytest
+
+import golden_cases as gc
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "official_steps.json").read_text())["cases"]
 

@@ -5,9 +5,10 @@ while the device runs this one; checked on the CPU by recording the dispatched o
 import pytest
 import torch
 
-from kinship.bench import bench
 from kinship.blocks.assignment import mira_targets, sinkhorn
 from kinship.dispatch import OpLog
+
+from helpers import small_bench
 
 
 def test_op_log_flags_what_makes_the_host_wait():
@@ -22,49 +23,6 @@ def test_op_log_flags_what_makes_the_host_wait():
         x[x > 0.5]
         x.max().item()
     assert dict(log.syncs) == {"aten.nonzero": 1, "aten.index": 1, "aten._local_scalar_dense": 1}
-
-
-# small state where the defaults are sized for 50,000 images (the bench makes 512)
-SEMI = ["train.labeled_batch_size=32", "data.labeled_per_class=25"]
-SMALL = {
-    "mocov2": ["method.queue_size=128"],
-    "msf": ["method.bank_size=256", "method.topk=5"],
-    "cmsf": ["method.bank_size=256", "method.topk=5"],
-    "mira": ["method.prototypes=300", "method.hidden=256"],
-    "supervised": SEMI,
-    "sscl": SEMI,
-    "fixmatch": SEMI,
-}
-
-
-SMALL["cmsf-semi"] = SMALL["cmsf"] + ["method.constraint=semi"]
-SMALL["swav-queue"] = ["method.queue_size=64", "method.queue_start_epoch=0"]  # full from the third step
-SMALL["clim"] = [
-    "method.queue_size=128",
-    "method.clusters=20",
-    "method.neighbours=10",
-    "method.positives=4",
-    "method.kmeans_iters=2",
-    "method.refresh_start=0",
-]  # with its positives: the bench refreshes first
-
-
-def small_bench(name: str, extra: list[str] = (), **kwargs) -> dict:
-    """Five steps of the bench for ``name`` (a method, or a variant of :data:`SMALL`) on 512 images, batch 32."""
-    return bench(
-        name.split("-")[0],
-        "cpu",
-        "convnet",
-        batch=32,
-        steps=1,
-        compute_only=False,
-        warmup=2,
-        width=8,
-        overrides=SMALL.get(name, []) + list(extra),
-        tune_allocator=False,
-        images=512,
-        **kwargs,
-    )
 
 
 @pytest.mark.parametrize(
@@ -85,6 +43,7 @@ def small_bench(name: str, extra: list[str] = (), **kwargs) -> dict:
         "fixmatch",
     ],
 )
+@pytest.mark.slow
 def test_a_step_has_no_host_synchronisation(name):
     """begin_step and views, forward + backward + optimizer step, after_step: the bench's counted
     step (after four others, which may copy constants to the device once) records no syncing op;

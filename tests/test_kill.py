@@ -8,11 +8,15 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import yaml
-from conftest import tiny_run_config
 
 from kinship import checkpoint
+
+from helpers import tiny_run_config
+
+pytestmark = pytest.mark.slow  # runs killed and resumed
 
 # Runs the CLI with torch.save replaced: the N-th save writes half of the file, then the process
 # kills itself (SIGKILL), as a preemption in the middle of a checkpoint write would.

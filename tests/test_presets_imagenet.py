@@ -11,6 +11,8 @@ from kinship.assembly import load_config
 from kinship.data.store import write_image_folder
 from kinship.train.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # every ImageNet preset streamed to a checkpoint
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = sorted(p.name for p in CONFIGS.glob("*imagenet*.yaml"))
 SMALL = {  # what a folder of 96 images cannot hold

@@ -10,13 +10,14 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import fails, tiny_run_config
 
 from kinship import checkpoint
 from kinship.assembly import build_config
 from kinship.cli import main
 from kinship.errors import NonFiniteLossError, WriteError
 from kinship.train.trainer import Trainer
+
+from helpers import fails, tiny_run_config
 
 
 def quiet(values, out, **kwargs):
@@ -33,6 +34,7 @@ class Marker:
         return (open, (self.path, "w"))
 
 
+@pytest.mark.slow
 def test_a_compile_cache_in_a_run_folder_or_a_config_is_never_loaded(tmp_path, monkeypatch, capsys):
     """torch unpickles what a compile cache holds; here the loader is a plain pickle.loads, and a
     malicious file sits in the run folder (where earlier releases read it) and is named by the old

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_run_config
 
 from kinship.assembly import build_config, build_method
 from kinship.blocks.calibration import RunningMean, calibrate, class_prototypes, similarity_distribution
@@ -22,6 +21,8 @@ from kinship.methods.sscl import KeyNetwork, nearest_of_class
 from kinship.models.backbones import build_backbone
 from kinship.optim import learning_rate
 from kinship.sampling import Shard
+
+from helpers import semi_values, tiny_run_config
 
 # -- Eq. 5 --------------------------------------------------------------------------------------
 
@@ -208,25 +209,6 @@ def test_wide_resnet_sizes() -> None:
 
 
 # -- the methods ------------------------------------------------------------------------------
-
-
-def semi_values(**method) -> dict:
-    return tiny_run_config(
-        **{
-            "method": {
-                "name": "sscl",
-                "queue_size": 128,
-                "hidden": 32,
-                "dim": 16,
-                "refresh_every": 1,
-                "weak": {"crop_size": 16},
-                "strong": {"crop_size": 16},
-                **method,
-            },
-            "data.labeled_per_class": 8,
-            "train.labeled_batch_size": 16,
-        }
-    )
 
 
 def semi_method(data: ImageSet, **method):

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_run_config
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
@@ -24,6 +23,8 @@ from kinship.data.store import write_image_folder
 from kinship.data.stream import FileCrops, StreamingLoader, check_files, crop_views, open_image
 from kinship.dispatch import OpLog
 from kinship.train.trainer import Trainer
+
+from helpers import tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,7 @@ print(json.dumps({"self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_of_a_streamed_run_does_not_grow_with_the_folder(tmp_path):
     """Peak RSS of the training process and of its largest worker, on folders of 160 and 640
     images (96 px stored), a few steps and a k-NN evaluation over the whole bank (in chunks of 64):
@@ -202,6 +204,7 @@ def test_peak_memory_of_a_streamed_run_does_not_grow_with_the_folder(tmp_path):
     assert large["workers_mb"] < 1.15 * small["workers_mb"], peaks
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback_equal_one_process_streamed(folder, tmp_path):
     """``torchrun --nnodes 2 --node-rank R`` (one process per node, gloo, a shared --out) on the
     streamed folder computes what one process computes on the same global batches: every process

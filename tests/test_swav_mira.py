@@ -4,7 +4,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from conftest import data_handle
 
 from kinship.assembly import build_config
 from kinship.data import Batch
@@ -13,6 +12,8 @@ from kinship.methods import StepInfo
 from kinship.methods.mira import MIRA
 from kinship.methods.swav import SwAV
 from kinship.models.backbones import ConvNet
+
+from helpers import data_handle
 
 B = 8
 

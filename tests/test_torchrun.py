@@ -18,117 +18,16 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import tiny_run_config
 
 from kinship import checkpoint
 from kinship.assembly import build_config
 from kinship.methods import METHODS
 from kinship.train.trainer import Trainer
 
-TINY = {"hidden": 32, "dim": 16}
-AUG16 = {"crop_size": 16}
-VARIANTS = {  # name -> method section (and data section overrides)
-    "byol": {"name": "byol", "projector_hidden": 32, "predictor_hidden": 32, "projector_dim": 16, "view1": AUG16, "view2": AUG16},
-    "mocov2": {"name": "mocov2", "queue_size": 128, "augment": AUG16},
-    "mocov2-symmetric": {"name": "mocov2", "queue_size": 128, "symmetric": True, "augment": AUG16},
-    "msf": {"name": "msf", "bank_size": 128, **TINY, "weak": AUG16, "strong": AUG16},
-    "cmsf-self": {"name": "cmsf", "constraint": "self", "bank_size": 128, **TINY, "weak": AUG16, "strong": AUG16},
-    "cmsf-self-third_aug": {
-        "name": "cmsf",
-        "constraint": "self",
-        "constraint_view": "third_aug",
-        "bank_size": 128,
-        **TINY,
-        "weak": AUG16,
-        "strong": AUG16,
-    },
-    "cmsf-supervised": {"name": "cmsf", "constraint": "supervised", "bank_size": 128, **TINY, "weak": AUG16, "strong": AUG16},
-    "cmsf-semi": {"name": "cmsf", "constraint": "semi", "bank_size": 128, **TINY, "weak": AUG16, "strong": AUG16},
-    "swav": {"name": "swav", "prototypes": 16, **TINY, "queue_size": 64, "queue_start_epoch": 1, "global_crop": AUG16},
-    "mira": {"name": "mira", "prototypes": 16, **TINY, "view1": AUG16, "view2": AUG16},
-    "coke": {
-        "name": "coke",
-        "clusters": [4, 6],
-        "eta": 0.5,
-        **TINY,
-        "local_crops": 2,
-        "view1": AUG16,
-        "view2": AUG16,
-        "local": {"crop_size": 8},
-    },
-    "clim": {
-        "name": "clim",
-        "queue_size": 128,
-        "augment": AUG16,
-        "resolutions": [16, 12],
-        "clusters": 8,
-        "neighbours": 6,
-        "positives": 3,
-        "refresh_start": 1,
-        "refresh_every": 1,
-    },
-    "clim-mixup-cluster-kin-only": {
-        "name": "clim",
-        "queue_size": 128,
-        "augment": AUG16,
-        "mixing": "mixup",
-        "selection": "cluster",
-        "plain_weight": 0.0,
-        "clusters": 8,
-        "neighbours": 6,
-        "positives": 3,
-        "refresh_start": 1,
-    },
-    "sscl": {
-        "name": "sscl",
-        "queue_size": 128,
-        **TINY,
-        "refresh_every": 1,
-        "weak": AUG16,
-        "strong": {"crop_size": 16, "randaugment": 2, "cutout": 0.5},
-    },
-    "sscl-calibrated-assign-labeled-prototypes": {
-        "name": "sscl",
-        "queue_size": 128,
-        **TINY,
-        "refresh_every": 1,
-        "assign": "calibrated",
-        "alpha_prototype": "assigned",
-        "prototype_mixture": False,
-        "calibration": "literal",
-        "weak": AUG16,
-        "strong": AUG16,
-    },
-    "fixmatch": {"name": "fixmatch", "queue_size": 128, **TINY, "weak": AUG16, "strong": {"crop_size": 16}},
-    "supervised": {"name": "supervised", "augment": AUG16},
-    "coke-one-view-moving-average": {
-        "name": "coke",
-        "clusters": [5],
-        "views": 1,
-        "moving_average_after": 1,
-        "label_slots": 3,
-        "temperature": 0.1,
-        "pred_weight": 1.0,
-        **TINY,
-        "view1": AUG16,
-    },
-}
-# data settings of a variant: CMSF-semi's labels; CoKe's 251 images leave a tail that the scan epoch must label
-SEMI = {"labeled_per_class": 16}
-DATA = {
-    "cmsf-semi": SEMI,
-    "coke": {"train_limit": 251},
-    "sscl": SEMI,
-    "sscl-calibrated-assign-labeled-prototypes": SEMI,
-    "fixmatch": SEMI,
-}
-# train settings of a variant: the labeled stream of the semi-supervised methods; SsCL's epochs of a
-# fixed 5 steps, which run on across passes over the data (4 or 8 batches a pass)
-TRAIN = {
-    "sscl": {"labeled_batch_size": 16, "steps_per_epoch": 5},
-    "sscl-calibrated-assign-labeled-prototypes": {"labeled_batch_size": 16},
-    "fixmatch": {"labeled_batch_size": 16},
-}
+from helpers import DATA, TRAIN, VARIANTS, tiny_run_config
+
+pytestmark = pytest.mark.slow  # torchrun, two processes per method
+
 # measured on a 2-core CPU: method state at most 2.7e-7 apart (CMSF third_aug; MoCo 3e-11); the
 # optimizer's momentum buffers, sums of gradients that are differences of large terms, 2.6e-5
 RTOL, ATOL = 1e-5, 1e-6

@@ -4,44 +4,16 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_run_config
-from test_torchrun import DATA, TRAIN, VARIANTS
 
 from kinship import checkpoint
 from kinship.assembly import build_config
 from kinship.errors import NonFiniteLossError
 from kinship.train.trainer import Trainer
 
-
-def losses(path):
-    return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+from helpers import VARIANTS, assert_resumed_exactly, resume_values, tiny_run_config
 
 
-def resume_values(name: str) -> dict:
-    values = tiny_run_config(**{"method": VARIANTS[name]})
-    values["data"].update(DATA.get(name, {}))
-    values["train"].update(TRAIN.get(name, {}))
-    return values
-
-
-def assert_resumed_exactly(tmp_path, values, first_stop: dict) -> None:
-    """A straight run and one stopped by ``first_stop`` then resumed end in the same state and losses."""
-    straight = Trainer(build_config(values), tmp_path / "a", log=lambda *_: None).fit()
-    stopped = {**values, "train": {**values["train"], **first_stop}}
-    Trainer(build_config(stopped), tmp_path / "b", log=lambda *_: None).fit()
-    resumed = Trainer(build_config(values), tmp_path / "b", resume=True, log=lambda *_: None).fit()
-    a = checkpoint.load(tmp_path / "a" / "last.pt")
-    b = checkpoint.load(tmp_path / "b" / "last.pt")
-    assert a["position"] == b["position"]
-    for key, value in a["method"].items():
-        assert torch.equal(value, b["method"][key]), key
-    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
-    assert losses(tmp_path / "a" / "metrics.jsonl") == losses(tmp_path / "b" / "metrics.jsonl")
-    assert straight["knn_top1"] == resumed["knn_top1"]
-    assert resumed["knn_pixel_top1"] == straight["knn_pixel_top1"]
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_stopped_mid_epoch_and_resumed_continues_exactly(tmp_path, name):
     """Every registered method (and its variants): 4 steps per epoch, stopped after step 6 (epoch 2,

@@ -24,7 +24,8 @@ from kinship.config import apply_overrides
 from kinship.data import BatchPlan, ImageSet, LabeledPlan, TensorLoader, TrainData, labeled_subset
 from kinship.dispatch import OpLog
 from kinship.methods import StepInfo
-from kinship.optim import build_optimizer, training_step
+from kinship.methods.base import run_step
+from kinship.optim import build_optimizer
 from kinship.runtime import (
     compiled,
     deterministic,
@@ -109,19 +110,13 @@ def bench(
         if compute_only and fixed is not None:
             b, views = fixed
         else:
-            b = next(batches, None)
+            b, views = next(batches, None), None
             if b is None:
                 batches = loader.epoch(i)
                 b = next(batches)
-            with phase("views"):
-                model.begin_step(info)
-                views = model.views(b, info)
-            if compute_only:
-                fixed = (b, views)
-        with phase("step"):
-            training_step(optimizer, lambda: step_fn(views, b, info), dev.type if autocast else None)
-        with phase("after_step"):
-            model.after_step(info)
+        _, _, views = run_step(model, step_fn, optimizer, b, info, dev.type if autocast else None, views, phase)
+        if compute_only:
+            fixed = (b, views)
         compiled_graphs.append(counters["stats"]["unique_graphs"] - graphs)
 
     with (

@@ -22,6 +22,8 @@ step's schedule values live in tensors that ``begin_step`` fills, its phases in 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +31,9 @@ from torch import nn
 
 from kinship.config import AugmentConfig, MethodConfig
 from kinship.data import Batch, DataInfo, TrainData
+from kinship.optim import training_step
 
-__all__ = ["Batch", "DataInfo", "Method", "Refresh", "StepInfo", "TrainData"]
+__all__ = ["Batch", "DataInfo", "Method", "Refresh", "StepInfo", "TrainData", "run_step"]
 
 
 @dataclass
@@ -156,3 +159,33 @@ class Method(nn.Module):
     def on_epoch_end(self, epoch: int) -> dict | None:
         """Called on every process after the last step of ``epoch``; may return metrics."""
         return None
+
+
+def run_step(
+    method: Method,
+    step_fn: Callable,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    step: StepInfo,
+    autocast_device: str | None = None,
+    views: list[torch.Tensor] | None = None,
+    phase: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext(),
+) -> tuple[torch.Tensor, dict, list[torch.Tensor]]:
+    """One training step, as the trainer and the bench run it: the method's host-side decisions and
+    its views (``views`` given: those, already made), then an optimizer step on ``step_fn`` (the
+    method, or its DDP or compiled wrapper) and ``after_step``; in a scan epoch the forward alone,
+    without gradient. ``phase(name)`` wraps "views", "step" and "after_step" (the bench's op logs).
+    Returns the loss, the logs (the step's scheduled values included) and the views."""
+    with phase("views"):
+        scheduled = method.begin_step(step)
+        if views is None:
+            views = method.views(batch, step)
+    if not step.update:
+        with torch.no_grad(), torch.autocast(autocast_device or "cpu", dtype=torch.bfloat16, enabled=autocast_device is not None):
+            loss, logs = method(views, batch, step)  # no DDP wrapper: nothing to reduce
+        return loss, {**logs, **scheduled}, views
+    with phase("step"):
+        loss, logs = training_step(optimizer, lambda: step_fn(views, batch, step), autocast_device)
+    with phase("after_step"):
+        method.after_step(step)
+    return loss, {**logs, **scheduled}, views

@@ -20,11 +20,11 @@ from torch import nn
 from kinship.augment.views import make_views
 from kinship.blocks.ema import EMATarget
 from kinship.blocks.queue import FifoQueue
+from kinship.blocks.shuffle_bn import shuffled_forward
 from kinship.config import AugmentConfig, MethodConfig, RunConfig, check
 from kinship.losses import info_nce_with_queue
 from kinship.methods.base import Batch, Method, StepInfo, TrainData
 from kinship.models.heads import mlp
-from kinship.runtime import all_gather_cat, rank, world_size
 
 
 @dataclass
@@ -49,22 +49,6 @@ class MoCoV2Config(MethodConfig):
         check(0 <= self.momentum <= 1, f"method.momentum must be in [0, 1], got {self.momentum}")
         check(self.temperature > 0, f"method.temperature must be > 0, got {self.temperature}")
         check(self.head_layers >= 1, f"method.head_layers must be >= 1, got {self.head_layers}")
-
-
-def shuffled_forward(encoder: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """Encode ``x`` after a random permutation of the global batch across processes, then undo it."""
-    if world_size() == 1:
-        return encoder(x)
-    everything = all_gather_cat(x)
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(everything.shape[0], generator=g).to(x.device)
-    local = x.shape[0]
-    mine = perm[rank() * local : (rank() + 1) * local]
-    keys = encoder(everything[mine])
-    gathered = all_gather_cat(keys)  # rows in permuted order
-    restore = torch.empty_like(perm)
-    restore[perm] = torch.arange(perm.numel(), device=x.device)
-    return gathered[restore][rank() * local : (rank() + 1) * local]
 
 
 class MoCoV2(Method):

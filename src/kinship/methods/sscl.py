@@ -45,10 +45,10 @@ from kinship.blocks.calibration import CALIBRATIONS, RunningMean, calibrate, cla
 from kinship.blocks.ema import EMATarget
 from kinship.blocks.positives import class_members, sample_members
 from kinship.blocks.queue import FifoQueue
+from kinship.blocks.shuffle_bn import shuffled_forward
 from kinship.config import AugmentConfig, ConfigError, MethodConfig, RunConfig, check, check_choice
 from kinship.losses import margin_contrastive_loss, pseudo_label_loss
 from kinship.methods.base import Batch, Method, Refresh, StepInfo, TrainData
-from kinship.methods.mocov2 import shuffled_forward
 from kinship.models.heads import mlp
 from kinship.runtime import all_gather_cat, broadcast
 from kinship.sampling import Shard, beta

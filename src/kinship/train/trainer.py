@@ -39,7 +39,8 @@ from kinship.data.store import seeded_subset
 from kinship.data.stream import FileImages, StreamingLoader
 from kinship.errors import CheckpointError, DataError, NonFiniteLossError, WriteError
 from kinship.methods import Method, StepInfo
-from kinship.optim import build_optimizer, learning_rate, scaled_lr, set_learning_rate, training_step
+from kinship.methods.base import run_step
+from kinship.optim import build_optimizer, learning_rate, scaled_lr, set_learning_rate
 from kinship.runtime import (
     agree,
     all_reduce,
@@ -453,19 +454,9 @@ class Trainer:
         return self.summary
 
     def step(self, method: Method, step_fn: nn.Module, optimizer: torch.optim.Optimizer, batch, info: StepInfo):
-        """One step: the method's host-side decisions, augment, then an optimizer step (or, in a scan
-        epoch, the forward alone)."""
-        scheduled = method.begin_step(info)
-        views = method.views(batch, info)
-        if info.update:
-            loss, logs = training_step(
-                optimizer, lambda: step_fn(views, batch, info), self.device.type if self.autocast else None
-            )
-            method.after_step(info)
-            return loss, {**logs, **scheduled}
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss, logs = method(views, batch, info)  # no DDP wrapper: nothing to reduce
-        return loss, {**logs, **scheduled}
+        """One step (:func:`kinship.methods.base.run_step`): the loss and the logs."""
+        loss, logs, _ = run_step(method, step_fn, optimizer, batch, info, self.device.type if self.autocast else None)
+        return loss, logs
 
     def run_refreshes(self, method: Method, info: StepInfo) -> None:
         """The method's refreshes due at this position, each once: the record (in the checkpoint)
