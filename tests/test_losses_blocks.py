@@ -11,7 +11,7 @@ from kinship.blocks.ema import EMATarget, ema_update
 from kinship.blocks.knn import knn_accuracy, weighted_knn_scores
 from kinship.blocks.queue import FifoQueue
 from kinship.losses import byol_loss, info_nce_with_queue
-from kinship.optim import cosine_ramp, learning_rate
+from kinship.optim import LRSchedule, cosine_ramp, learning_rate
 
 
 def test_byol_loss_known_values():
@@ -214,3 +214,15 @@ def test_split_batch_norm_normalises_each_split_alone():
     assert torch.allclose(
         bn(x), (x - bn.running_mean.view(1, 3, 1, 1)) / (bn.running_var.view(1, 3, 1, 1) + bn.eps).sqrt(), atol=1e-5
     )
+
+
+def test_the_runs_learning_rate_schedule_starts_after_the_scan_steps():
+    """LRSchedule: built once from the optim config; step s of the run is step s - scan of the schedule."""
+    from kinship.config import OptimConfig
+
+    config = OptimConfig(lr=0.4, lr_batch=256, warmup_epochs=1, warmup_start_lr=0.0, final_lr_ratio=0.0)
+    lr_at = LRSchedule.of(config, global_batch=512, steps_per_epoch=10, start_step=10, total_steps=60)
+    assert lr_at.base_lr == 0.8  # linear scaling: 0.4 at 256 is 0.8 at 512
+    assert lr_at(10) == learning_rate(0, 50, 10, 0.8, 0.0) == 0.08  # the first training step: warm-up 1 / 10
+    assert lr_at(19) == 0.8 and lr_at(60) == 0.0
+    assert [lr_at(s) for s in range(10, 61)] == [learning_rate(k, 50, 10, 0.8, 0.0) for k in range(51)]

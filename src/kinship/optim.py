@@ -4,6 +4,7 @@ one training step that the trainer, the benchmark, fine-tuning and method-intern
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -118,6 +119,43 @@ def learning_rate(
     if schedule == "fixmatch":
         return base_lr * math.cos(7 * math.pi * min(k, total) / (16 * total))
     return cosine_ramp(k, total, base_lr, base_lr * final_ratio)
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """A run's learning rate by global step, built once: :func:`learning_rate` over the training
+    steps that follow ``start_step`` (the scan epochs' steps), at the linearly scaled base rate."""
+
+    base_lr: float
+    start_step: int
+    total_steps: int
+    warmup_steps: int
+    final_ratio: float
+    start_lr: float
+    schedule: str
+
+    @classmethod
+    def of(cls, config: OptimConfig, global_batch: int, steps_per_epoch: int, start_step: int, total_steps: int) -> "LRSchedule":
+        return cls(
+            scaled_lr(config.lr, global_batch, config.lr_batch),
+            start_step,
+            total_steps,
+            round(config.warmup_epochs * steps_per_epoch),
+            config.final_lr_ratio,
+            config.warmup_start_lr,
+            config.schedule,
+        )
+
+    def __call__(self, global_step: int) -> float:
+        return learning_rate(
+            global_step - self.start_step,
+            self.total_steps - self.start_step,
+            self.warmup_steps,
+            self.base_lr,
+            self.final_ratio,
+            self.start_lr,
+            self.schedule,
+        )
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -40,7 +40,7 @@ from kinship.data.stream import FileImages, StreamingLoader
 from kinship.errors import CheckpointError, DataError, NonFiniteLossError, WriteError
 from kinship.methods import Method, StepInfo
 from kinship.methods.base import run_step
-from kinship.optim import build_optimizer, learning_rate, scaled_lr, set_learning_rate
+from kinship.optim import LRSchedule, build_optimizer, set_learning_rate
 from kinship.runtime import (
     agree,
     all_reduce,
@@ -334,6 +334,9 @@ class Trainer:
             data.handle.size, config.train.batch_size, config.train.seed, rank(), world_size(), config.train.steps_per_epoch
         )
         schedule = Schedule(plan.steps_per_epoch, method.scan_epochs, config.train.epochs)
+        lr_at = LRSchedule.of(
+            config.optim, config.train.batch_size, schedule.steps_per_epoch, schedule.scan_steps, schedule.total_steps
+        )
 
         if not fresh:
             pos = self.restore(method, optimizer, state)
@@ -381,17 +384,8 @@ class Trainer:
                     update=pos.epoch >= schedule.scan_epochs,
                 )
                 self.run_refreshes(method, info)
-                lr = 0.0
+                lr = lr_at(pos.global_step) if info.update else 0.0
                 if info.update:
-                    lr = learning_rate(
-                        pos.global_step - schedule.scan_steps,
-                        schedule.total_steps - schedule.scan_steps,
-                        round(config.optim.warmup_epochs * schedule.steps_per_epoch),
-                        scaled_lr(config.optim.lr, config.train.batch_size, config.optim.lr_batch),
-                        config.optim.final_lr_ratio,
-                        config.optim.warmup_start_lr,
-                        config.optim.schedule,
-                    )
                     set_learning_rate(optimizer, lr)
                 loss, logs = self.step(method, step_fn, optimizer, batch, info)
                 pos.global_step += 1
