@@ -104,9 +104,14 @@ def module_of(method: nn.Module, *names: str) -> nn.Sequential:
     return seq
 
 
-def grads_of(case: gc.Case, names: dict[str, str], official: nn.Module) -> dict[str, float]:
-    params = dict(official.named_parameters())
-    return {label: params[names[kin]].grad.norm().item() for label, kin in case.grads.items()}
+def gradients(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The gradients the official step left, by official parameter name."""
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def grad_norms(case: gc.Case, names: dict[str, str], grads: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The norms the case records, under kinship's labels."""
+    return {label: grads[names[kin]].norm().item() for label, kin in case.grads.items()}
 
 
 def flat(params) -> torch.Tensor:
@@ -120,6 +125,14 @@ def sgd(module: nn.Module) -> None:
                 p -= 0.1 * p.grad
 
 
+def next_step_move(official: nn.Module, target: nn.Module, before: torch.Tensor, momentum_update) -> float:
+    """An SGD step of 0.1, then the official EMA update that the next step makes before its forward:
+    how far the target moved from ``before``."""
+    sgd(official)
+    momentum_update()
+    return (flat(target.parameters()) - before).norm().item()
+
+
 @contextmanager
 def on_path(folder: Path):
     sys.path.insert(0, str(folder))
@@ -127,8 +140,19 @@ def on_path(folder: Path):
         yield
     finally:
         sys.path.remove(str(folder))
-        for name in [n for n, m in sys.modules.items() if str(folder) in str(getattr(m, "__file__", "") or "")]:
+        for name in [n for n, m in sys.modules.items() if loaded_from(m, folder)]:
             del sys.modules[name]
+
+
+def loaded_from(module: types.ModuleType, folder: Path) -> bool:
+    """Whether ``module`` came from ``folder``: its file, or for a namespace package (the official
+    repositories' ``src/`` without ``__init__.py``) its search path, so that the next checkout's
+    package of the same name is imported afresh."""
+    places = [getattr(module, "__file__", None) or ""]
+    path = getattr(module, "__path__", None)
+    if isinstance(path, list) or type(path).__name__ == "_NamespacePath":  # not torch.ops's look-alikes
+        places += list(path)
+    return any(str(folder) in str(place) for place in places)
 
 
 def stub(name: str, **attrs) -> None:
@@ -168,13 +192,11 @@ def run_moco(root: Path) -> dict:
         loss.backward()
         out = {
             "loss": loss.item(),
-            "grads": grads_of(case, names, official),
+            "grads": grad_norms(case, names, gradients(official)),
             "queue": gc.checksum(official.queue.T),
             "ptr": int(official.queue_ptr),
         }
-        sgd(official)
-        official._momentum_update_key_encoder()  # the next step's, before its keys
-        out["target_move"] = (flat(official.encoder_k.parameters()) - before).norm().item()
+        out["target_move"] = next_step_move(official, official.encoder_k, before, official._momentum_update_key_encoder)
     return out
 
 
@@ -205,13 +227,11 @@ def mean_shift_step(case: gc.Case, official: nn.Module, names: dict, *inputs) ->
     loss.backward()
     out = {
         "loss": loss.item(),
-        "grads": grads_of(case, names, official),
+        "grads": grad_norms(case, names, gradients(official)),
         "bank": gc.checksum(official.queue),
         "bank_labels": official.labels.tolist(),
     }
-    sgd(official)
-    official._momentum_update_target_encoder()  # the next step's, before its targets
-    out["target_move"] = (flat(official.encoder_t.parameters()) - before).norm().item()
+    out["target_move"] = next_step_move(official, official.encoder_t, before, official._momentum_update_target_encoder)
     return out
 
 
@@ -230,10 +250,8 @@ def run_msf(root: Path) -> dict:
             before = flat(official.encoder_t.parameters()).clone()
             loss = official(case.views[0], case.views[1], case.batch.labels)[0]
             loss.backward()
-            out = {"loss": loss.item(), "grads": grads_of(case, names, official)}
-            sgd(official)
-            official._momentum_update_target_encoder()
-            out["target_move"] = (flat(official.encoder_t.parameters()) - before).norm().item()
+            out = {"loss": loss.item(), "grads": grad_norms(case, names, gradients(official))}
+            out["target_move"] = next_step_move(official, official.encoder_t, before, official._momentum_update_target_encoder)
             results[name] = out
     return results
 
@@ -348,7 +366,7 @@ def run_coke(root: Path) -> dict:
                     for j in range(H)
                 )
             loss.backward()
-            out = {"loss": loss.item(), "grads": grads_of(case, names, official)}
+            out = {"loss": loss.item(), "grads": grad_norms(case, names, gradients(official))}
             for h in range(H):
                 out[f"head{h}"] = {
                     "labels": first_slot(official.assign_labels[h]).tolist(),
@@ -383,7 +401,7 @@ def run_mira(root: Path) -> dict:
 
         class Optimizer:  # records the gradients the official step leaves, then steps SGD 0.1
             def step(self):
-                grads.update({n: p.grad.clone() for n, p in official.named_parameters() if p.grad is not None})
+                grads.update(gradients(official))
                 sgd(official)
 
             def zero_grad(self):
@@ -425,7 +443,7 @@ def run_mira(root: Path) -> dict:
         official._update_ema_params(train.Trainer.ema_momentum.fget(trainer))
         out = {
             "loss": float(result["Train/loss"]),
-            "grads": {label: grads[names[kin]].norm().item() for label, kin in case.grads.items()},
+            "grads": grad_norms(case, names, grads),
             "target_move": (ema() - before).norm().item(),
         }
     return out
@@ -482,7 +500,7 @@ def run_swav(root: Path) -> dict:
                 model.zero_grad(set_to_none=True)
 
             def step(self):
-                grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+                grads.update(gradients(model))
 
         main_swav.args = argparse.Namespace(
             crops_for_assign=[0, 1],
@@ -499,7 +517,7 @@ def run_swav(root: Path) -> dict:
         # overwrites the oldest slots from its pointer on: the same rows, newest first from ptr - 1
         queue = torch.stack([q.rows.roll(-int(q.ptr), 0).flip(0) for q in m.queues])
         (_, loss), queue = main_swav.train([list(case.views)], model, Optimizer(), gc.EPOCH, np.zeros(10), queue)
-        out = {"loss": loss, "grads": {label: grads[names[kin]].norm().item() for label, kin in case.grads.items()}}
+        out = {"loss": loss, "grads": grad_norms(case, names, grads)}
         out.update({f"queue{i}": gc.set_checksum(queue[i]) for i in range(2)})
     return out
 

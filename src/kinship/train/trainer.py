@@ -384,8 +384,9 @@ class Trainer:
                     update=pos.epoch >= schedule.scan_epochs,
                 )
                 self.run_refreshes(method, info)
-                lr = lr_at(pos.global_step) if info.update else 0.0
+                lr = 0.0
                 if info.update:
+                    lr = lr_at(pos.global_step)
                     set_learning_rate(optimizer, lr)
                 loss, logs = self.step(method, step_fn, optimizer, batch, info)
                 pos.global_step += 1
