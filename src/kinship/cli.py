@@ -306,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     except KinshipError as exc:
         print(f"kinship: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        from kinship.runtime import leave_distributed  # the process group a torchrun command joined
+
+        leave_distributed()
 
 
 if __name__ == "__main__":

@@ -136,6 +136,14 @@ def init_distributed(device: torch.device, timeout_min: float = 30.0) -> None:
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
 
 
+def leave_distributed() -> None:
+    """Leave the process group before the process ends (no-op without one): left to interpreter
+    shutdown, the group's threads can abort the process ("terminate called without an active
+    exception") after its work is done."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
 @torch.no_grad()
 def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """``x`` reduced over every process (``sum`` or ``max``), in place; the identity on one process."""
