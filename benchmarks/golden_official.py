@@ -291,7 +291,7 @@ def run_cmsf(root: Path) -> dict:
         official, names = mean_shift_model(
             semi.PseudoCMSF, m, mlp_xent="mlp", m=0.99, mem_bank_size=16, topk=3, ncls=gc.CLASSES, opt=opt
         )
-        transplant(m.classifier, official.mlp_head)
+        transplant(m.pseudo.classifier, official.mlp_head)
         official.mlp_head.eval()  # as train_pseudo_cmsf.py during the CMSF steps
         official.gt_labels.copy_(m.bank.column("label"))
         labels = case.batch.labels

@@ -5,7 +5,7 @@ the behaviour unchanged.
     python benchmarks/loss_fingerprint.py --check runs/fingerprint.json           # compare, exit 1 on a change
 
 Each preset (and the method switches that take another path through its file: CMSF's four
-constraints, SsCL's FixMatch and supervised-only modes) trains on the first 10,240 CIFAR-10 images
+constraints, FixMatch's supervised-only mode) trains on the first 10,240 CIFAR-10 images
 (40 steps an epoch at batch 256) for its scan steps plus 20 training steps, in one thread; every
 step's loss is kept as ``float.hex``, so equal means bit-identical.
 """
@@ -37,8 +37,8 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "mira": ("mira_cpu.yaml", []),
     "swav": ("swav_cpu.yaml", []),
     "sscl": ("sscl_cpu.yaml", []),
-    "fixmatch": ("sscl_cpu.yaml", ["method.name=fixmatch"]),
-    "supervised-only": ("sscl_cpu.yaml", ["method.contrastive_weight=0", "method.pseudo_label_weight=0"]),
+    "fixmatch": ("fixmatch_cpu.yaml", []),
+    "supervised-only": ("fixmatch_cpu.yaml", ["method.pseudo_label_weight=0"]),
 }
 
 

@@ -187,7 +187,7 @@ def cmsf_semi() -> Case:
     labels[torch.arange(SIZE) % 2 == 1] = -1  # every other image unlabeled
     case = mean_shift_case(24, "semi", labels)
     with torch.no_grad():  # a sharper classifier, so that some pseudo-labels pass tau = 0.85 and some do not
-        case.method.classifier[-1].weight.mul_(40)
+        case.method.pseudo.classifier[-1].weight.mul_(40)
     return case
 
 

@@ -146,7 +146,7 @@ VARIANTS = {  # name -> method section (and data section overrides)
         "weak": AUG16,
         "strong": AUG16,
     },
-    "fixmatch": {"name": "fixmatch", "queue_size": 128, **TINY, "weak": AUG16, "strong": {"crop_size": 16}},
+    "fixmatch": {"name": "fixmatch", "weak": AUG16, "strong": {"crop_size": 16}},
     "supervised": {"name": "supervised", "augment": AUG16},
     "coke-one-view-moving-average": {
         "name": "coke",
@@ -260,10 +260,7 @@ def semi_values(**method) -> dict:
         **{
             "method": {
                 "name": "sscl",
-                "queue_size": 128,
-                "hidden": 32,
-                "dim": 16,
-                "refresh_every": 1,
+                **({} if method.get("name") == "fixmatch" else {"queue_size": 128, "hidden": 32, "dim": 16, "refresh_every": 1}),
                 "weak": {"crop_size": 16},
                 "strong": {"crop_size": 16},
                 **method,

@@ -217,21 +217,21 @@ def test_cmsf_with_k1_is_byol_asym():
 def test_pseudo_labels_below_threshold_are_not_used():
     method = make("semi", confidence=0.85)
     with torch.no_grad():  # a classifier whose output is its last bias, whatever u
-        method.classifier[-1].weight.zero_()
-        method.classifier[-1].bias.zero_()
+        method.pseudo.classifier[-1].weight.zero_()
+        method.pseudo.classifier[-1].bias.zero_()
     u = unit(4, D, seed=1)
     labels = torch.tensor([2, -1, -1, -1])
-    chosen, confident = method.query_labels(u, labels)
+    chosen, confident = method.pseudo.label(u, labels)
     # uniform probabilities 1/3 < 0.85: only the labeled query is confident and keeps its label
     assert chosen.tolist() == [2, -1, -1, -1] and confident.tolist() == [1, 0, 0, 0]
     with torch.no_grad():
-        method.classifier[-1].bias.copy_(torch.tensor([2.5, 0.0, 0.0], dtype=torch.float64))
+        method.pseudo.classifier[-1].bias.copy_(torch.tensor([2.5, 0.0, 0.0], dtype=torch.float64))
     p = torch.tensor([2.5, 0.0, 0.0], dtype=torch.float64).softmax(0)[0].item()  # about 0.86
-    method.config.confidence = p  # exactly at the threshold counts as confident (boundary included)
-    chosen, confident = method.query_labels(u, labels)
+    method.pseudo.confidence = p  # exactly at the threshold counts as confident (boundary included)
+    chosen, confident = method.pseudo.label(u, labels)
     assert chosen.tolist() == [2, 0, 0, 0] and confident.tolist() == [1, 1, 1, 1]
-    method.config.confidence = p + 1e-9
-    assert method.query_labels(u, labels)[0].tolist() == [2, -1, -1, -1]
+    method.pseudo.confidence = p + 1e-9
+    assert method.pseudo.label(u, labels)[0].tolist() == [2, -1, -1, -1]
 
 
 def test_semi_classifier_learns_the_labeled_cache():
@@ -239,11 +239,11 @@ def test_semi_classifier_learns_the_labeled_cache():
     centres = unit(3, D, seed=5)
     labels = torch.arange(120) % 3
     rows = F.normalize(centres[labels] + 0.05 * unit(120, D, seed=6), dim=1)
-    method.labeled.exchange(torch.arange(120), rows, labels)
-    method.train_classifier(seed=0)
-    accuracy = (method.classifier(rows).argmax(1) == labels).double().mean().item()
+    method.pseudo.cache.exchange(torch.arange(120), rows, labels)
+    method.pseudo.fit(seed=0)
+    accuracy = (method.pseudo.classifier(rows).argmax(1) == labels).double().mean().item()
     assert accuracy >= 0.95
-    assert not any(p.requires_grad for p in method.classifier.parameters())
+    assert not any(p.requires_grad for p in method.pseudo.classifier.parameters())
 
 
 def test_semi_non_confident_queries_fall_back_to_msf(monkeypatch):

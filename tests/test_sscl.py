@@ -235,12 +235,29 @@ def test_total_loss_is_eq3_and_supervised_only_is_l_sup() -> None:
     loss, logs = method(method.views(batch, step_info()), batch, step_info())
     assert logs["mask_rate"] == 1.0 and logs["alpha"] > 0
     assert loss.item() == pytest.approx((logs["loss_sup"] + 0.5 * logs["loss_pl"] + 2.0 * logs["loss_ctr"]).item(), abs=1e-5)
-    only, batch = semi_method(data, pseudo_label_weight=0.0, contrastive_weight=0.0)
+    only, batch = semi_method(data, name="fixmatch", pseudo_label_weight=0.0)
     views = only.views(batch, step_info())
     assert len(views) == 1  # the labeled batch alone
     loss, _ = only(views, batch, step_info())
     expected = F.cross_entropy(only.classifier(only.backbone(views[0])), batch.labeled.labels)
     assert loss.item() == expected.item() and only.refreshes() == []
+
+
+def test_sscl_without_its_own_terms_points_to_fixmatch() -> None:
+    fixmatch, supervised_only = {"calibration": "none"}, {"pseudo_label_weight": 0.0}
+    for method_values in (fixmatch, supervised_only):
+        method_values["contrastive_weight"] = 0.0
+        with pytest.raises(ConfigError, match="method.name fixmatch"):
+            build_config(semi_values(**method_values))
+
+
+def test_fixmatch_step_is_l_s_plus_weighted_l_u() -> None:
+    data = synthetic_set()
+    method, batch = semi_method(data, name="fixmatch", pseudo_label_weight=0.5, threshold=0.0)
+    views = method.views(batch, step_info())
+    loss, logs = method(views, batch, step_info())
+    assert logs["mask_rate"] == 1.0 and set(method.classifiers()) == {"ema", "online"}
+    assert loss.item() == pytest.approx((logs["loss_sup"] + 0.5 * logs["loss_pl"]).item(), abs=1e-6)
 
 
 def test_positives_are_of_the_assigned_class_and_nothing_reaches_the_key_side() -> None:
@@ -256,14 +273,14 @@ def test_positives_are_of_the_assigned_class_and_nothing_reaches_the_key_side() 
     assert valid.all() and torch.equal(method.labeled_classes[rows], classes.unsqueeze(1).expand(-1, 3))
     loss, _ = method(method.views(batch, step_info()), batch, step_info())
     loss.backward()
-    assert all(p.grad is None for p in method.key.parameters())
+    assert all(p.grad is None for p in method.ema.parameters())
     assert not method.bank.requires_grad and not method.prototypes.requires_grad
 
 
 def test_mixed_embedding_at_lambda_1_is_the_anchor_and_mixes_pixels() -> None:
     data = synthetic_set()
     method, _ = semi_method(data)
-    network, index = KeyNetwork(method.key), torch.arange(8)
+    network, index = KeyNetwork(method.ema), torch.arange(8)
     plain, _ = method.data.embed_all(network, method.config.weak, index)
     same, _ = method.data.embed_all(network, method.config.weak, index, mix=(index + 8, torch.ones(8)))
     torch.testing.assert_close(same, plain)
@@ -323,13 +340,13 @@ def test_training_logs_both_classifiers_and_eval_reports_their_median(tmp_path) 
 def test_an_ema_that_never_runs_forward_takes_the_online_batch_norm_statistics() -> None:
     """FixMatch and supervised-only compute no keys: their evaluated EMA copies BN buffers (FixMatch's EMA model)."""
     data = synthetic_set()
-    for method_values in ({"name": "fixmatch"}, {"pseudo_label_weight": 0.0, "contrastive_weight": 0.0}):
+    for method_values in ({"name": "fixmatch"}, {"name": "fixmatch", "pseudo_label_weight": 0.0}):
         method, batch = semi_method(data, **method_values)
-        assert not method.runs_key_network and isinstance(method.projector, torch.nn.Identity)
+        assert not hasattr(method, "projector") and len(method.ema) == 2
         loss, _ = method(method.views(batch, step_info()), batch, step_info())
         loss.backward()
         method.after_step(step_info())
-        for ema, online in zip(method.key[0].buffers(), method.backbone.buffers()):
+        for ema, online in zip(method.ema[0].buffers(), method.backbone.buffers()):
             assert torch.equal(ema, online)
 
 

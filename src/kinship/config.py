@@ -526,19 +526,37 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 
 def read_values(path: str | Path | None, overrides: list[str] = ()) -> dict:
-    """The YAML file's mapping (empty without a file) with the ``--set`` overrides applied."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+    """The YAML file's mapping (empty without a file), merged onto the file it ``extends`` (a path
+    relative to it), with the ``--set`` overrides applied."""
+    values = _read_preset(Path(path), ()) if path is not None else {}
     return apply_overrides(values, list(overrides))
+
+
+def _read_preset(path: Path, children: tuple[Path, ...]) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (extended by {children[-1]})" if children else ""))
+    if path.resolve() in children:
+        raise ConfigError(f"{children[-1]} extends {path}, which extends it back")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    parent = values.pop("extends", None)
+    if parent is None:
+        return values
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends names one config file, got {parent!r}")
+    return _merged(_read_preset(path.parent / parent, (*children, path.resolve())), values)
+
+
+def _merged(base: dict, values: dict) -> dict:
+    """``base`` with ``values`` set on it, section by section (lists and scalars replaced)."""
+    out = dict(base)
+    for key, value in values.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def save_config(config: RunConfig, path: Path) -> None:

@@ -36,6 +36,9 @@ class Batch:
     # a streamed batch: (recipe, uint8 (B, 3, S, S)) per view recipe of the method, the geometry
     # (random-resized crop and flip) applied while the files were decoded (kinship.data.stream)
     crops: tuple[tuple[AugmentConfig, torch.Tensor], ...] | None = None
+    # rows a method appends to this step (:meth:`kinship.methods.base.Method.step_batch`), with draws of
+    # their own and a shard within the appended rows of every process
+    extra: "Batch | None" = None
 
     def __post_init__(self) -> None:
         if self.shard is None:

@@ -5,9 +5,10 @@ from kinship.methods.byol import BYOL
 from kinship.methods.clim import CLIM
 from kinship.methods.cmsf import CMSF, MSF
 from kinship.methods.coke import CoKe
+from kinship.methods.fixmatch import FixMatch
 from kinship.methods.mira import MIRA
 from kinship.methods.mocov2 import MoCoV2
-from kinship.methods.sscl import FixMatch, SsCL
+from kinship.methods.sscl import SsCL
 from kinship.methods.supervised import Supervised
 from kinship.methods.swav import SwAV
 

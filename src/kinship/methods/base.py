@@ -5,9 +5,11 @@ banks, caches, centres, tables) as parameters or buffers, so that ``state_dict``
 a resumed run needs; state that spans samples is kept identical on every process (gathered or
 all-reduced). It is built with its config section, a backbone and the :class:`TrainData` handle.
 
-Each step the trainer calls ``begin_step(step)`` (host-side decisions), ``views(batch, step)``
-(augmentation, outside any autograd or DDP wrapper), then ``forward(views, batch, step)`` for a loss
-and logs, steps the optimizer, then ``after_step`` (EMA targets live there). ``forward`` is what
+Each step the trainer calls ``begin_step(step)`` (host-side decisions), ``step_batch(batch, step)``
+(the rows the step trains on), ``views(batch, step)`` (augmentation, outside any autograd or DDP
+wrapper: the views, then any per-sample draws ``forward`` needs, at positions the method's phase
+flags fix), then ``forward(views, batch, step)`` for a loss and logs, steps the optimizer, then
+``after_step`` (EMA targets live there). ``forward`` is what
 ``train.compile`` compiles: it reads no number that changes from step to step on the host (the
 step's schedule values live in tensors that ``begin_step`` fills, its phases in flags that
 ``begin_step`` sets), so one graph serves every step of a phase. Besides, a method may declare
@@ -131,6 +133,10 @@ class Method(nn.Module):
         reads, phase flags (prototypes frozen, queue in use); returns the values to log."""
         return {}
 
+    def step_batch(self, batch: Batch, step: StepInfo) -> Batch:
+        """The batch this step trains on: the loader's, or with rows appended as ``batch.extra``."""
+        return batch
+
     def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
         """The recipes of the views that ``views`` makes of the step's batch (``labeled``: of its
         labeled batch), in order. A streaming loader cuts their crops while it decodes the files
@@ -178,6 +184,7 @@ def run_step(
     Returns the loss, the logs (the step's scheduled values included) and the views."""
     with phase("views"):
         scheduled = method.begin_step(step)
+        batch = method.step_batch(batch, step)
         if views is None:
             views = method.views(batch, step)
     if not step.update:

@@ -205,25 +205,21 @@ class CLIM(MoCoV2):
             return torch.stack([term(r, s) for r in range(n) for s in range(n)]).mean()
 
         anchor_keys = keys(views[n : 2 * n], 0)
-        kin_only = len(views) > 2 * n and cfg.mixing != "none" and cfg.plain_weight == 0  # no plain query to compute
-        plain = [] if kin_only else queries(views[:n])
+        mixing = self.has_candidates and cfg.mixing != "none"
+        plain = [] if mixing and cfg.plain_weight == 0 else queries(views[:n])  # w = 0: no plain query to compute
         moco = pair_mean(lambda r, s: info_nce_with_queue(plain[r], anchor_keys[s], negatives, cfg.temperature)) if plain else 0.0
-        logs: dict = {}
-        if len(views) == 2 * n:  # no candidates yet: MoCo v2
-            loss = moco
+        if not self.has_candidates:  # before the first refresh: MoCo v2
+            loss, logs = moco, {}
+        elif not mixing:  # the positive's key as a second key of the plain query
+            positive_keys = keys(views[2 * n : 3 * n], n)
+            kin = pair_mean(lambda r, s: info_nce_with_queue(plain[r], positive_keys[s], negatives, cfg.temperature))
+            loss, logs = (cfg.plain_weight * moco + kin) / (cfg.plain_weight + 1), {"loss_kin": kin.detach()}
         else:
-            if cfg.mixing == "none":
-                positive_keys = keys(views[2 * n : 3 * n], n)
-                kin = pair_mean(lambda r, s: info_nce_with_queue(plain[r], positive_keys[s], negatives, cfg.temperature))
-            else:
-                mixed, positive_keys, lam = queries(views[2 * n : 3 * n]), keys(views[3 * n : 4 * n], n), views[-1]
-                kin = pair_mean(
-                    lambda r, s: mixed_info_nce(
-                        mixed[r], anchor_keys[s], positive_keys[s], negatives, lam, cfg.temperature
-                    ).mean()
-                )
-                logs["lambda"] = lam.mean()
-            loss = (cfg.plain_weight * moco + kin) / (cfg.plain_weight + 1)
-            logs["loss_kin"] = kin.detach()
+            mixed, positive_keys, lam = queries(views[2 * n : 3 * n]), keys(views[3 * n : 4 * n], n), views[4 * n]
+            kin = pair_mean(
+                lambda r, s: mixed_info_nce(mixed[r], anchor_keys[s], positive_keys[s], negatives, lam, cfg.temperature).mean()
+            )
+            loss = (cfg.plain_weight * moco + kin) / (cfg.plain_weight + 1)  # Eq. 6
+            logs = {"loss_kin": kin.detach(), "lambda": lam.mean()}
         self.queue.push(anchor_keys[self.resolutions.index(cfg.augment.crop_size)])
         return loss, logs

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +37,13 @@ from kinship.blocks.cache import SampleCache
 from kinship.blocks.ema import EMATarget
 from kinship.blocks.knn import masked_topk
 from kinship.blocks.multicrop import forward_crops
+from kinship.blocks.pseudo_labels import PseudoLabeler
 from kinship.blocks.queue import FifoQueue
 from kinship.config import AugmentConfig, ConfigError, MethodConfig, RunConfig, check, check_choice
 from kinship.losses import mean_shift_loss
 from kinship.methods.base import Batch, Method, StepInfo, TrainData
 from kinship.models.heads import mlp
-from kinship.optim import training_step
-from kinship.runtime import all_gather_cat, broadcast_module, rank
+from kinship.runtime import all_gather_cat, rank, world_size
 
 CONSTRAINTS = ("none", "self", "supervised", "semi")
 
@@ -127,6 +128,15 @@ def crop_mean_loss(predictions: list[torch.Tensor], neighbour_mean: torch.Tensor
     return sum(mean_shift_loss(v, neighbour_mean).mean() for v in predictions) / len(predictions)
 
 
+class Queries(NamedTuple):
+    """What a constraint knows of this process's queries besides their similarity to the bank."""
+
+    index: torch.Tensor  # (B,) dataset indices
+    labels: torch.Tensor  # (B,) the label each query's slot stores (-1: none)
+    confident: torch.Tensor  # (B,) semi: 1 where the label is known or the pseudo-label confident
+    previous: tuple[torch.Tensor, torch.Tensor] | None  # self: w (B, d) and 1/0 whether the image had a visit
+
+
 class CMSF(Method):
     Config = CMSFConfig
 
@@ -148,17 +158,24 @@ class CMSF(Method):
         self.target = EMATarget(backbone, self.projector)
         # bank M: target embeddings, the label used by the constraint (-1: none) and the dataset index
         self.bank = FifoQueue(config.bank_size, dim, init="zeros", columns=("label", "index"))
+        self.third_view = config.constraint == "self" and config.constraint_view == "third_aug"
         if config.constraint == "self":
-            if config.constraint_view == "cached":
+            if not self.third_view:
                 self.cache = SampleCache(data.size, dim)  # P: each image's latest target embedding
             if self.previous_by_image:  # each image's w at its latest visit: M'_j = its row for slot j's image
                 self.previous_of_image = SampleCache(data.size, dim)
             else:  # M', slot by slot
                 self.previous_bank = FifoQueue(config.bank_size, dim, init="zeros", columns=("valid",))
         if config.constraint == "semi":
-            self.labeled = SampleCache(data.size, dim)  # u and label of every labeled image seen
-            self.classifier = mlp(dim, 2 * dim, data.num_classes)  # (paper: a 2-layer MLP; widths from the official code)
-            self.classifier.requires_grad_(False).eval()  # trained in its own rounds, not by the main optimizer
+            self.pseudo = PseudoLabeler(
+                data.size, dim, data.num_classes, config.confidence, config.classifier_passes, config.classifier_lr
+            )
+        self.select = {  # S_i, and what the loss pulls v_i toward
+            "none": self.select_msf,
+            "self": self.select_self,
+            "supervised": self.select_labeled,
+            "semi": self.select_labeled,
+        }[config.constraint]
 
     @property
     def eval_recipe(self) -> AugmentConfig:
@@ -169,18 +186,11 @@ class CMSF(Method):
         cfg = self.config
         return cfg.constraint == "self" and cfg.constraint_view == "cached" and cfg.previous_lookup == "image"
 
-    def train(self, mode: bool = True) -> "CMSF":
-        super().train(mode)
-        if self.config.constraint == "semi":
-            self.classifier.eval()  # kept in eval mode during CMSF steps (paper)
-        return self
-
     def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
         """[target view, online view, (third view for the constraint), local crops...]."""
         cfg = self.config
         target = cfg.weak if cfg.target_view == "weak" else cfg.strong
-        third = [target] if cfg.constraint == "self" and cfg.constraint_view == "third_aug" else []
-        return [target, cfg.strong, *third, *[cfg.local] * cfg.local_crops]
+        return [target, cfg.strong, *[target] * self.third_view, *[cfg.local] * cfg.local_crops]
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         return make_views(batch, self.view_recipes(), step.generator)
@@ -190,59 +200,76 @@ class CMSF(Method):
 
     # -- the step ----------------------------------------------------------------------------
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
-        cfg = self.config
-        third_aug = cfg.constraint == "self" and cfg.constraint_view == "third_aug"
-        target_view, online_view = views[:2]
-        locals_ = views[3 if third_aug else 2 :]
+        target_view, online_view, *crops = views
+        third, crops = (crops[0], crops[1:]) if self.third_view else (None, crops)
         dtype = self.bank.rows.dtype  # fp32 distances and loss, also under bf16 autocast
-        # online predictions: the large crop, then the small crops in one pass (they share S_i)
-        predictions = [self.predict(online_view, dtype), *forward_crops(lambda x: self.predict(x, dtype), locals_)]
+        # online predictions v: the large crop, then the small crops in one pass (they share S_i)
+        predictions = [self.predict(online_view, dtype), *forward_crops(lambda x: self.predict(x, dtype), crops)]
         with torch.no_grad():
             u = F.normalize(self.target(target_view).to(dtype), dim=1)
-            constraint_labels, confident = self.query_labels(u, batch.labels)
-            everyone = slice(rank() * len(u), (rank() + 1) * len(u))  # this process's rows after a gather
-            all_u, all_index = all_gather_cat(u), all_gather_cat(batch.index)
-            all_labels = all_gather_cat(constraint_labels)
-            if third_aug:  # w: another augmentation through the current target
-                w = F.normalize(self.target(views[2]).to(dtype), dim=1)
-                w_valid = torch.ones(len(w), device=w.device, dtype=dtype)
-                self.previous_bank.push_gathered(all_gather_cat(w), valid=torch.ones(len(all_u), device=w.device))
-            elif cfg.constraint == "self":
-                w, w_valid = self.cache.exchange(all_index, all_u)  # read the previous visit, then write
-                if self.previous_by_image:
-                    self.previous_of_image.exchange(all_index, w, where=w_valid > 0)
-                else:
-                    self.previous_bank.push_gathered(w, valid=w_valid)
-                w, w_valid = w[everyone], w_valid[everyone]
-            if cfg.constraint == "semi":
-                cached = all_labels if cfg.cache_confident else all_gather_cat(batch.labels)
-                self.labeled.exchange(all_index, all_u, cached, where=cached >= 0)
+            labels, confident = self.pseudo.label(u, batch.labels) if self.config.constraint == "semi" else (batch.labels, None)
+            all_u, all_index, all_labels = all_gather_cat(u), all_gather_cat(batch.index), all_gather_cat(labels)
+            previous = self.previous_visit(third, all_u, all_index)
+            if self.config.constraint == "semi":  # the labeled images' u (and confident ones' with cache_confident)
+                cached = all_labels if self.config.cache_confident else all_gather_cat(batch.labels)
+                self.pseudo.remember(all_index, all_u, cached)
             self.bank.push_gathered(all_u, label=all_labels, index=all_index)  # before the search (paper)
-
             valid = self.bank.valid().unsqueeze(0)  # (1, M): a broadcast row, never a dense (B, M) mask
             similarity = u @ self.bank.rows.T  # (B, M) fp32: neighbours by the target u
-            if cfg.constraint in ("none", "self"):
-                msf = masked_topk(similarity, valid, cfg.topk)  # S^u
-                selection = msf if cfg.constraint == "none" else self.self_selection(similarity, w, w_valid, valid, msf)
-            else:
-                same = (self.bank.column("label").unsqueeze(0) == constraint_labels.unsqueeze(1)).to(dtype) * valid
-                allowed = same if cfg.constraint == "supervised" else torch.lerp(valid, same, confident.unsqueeze(1))
-                selection = masked_topk(similarity, allowed, cfg.topk, fill=valid if cfg.fill_short else None)
-        if cfg.top_all:  # S_i = C_i: the masked mean over a variable number of slots
-            mean = allowed @ self.bank.rows / allowed.sum(1, keepdim=True).clamp_min(1)
-            loss = crop_mean_loss(predictions, mean)
-            logs = {"neighbours": allowed.sum(1).mean()}
-        else:
-            loss = crop_mean_loss(predictions, self.neighbour_mean(*selection))
-            logs = self.purity(selection, batch.index, "purity")
-            if cfg.constraint == "self":  # equally weighted with plain MSF (paper Sec. 2.1; the official code's 1/2)
-                logs.update(self.purity(msf, batch.index, "purity_msf"))
-                msf_loss = crop_mean_loss(predictions, self.neighbour_mean(*msf))
-                loss = 0.5 * (loss + msf_loss)
-                logs["rank_of_last"] = rank_of_last(similarity, *selection, valid).median()  # Fig. 5's "m"
-        if cfg.constraint == "semi":
-            logs["confident"] = confident.mean()
+            means, logs = self.select(similarity, valid, Queries(batch.index, labels, confident, previous))
+        # Eq. (1) toward each mean; self: equally weighted with plain MSF (Sec. 2.1; the official code's 1/2)
+        loss = sum(crop_mean_loss(predictions, mean) for mean in means) / len(means)
         return loss, logs
+
+    @torch.no_grad()
+    def previous_visit(
+        self, third: torch.Tensor | None, all_u: torch.Tensor, all_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The self constraint's w_i and whether image i had a visit: from the cache (read, then this
+        visit written), or from a third augmentation through the current target; M' written alike."""
+        if self.config.constraint != "self":
+            return None
+        if third is not None:
+            w = F.normalize(self.target(third).to(all_u.dtype), dim=1)
+            self.previous_bank.push_gathered(all_gather_cat(w), valid=torch.ones(len(all_u), device=w.device))
+            return w, torch.ones(len(w), device=w.device, dtype=w.dtype)
+        w, w_valid = self.cache.exchange(all_index, all_u)
+        if self.previous_by_image:
+            self.previous_of_image.exchange(all_index, w, where=w_valid > 0)
+        else:
+            self.previous_bank.push_gathered(w, valid=w_valid)
+        everyone = slice(rank() * len(w) // world_size(), (rank() + 1) * len(w) // world_size())  # this process's rows
+        return w[everyone], w_valid[everyone]
+
+    # -- the four constraints: S_i, and the neighbour means the loss pulls toward -------------------
+    def select_msf(self, similarity: torch.Tensor, valid: torch.Tensor, queries: Queries) -> tuple[list, dict]:
+        """C_i = M (MSF): the top-k of the bank."""
+        selection = masked_topk(similarity, valid, self.config.topk)
+        return [self.neighbour_mean(*selection)], self.purity(selection, queries.index, "purity")
+
+    def select_self(self, similarity: torch.Tensor, valid: torch.Tensor, queries: Queries) -> tuple[list, dict]:
+        """S^c within the self constraint, and plain MSF's S^u beside it (Sec. 2.1)."""
+        msf = masked_topk(similarity, valid, self.config.topk)  # S^u
+        selection = self.self_selection(similarity, *queries.previous, valid, msf)
+        logs = {
+            **self.purity(selection, queries.index, "purity"),
+            **self.purity(msf, queries.index, "purity_msf"),
+            "rank_of_last": rank_of_last(similarity, *selection, valid).median(),  # Fig. 5's "m"
+        }
+        return [self.neighbour_mean(*selection), self.neighbour_mean(*msf)], logs
+
+    def select_labeled(self, similarity: torch.Tensor, valid: torch.Tensor, queries: Queries) -> tuple[list, dict]:
+        """C_i = the slots of the query's label (Sec. 2.2); semi: of its label or confident
+        pseudo-label, the whole bank for the other queries (Sec. 2.3). ``top_all``: S_i = C_i."""
+        cfg = self.config
+        same = (self.bank.column("label").unsqueeze(0) == queries.labels.unsqueeze(1)).to(valid.dtype) * valid
+        allowed = same if queries.confident is None else torch.lerp(valid, same, queries.confident.unsqueeze(1))
+        logs = {} if queries.confident is None else {"confident": queries.confident.mean()}
+        if cfg.top_all:  # the masked mean over a variable number of slots
+            mean = allowed @ self.bank.rows / allowed.sum(1, keepdim=True).clamp_min(1)
+            return [mean], {"neighbours": allowed.sum(1).mean(), **logs}
+        selection = masked_topk(similarity, allowed, cfg.topk, fill=valid if cfg.fill_short else None)
+        return [self.neighbour_mean(*selection)], {**self.purity(selection, queries.index, "purity"), **logs}
 
     def neighbour_mean(self, index: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         """The mean of the selected bank slots ``index`` (B, k) where ``selected`` is 1 (Eq. (1) needs
@@ -301,59 +328,12 @@ class CMSF(Method):
         use = w_valid.unsqueeze(1) > 0
         return torch.where(use, index, msf[0]), torch.where(use, selected, msf[1])
 
-    def query_labels(self, u: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The label each query's constraint uses (and that its bank slot stores), and 1/0 confidence.
-
-        none/self: the given labels (stored, unused by the selection). supervised: the given labels,
-        which must be known. semi: the label if known, else the classifier's pseudo-label when
-        max p >= tau (boundary included), else -1 ("no label").
-        """
-        if self.config.constraint != "semi":
-            return labels, torch.ones(len(labels), device=u.device, dtype=u.dtype)
-        probs = self.classifier(u).to(u.dtype).softmax(dim=1)
-        confidence, guess = probs.max(dim=1)
-        known = (labels >= 0).to(u.dtype)
-        confident = torch.maximum(known, (confidence >= self.config.confidence).to(u.dtype))
-        pseudo = torch.where(labels >= 0, labels, guess)
-        return torch.where(confident > 0, pseudo, torch.full_like(pseudo, -1)), confident
-
-    # -- the pseudo-label classifier (semi) ----------------------------------------------------
     def after_step(self, step: StepInfo) -> None:
         self.target.update(self.config.momentum)
-        if self.config.constraint == "semi":
+        if self.config.constraint == "semi":  # the pseudo-label classifier, trained `classifier_rounds` times per epoch
             rounds = self.config.classifier_rounds
-            due = {math.ceil(step.steps_per_epoch * (r + 1) / rounds) for r in range(rounds)}
-            if step.step_in_epoch + 1 in due:
-                self.train_classifier(step.shared_seed)
-
-    @torch.enable_grad()
-    def train_classifier(self, seed: int) -> None:
-        """Warm-started SGD passes over the cached labeled embeddings (filled slots only) (official
-        code; warm-started across rounds: kinship's choice).
-
-        Every process holds the same cache and draws the same order; rank 0's weights are then
-        broadcast so that non-deterministic kernels cannot make the processes disagree.
-        """
-        filled = ((self.labeled.valid > 0) & (self.labeled.labels >= 0)).nonzero().squeeze(1)
-        if len(filled) >= 2:
-            x, y = self.labeled.rows[filled], self.labeled.labels[filled]
-            params = list(self.classifier.parameters())
-            for p in params:
-                p.requires_grad_(True)
-            optimizer = torch.optim.SGD(params, lr=self.config.classifier_lr, momentum=0.9, weight_decay=1e-4)
-            g = torch.Generator().manual_seed(seed)
-            self.classifier.train()
-            for _ in range(self.config.classifier_passes):
-                order = torch.randperm(len(x), generator=g).to(x.device)
-                for start in range(0, len(x), 256):
-                    batch = order[start : start + 256]
-                    if len(batch) >= 2:
-                        training_step(optimizer, lambda: (F.cross_entropy(self.classifier(x[batch]), y[batch]), {}))
-            self.classifier.eval()
-            for p in params:
-                p.requires_grad_(False)
-                p.grad = None
-        broadcast_module(self.classifier)
+            if step.step_in_epoch + 1 in {math.ceil(step.steps_per_epoch * (r + 1) / rounds) for r in range(rounds)}:
+                self.pseudo.fit(step.shared_seed)
 
 
 class MSF(CMSF):

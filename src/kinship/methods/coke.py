@@ -147,7 +147,6 @@ class CoKe(Method):
         self.heads = nn.ModuleList(
             ClusteringHead(k, config.dim, data.size, slots, config.centre_update == "per_batch") for k in config.clusters
         )
-        self._scan_tail: tuple[torch.Tensor, list[int]] | None = None  # set by views(), used by forward() of the same step
         # the epoch's phase, set by begin_step: the centres the assignment uses, the label averaging
         self.stage2 = self.averaged_targets = False
         self.register_buffer("average_weight", torch.ones(()), persistent=False)  # 1 / epochs averaged (stage 2)
@@ -192,7 +191,22 @@ class CoKe(Method):
         self.average_weight.fill_(self.moving_average_weight(step.epoch))
         return {}
 
-    # -- views: the batch, and in the scan's last step the images the dropped tail left out --------
+    # -- the batch, and in the scan's last step the images the dropped tail left out --------------
+    def step_batch(self, batch: Batch, step: StepInfo) -> Batch:
+        """In the scan's last step, also the images no batch of the epoch held (``batch.extra``, split
+        over the processes), so that every image has a label before training."""
+        if step.update or step.step_in_epoch != step.steps_per_epoch - 1:
+            return batch
+        unlabeled = self.heads[0].labels < 0
+        unlabeled[all_gather_cat(batch.index)] = False
+        tail = unlabeled.nonzero().squeeze(1)
+        if not len(tail):
+            return batch
+        shares = torch.tensor_split(tail, world_size())
+        mine, start = shares[rank()], sum(len(share) for share in shares[: rank()])
+        extra = self.data.read(mine) if len(mine) else Batch(mine, None, mine)
+        return dataclasses.replace(batch, extra=dataclasses.replace(extra, shard=Shard(start, len(mine), len(tail))))
+
     def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
         cfg = self.config
         return [cfg.view1, cfg.view2][: cfg.views] + [cfg.local] * cfg.local_crops
@@ -201,29 +215,17 @@ class CoKe(Method):
         cfg = self.config
         recipes = self.view_recipes()[: cfg.views + (cfg.local_crops if step.update else 0)]  # the scan: global views only
         views = make_views(batch, recipes, step.generator)
-        self._scan_tail = None
-        if not step.update and step.step_in_epoch == step.steps_per_epoch - 1:
-            unlabeled = self.heads[0].labels < 0
-            unlabeled[all_gather_cat(batch.index)] = False
-            tail = unlabeled.nonzero().squeeze(1)
-            if len(tail):
-                shares = torch.tensor_split(tail, world_size())
-                mine, sizes = shares[rank()], [len(s) for s in shares]
-                self._scan_tail = (mine, sizes)
-                if len(mine):
-                    start = sum(sizes[: rank()])
-                    extra = dataclasses.replace(self.data.read(mine), shard=Shard(start, len(mine), len(tail)))
-                    views = [torch.cat([v, t]) for v, t in zip(views, make_views(extra, recipes, step.generator))]
+        if batch.extra is not None and len(batch.extra.index):
+            views = [torch.cat([v, t]) for v, t in zip(views, make_views(batch.extra, recipes, step.generator))]
         return views
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         cfg = self.config
         index, sizes = batch.index, None
-        if self._scan_tail is not None:
-            tail, tail_sizes = self._scan_tail
-            index = torch.cat([index, tail])
-            sizes = [len(batch.index) + n for n in tail_sizes]
-            self._scan_tail = None
+        if batch.extra is not None:  # every process's rows: its batch and its share of the tail
+            index = torch.cat([index, batch.extra.index])
+            shares = torch.tensor_split(torch.arange(batch.extra.shard.total), world_size())
+            sizes = [len(batch.index) + len(share) for share in shares]
         stage2 = self.stage2
         outputs = forward_crops(self.embed, views, cfg.per_view_bn)
         x = [F.normalize(out[:, : cfg.dim].float(), dim=1) for out in outputs]  # projections

@@ -27,8 +27,8 @@ selection, something the prototypes can only bring through the assignment); alph
 "the predefined most similar class prototype", clamped to [0, 1] and detached (``alpha_prototype:
 assigned`` measures it against c_u's prototype); labeled images keep their own label as c_u; the
 positive keys come from a bank of labeled keys ("maintained in the key encoder"); the similarity
-softmax uses gamma_s = gamma. FixMatch is the special case lambda_ctr = 0 with no calibration (``fixmatch``),
-supervised-only lambda_pl = lambda_ctr = 0 (the labeled batch alone is then computed).
+softmax uses gamma_s = gamma. The classifier branch is FixMatch's (:mod:`kinship.methods.fixmatch`);
+SsCL adds the key network, the queue, calibration, the refresh and Eq. 5.
 """
 
 from __future__ import annotations
@@ -40,32 +40,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kinship.augment.views import make_views
 from kinship.blocks.calibration import CALIBRATIONS, RunningMean, calibrate, class_prototypes, similarity_distribution
 from kinship.blocks.ema import EMATarget
 from kinship.blocks.positives import class_members, sample_members
 from kinship.blocks.queue import FifoQueue
 from kinship.blocks.shuffle_bn import shuffled_forward
-from kinship.config import AugmentConfig, ConfigError, MethodConfig, RunConfig, check, check_choice
+from kinship.config import AugmentConfig, RunConfig, check, check_choice
 from kinship.losses import margin_contrastive_loss, pseudo_label_loss
-from kinship.methods.base import Batch, Method, Refresh, StepInfo, TrainData
+from kinship.methods.base import Batch, Refresh, StepInfo, TrainData
+from kinship.methods.fixmatch import FixMatch, FixMatchConfig
 from kinship.models.heads import mlp
 from kinship.runtime import all_gather_cat, broadcast
 from kinship.sampling import Shard, beta
 
 
-def weak_view() -> AugmentConfig:
-    """FixMatch's weak view: flip and a translation by up to 12.5 % (reflect padding)."""
-    return AugmentConfig(crop_mode="pad", pad=4, jitter_p=0.0, grayscale_p=0.0)
-
-
 @dataclass
-class SsCLConfig(MethodConfig):
+class SsCLConfig(FixMatchConfig):
     name: str = "sscl"
     pseudo_label_weight: float = 1.0  # lambda_pl (Table 8: CIFAR 1, ImageNet 1 %: 5, 10 %: 10)
     contrastive_weight: float = 1.0  # lambda_ctr (Table 8: CIFAR 1, ImageNet 1 %: 10, 10 %: 5)
     threshold: float = 0.95  # tau (Table 8: CIFAR 0.95, ImageNet 0.6); strict: max p^ > tau
-    gamma: float = 5.0  # 1 / temperature (Table 8: CIFAR 5, ImageNet 10)
+    temperature: float = 0.2  # 1 / gamma of Eq. 5 (Table 8: gamma = 5 on CIFAR, 10 on ImageNet)
     margin: float = -0.25  # m, on the negatives (Table 8)
     positives: int = 3  # n_pos labeled keys of the assigned class (Table 7: 3 best)
     self_paced: bool = True  # alpha from the prototype similarity; false: alpha = 1 (Table 6)
@@ -76,7 +71,7 @@ class SsCLConfig(MethodConfig):
     # c_u, whose labeled keys are u's positives: fc, the classifier's argmax p_b (Sec. 3.2: "we assign it to
     # class c if argmax p_b = c") | calibrated: the argmax of p^ (the prototypes then steer the selection)
     assign: str = "fc"
-    similarity_gamma: float = 0.0  # gamma_s of p_s; 0: gamma
+    similarity_temperature: float = 0.0  # 1 / gamma_s of p_s; 0: temperature
     window: int = 128  # t: batches in the running mean of p_s (Sec. 3.1)
     refresh_every: int = 5  # S epochs between offline refreshes, the first at epoch S (Sec. 4)
     prototype_mixture: bool = True  # Eq. 4: prototypes from the labeled and mixed keys; false: labeled only
@@ -87,7 +82,6 @@ class SsCLConfig(MethodConfig):
     dim: int = 64  # projection (Sec. 4.1: 64-d on CIFAR)
     hidden: int = 0  # projector hidden width; 0: the backbone's feature dimension
     shuffle_bn: bool = True  # the key network's batch shuffled across processes (MoCo)
-    weak: AugmentConfig = field(default_factory=weak_view)
     # the SimCLR recipe, then RandAugment (2 operations, random magnitude) and Cutout (Sec. 4.1:
     # "RandAugment combined with the augmentation strategy in SimCLR")
     strong: AugmentConfig = field(
@@ -95,70 +89,48 @@ class SsCLConfig(MethodConfig):
     )
 
     def validate(self, run: RunConfig) -> None:
+        super().validate(run)
         check_choice("method.calibration", self.calibration, CALIBRATIONS)
         check_choice("method.assign", self.assign, ("fc", "calibrated"))
         check_choice("method.alpha_prototype", self.alpha_prototype, ("nearest", "assigned"))
-        for key, recipe in (("weak", self.weak), ("strong", self.strong)):
-            check_choice(f"method.{key}.crop_mode", recipe.crop_mode, ("resized", "pad"))
-            check(recipe.randaugment >= 0 and 0 <= recipe.cutout <= 1, f"method.{key}: randaugment >= 0 and cutout in [0, 1]")
         check(
-            min(self.pseudo_label_weight, self.contrastive_weight) >= 0,
-            "method.pseudo_label_weight and contrastive_weight must be >= 0",
+            self.contrastive_weight > 0 or (self.pseudo_label_weight > 0 and self.calibration != "none"),
+            "method sscl without its contrastive branch and calibration is FixMatch, and without both loss terms the "
+            "supervised-only baseline: use method.name fixmatch (with method.pseudo_label_weight 0 for the latter)",
         )
-        check(0 <= self.threshold <= 1, f"method.threshold must be in [0, 1], got {self.threshold}")
-        check(self.gamma > 0 and self.similarity_gamma >= 0, "method.gamma must be > 0 and similarity_gamma >= 0")
+        check(self.contrastive_weight >= 0, f"method.contrastive_weight must be >= 0, got {self.contrastive_weight}")
+        check(
+            self.temperature > 0 and self.similarity_temperature >= 0,
+            "method.temperature must be > 0 and similarity_temperature >= 0",
+        )
         check(
             self.positives >= 0 and self.window >= 1 and self.refresh_every >= 1 and self.queue_size >= 1,
             "method.positives >= 0, window, refresh_every and queue_size >= 1",
         )
-        check(0 <= self.momentum <= 1 and self.mixup_alpha > 0, "method.momentum must be in [0, 1] and mixup_alpha > 0")
+        check(self.mixup_alpha > 0, f"method.mixup_alpha must be > 0, got {self.mixup_alpha}")
         check(
-            not self.runs_key_network or self.refresh_every < run.train.epochs,
+            self.refresh_every < run.train.epochs,
             f"method.refresh_every ({self.refresh_every}) must be below train.epochs ({run.train.epochs}): the first refresh, "
             "which calibration and the mined positives wait for, would never come",
         )
-        check(
-            run.train.labeled_batch_size > 0,
-            f"method {self.name} needs a labeled batch at every step: set train.labeled_batch_size (the papers: 64) "
-            "and a labeled subset (data.labeled_per_class or data.labeled_fraction)",
-        )
 
     @property
-    def uses_unlabeled(self) -> bool:
-        return self.pseudo_label_weight > 0 or self.contrastive_weight > 0
+    def gamma(self) -> float:
+        """Eq. 5's scale, 1 / temperature."""
+        return 1 / self.temperature
 
     @property
-    def runs_key_network(self) -> bool:
-        """Keys are computed (and the refresh runs) for the contrastive branch or for calibration."""
-        return self.uses_unlabeled and (self.contrastive_weight > 0 or self.calibration != "none")
+    def similarity_gamma(self) -> float:
+        """gamma_s of the similarity distribution p_s (Sec. 3.1)."""
+        return 1 / (self.similarity_temperature or self.temperature)
 
 
-@dataclass
-class FixMatchConfig(SsCLConfig):
-    """FixMatch (Sohn et al., 2020) as SsCL without its contrastive branch and calibration."""
-
-    name: str = "fixmatch"
-    contrastive_weight: float = 0.0
-    calibration: str = "none"
-    # FixMatch's strong view: the weak view's flip and translation, RandAugment and Cutout
-    strong: AugmentConfig = field(
-        default_factory=lambda: AugmentConfig(crop_mode="pad", pad=4, jitter_p=0.0, grayscale_p=0.0, randaugment=2, cutout=0.5)
-    )
-
-
-class SsCL(Method):
+class SsCL(FixMatch):
     Config = SsCLConfig
 
     def __init__(self, config: SsCLConfig, backbone: nn.Module, data: TrainData) -> None:
         super().__init__(config, backbone, data)
-        classes, feat = data.num_classes, backbone.feature_dim
-        self.classifier = nn.Linear(feat, classes)  # h
-        # g: 2 layers (none where no key is computed: FixMatch, supervised-only)
-        self.projector = (
-            mlp(feat, config.hidden or feat, config.dim, batch_norm=False) if self.runs_key_network else nn.Identity()
-        )
-        self.key = EMATarget(backbone, self.projector, self.classifier)  # E_k: [f_k, g_k, h_k]
-        self.key.update(config.momentum)  # each step's move made in the previous after_step (see MoCoV2)
+        classes = data.num_classes
         self.queue = FifoQueue(config.queue_size, config.dim)
         self.running = RunningMean(config.window, classes)  # p~_s
         self.register_buffer("prototypes", torch.zeros(classes, config.dim))  # P
@@ -166,115 +138,76 @@ class SsCL(Method):
         self.refreshed = False  # whether a refresh has assigned the images, known on the host
         self.register_buffer("bank", torch.zeros(data.info.labeled, config.dim))  # K_b: labeled keys, by labeled rank
         if data.labels is not None:  # training (not a checkpoint loaded for evaluation)
-            labeled = data.labeled
-            if len(labeled) == data.size and self.uses_unlabeled:
-                raise ConfigError(
-                    f"method {config.name} learns from unlabeled images and every training label is known: "
-                    "choose a labeled subset (data.labeled_per_class or data.labeled_fraction)"
-                )
-            self.register_buffer("labeled_classes", data.labels[labeled], persistent=False)
+            self.register_buffer("labeled_classes", data.labels[data.labeled], persistent=False)
             self.register_buffer("members", class_members(self.labeled_classes, classes), persistent=False)
 
-    @property
-    def unused_parameters(self) -> bool:
-        return self.config.contrastive_weight == 0 and self.runs_key_network  # keys for calibration only: g untrained
+    def ema_modules(self) -> tuple[nn.Module, ...]:
+        """The key network E_k = [f_k, g_k, h_k], also the evaluated EMA; g (2 layers) is made here,
+        after h and before the copy."""
+        feat = self.backbone.feature_dim
+        self.projector = mlp(feat, self.config.hidden or feat, self.config.dim, batch_norm=False)
+        return self.backbone, self.projector, self.classifier
 
     @property
     def uses_unlabeled(self) -> bool:
-        return self.config.uses_unlabeled
+        return True
 
     @property
-    def runs_key_network(self) -> bool:
-        return self.config.runs_key_network
+    def unused_parameters(self) -> bool:
+        return self.config.contrastive_weight == 0  # keys for calibration only: g untrained
+
+    @property
+    def per_process_batch_norm(self) -> bool:
+        return self.config.shuffle_bn
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.refreshed = bool(len(self.assigned)) and bool(self.assigned.amax() >= 0)  # once per load
 
-    @property
-    def eval_recipe(self) -> AugmentConfig:
-        return self.config.weak
-
-    @property
-    def eval_backbone(self) -> nn.Module:
-        return self.key[0]  # the momentum network, evaluated as FixMatch's EMA model
-
-    @property
-    def per_process_batch_norm(self) -> bool:
-        return self.config.shuffle_bn and self.runs_key_network
-
-    def classifiers(self) -> dict[str, nn.Module]:
-        return {"ema": self.chain(self.key[0], self.key[2]), "online": self.chain(self.backbone, self.classifier)}
-
-    # -- views --------------------------------------------------------------------------------
-    def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
-        cfg = self.config
-        return [cfg.weak] if labeled else [cfg.weak, cfg.strong] if self.uses_unlabeled else []
-
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
-        """[weak(x)] of the labeled batch, then [weak(u), strong(u)] of the unlabeled one (not drawn
-        in a supervised-only run); after the first refresh, with labeled positives, also the draw of
-        each unlabeled image's positives: its rows of the bank (B, n_pos) and whether found (B, n_pos)
-        (random draws stay out of the compiled forward)."""
+        """FixMatch's [weak(x), weak(u), strong(u)]; after the first refresh, with labeled
+        positives, also the draw of each unlabeled image's positives: its rows of the bank (B, n_pos)
+        and whether found (B, n_pos) (random draws stay out of the compiled forward)."""
         cfg = self.config
-        if batch.labeled is None:
-            raise ConfigError(f"method {cfg.name} needs train.labeled_batch_size > 0")
-        views = make_views(batch.labeled, self.view_recipes(labeled=True), step.generator)
-        if self.uses_unlabeled:
-            views += make_views(batch, self.view_recipes(), step.generator)
-        if self.uses_unlabeled and self.refreshed and cfg.contrastive_weight > 0 and cfg.positives > 0:
-            classes = self.assigned[batch.index]
-            views += sample_members(self.members, classes, cfg.positives, step.generator, batch.shard)
+        views = super().views(batch, step)
+        if self.refreshed and cfg.contrastive_weight > 0 and cfg.positives > 0:
+            views += sample_members(self.members, self.assigned[batch.index], cfg.positives, step.generator, batch.shard)
         return views
 
     # -- the step -----------------------------------------------------------------------------
     def encode_keys(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         with torch.no_grad():
-            network = lambda v: self.key[1](self.key[0](v))  # noqa: E731
+            network = lambda v: self.ema[1](self.ema[0](v))  # noqa: E731
             keys = shuffled_forward(network, x, seed) if self.config.shuffle_bn else network(x)
         return F.normalize(keys.float(), dim=1)
 
     def forward(self, views: list[torch.Tensor], batch: Batch, step: StepInfo) -> tuple[torch.Tensor, dict]:
         cfg = self.config
-        labeled = batch.labeled
-        if not self.uses_unlabeled:  # supervised-only: L = L_sup on the labeled batch alone
-            loss_sup = F.cross_entropy(self.classifier(self.backbone(views[0])).float(), labeled.labels)
-            return loss_sup, {"loss_sup": loss_sup.detach()}
         x_weak, u_weak, u_strong, *positives = views
-        n_x, n_u = len(x_weak), len(u_weak)
-        features = self.backbone(torch.cat([x_weak, u_weak, u_strong]))
-        logits_x, logits_weak, logits_strong = self.classifier(features).float().split([n_x, n_u, n_u])
-        loss_sup = F.cross_entropy(logits_x, labeled.labels)  # Eq. 1
-
-        p_b = torch.softmax(logits_weak.detach(), dim=1)
-        active = self.refreshed
-        keys = self.encode_keys(torch.cat([x_weak, u_weak]), step.shared_seed) if self.runs_key_network else None
-        p_hat = p_b
-        if keys is not None and active and cfg.calibration != "none":  # co-calibration (Sec. 3.1)
-            p_s = similarity_distribution(keys[n_x:], self.prototypes, cfg.similarity_gamma or cfg.gamma)
-            self.running.push(p_s.mean(dim=0))
-            p_hat = calibrate(p_b, p_s, self.running.mean(), cfg.calibration)
+        n_x = len(x_weak)
+        features, (logits_x, logits_weak, logits_strong) = self.classify(x_weak, u_weak, u_strong)
+        loss_sup = F.cross_entropy(logits_x, batch.labeled.labels)  # Eq. 1
+        keys = self.encode_keys(torch.cat([x_weak, u_weak]), step.shared_seed)
+        p_hat = self.co_calibrated(torch.softmax(logits_weak.detach(), dim=1), keys[n_x:])  # Sec. 3.1
         loss_pl, mask = pseudo_label_loss(logits_strong, p_hat, cfg.threshold)  # Eq. 2
-
-        loss_ctr = torch.zeros((), device=features.device)
-        logs: dict = {}
+        loss_ctr, logs = torch.zeros((), device=features.device), {}
         if cfg.contrastive_weight > 0:
-            loss_ctr, logs = self.contrastive(features[n_x + n_u :], keys[n_x:], batch, positives)
-        if keys is not None:
-            self.write_labeled_keys(labeled.index, keys[:n_x])
-            self.queue.push(keys[n_x:])
+            loss_ctr, logs = self.contrastive(features[n_x + len(u_weak) :], keys[n_x:], batch, positives)  # Eq. 5
+        self.write_labeled_keys(batch.labeled.index, keys[:n_x])
+        self.queue.push(keys[n_x:])
         loss = loss_sup + cfg.pseudo_label_weight * loss_pl + cfg.contrastive_weight * loss_ctr  # Eq. 3
-        truth = self.data.true_labels
-        if truth is not None:
-            correct = (p_hat.argmax(dim=1) == truth[batch.index]).float()
-            logs["pseudo_accuracy"] = (correct * mask).sum() / mask.sum().clamp_min(1)
-        return loss, {
-            "loss_sup": loss_sup.detach(),
-            "loss_pl": loss_pl.detach(),
-            "loss_ctr": loss_ctr.detach(),
-            "mask_rate": mask.mean(),
-            **logs,
-        }
+        logs.update(self.pseudo_label_logs(p_hat, mask, batch))
+        return loss, {"loss_sup": loss_sup.detach(), "loss_pl": loss_pl.detach(), "loss_ctr": loss_ctr.detach(), **logs}
+
+    def co_calibrated(self, p_b: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """p^ from the classifier's p_b and the prototype similarity p_s (Sec. 3.1), once a refresh
+        has made the prototypes; p_b before."""
+        cfg = self.config
+        if not self.refreshed or cfg.calibration == "none":
+            return p_b
+        p_s = similarity_distribution(keys, self.prototypes, cfg.similarity_gamma)
+        self.running.push(p_s.mean(dim=0))
+        return calibrate(p_b, p_s, self.running.mean(), cfg.calibration)
 
     def contrastive(
         self, strong_features: torch.Tensor, own_keys: torch.Tensor, batch: Batch, positives: list[torch.Tensor]
@@ -313,20 +246,17 @@ class SsCL(Method):
         self.bank[rows] = all_gather_cat(keys)
 
     def after_step(self, step: StepInfo) -> None:
-        # a key network that never runs forward takes the online BN statistics (FixMatch's EMA model)
-        self.key.update(self.config.momentum, copy_buffers=not self.runs_key_network)
+        self.ema.update(self.config.momentum)  # the key network runs forward: BN statistics of its own
 
     # -- the offline refresh (Sec. 3.1 and 4) ---------------------------------------------------
     def refreshes(self) -> list[Refresh]:
-        if not self.runs_key_network:
-            return []
         return [Refresh("prototypes", self.config.refresh_every, start=self.config.refresh_every)]
 
     @torch.no_grad()
     def refresh(self, name: str, step: StepInfo) -> dict:
         cfg, data, start = self.config, self.data, time.perf_counter()
-        classes, gamma_s = data.num_classes, cfg.similarity_gamma or cfg.gamma
-        keys, logits = data.embed_all(KeyNetwork(self.key), cfg.weak)
+        classes, gamma_s = data.num_classes, cfg.similarity_gamma
+        keys, logits = data.embed_all(KeyNetwork(self.ema), cfg.weak)
         labeled, y = data.labeled, self.labeled_classes
         self.bank.copy_(keys[labeled])
         p_b = torch.softmax(logits, dim=1)
@@ -343,7 +273,7 @@ class SsCL(Method):
             lam = beta(len(y), cfg.mixup_alpha, cfg.mixup_alpha, generator, keys.device)
             keep = found[:, 0]
             mixed, _ = data.embed_all(
-                KeyNetwork(self.key), cfg.weak, labeled[anchors[keep, 0]], mix=(partners[keep, 0], lam[keep])
+                KeyNetwork(self.ema), cfg.weak, labeled[anchors[keep, 0]], mix=(partners[keep, 0], lam[keep])
             )
             prototypes = class_prototypes(torch.cat([keys[labeled], mixed]), torch.cat([y, y[keep]]), classes)  # Eq. 4
         p_s = similarity_distribution(keys, prototypes, gamma_s)
@@ -372,10 +302,6 @@ class SsCL(Method):
         if self.config.assign == "fc":
             return p_b.argmax(dim=1)
         return calibrate(p_b, p_s, p_s.mean(dim=0), self.config.calibration).argmax(dim=1)
-
-
-class FixMatch(SsCL):
-    Config = FixMatchConfig
 
 
 class KeyNetwork(nn.Module):
