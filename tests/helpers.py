@@ -91,7 +91,7 @@ VARIANTS = {  # name -> method section (and data section overrides)
     },
     "cmsf-supervised": {"name": "cmsf", "constraint": "supervised", "bank_size": 128, **TINY, "weak": AUG16, "strong": AUG16},
     "cmsf-semi": {"name": "cmsf", "constraint": "semi", "bank_size": 128, **TINY, "weak": AUG16, "strong": AUG16},
-    "swav": {"name": "swav", "prototypes": 16, **TINY, "queue_size": 64, "queue_start_epoch": 1, "global_crop": AUG16},
+    "swav": {"name": "swav", "prototypes": 16, **TINY, "queue_size": 64, "queue_start_epoch": 1, "augment": AUG16},
     "mira": {"name": "mira", "prototypes": 16, **TINY, "view1": AUG16, "view2": AUG16},
     "coke": {
         "name": "coke",

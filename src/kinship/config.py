@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 
@@ -28,7 +28,7 @@ __all__ = ["ConfigError", "RunConfig", "parse_config", "read_values", "to_dict",
 
 @dataclass
 class DataConfig:
-    name: str = "cifar10-npz"  # cifar10-npz | cifar10 | cifar100 | stl10 | imagefolder | synthetic
+    name: Literal["cifar10-npz", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic"] = "cifar10-npz"
     path: str = "../shared/data/cifar10-jpeg.npz"  # npz file, torchvision root, or ImageFolder root
     test_path: str = ""  # ImageFolder only: the evaluation split's root
     download: bool = False  # torchvision datasets: download when missing (only when asked)
@@ -54,7 +54,7 @@ class DataConfig:
     # streaming: pil (each worker decodes its images at the DCT reduction the crops allow and cuts them) |
     # nvjpeg (workers send the JPEG bytes and crop boxes; torchvision.io.decode_jpeg decodes the batch on
     # the training device, nvJPEG on a GPU, and roi_align cuts the crops there)
-    decoder: str = "pil"
+    decoder: Literal["pil", "nvjpeg"] = "pil"
     # streaming: a file that cannot be read is replaced by the next readable one, logged with its path;
     # the run stops once more than this share of the training images has failed
     max_bad_files: float = 0.001
@@ -79,13 +79,13 @@ class ModelConfig:
     # a BN-free run is exactly reproducible across process counts (the distributed tests use it).
     # split: the backbone's BN normalises each process's batch as `bn_splits` sub-batches (the MoCo
     # CIFAR demo's SplitBatchNorm, 8 splits: one GPU imitating 8 GPUs' per-GPU statistics).
-    norm: str = "batch"  # batch | none | split
+    norm: Literal["batch", "none", "split"] = "batch"
     bn_splits: int = 8
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | lars | adamw
+    name: Literal["sgd", "lars", "adamw"] = "sgd"
     lr: float = 0.05  # at batch `lr_batch`; scaled linearly with the global batch
     lr_batch: int = 256
     momentum: float = 0.9
@@ -93,7 +93,7 @@ class OptimConfig:
     weight_decay: float = 5e-4
     # after warm-up: cosine (half a period, lr -> lr * final_lr_ratio) | fixmatch: lr cos(7 pi k / 16 K)
     # (FixMatch, Sec. 4; ends at 0.2 lr)
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "fixmatch"] = "cosine"
     warmup_epochs: float = 0.0
     warmup_start_lr: float = 0.0  # the warm-up's first rate, absolute (not scaled with the batch)
     final_lr_ratio: float = 0.0  # cosine ends at lr * final_lr_ratio
@@ -108,12 +108,13 @@ class TrainConfig:
     epochs: int = 200
     batch_size: int = 256  # global batch, split over processes
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
     channels_last: bool = True
     compile: bool = False  # torch.compile the method's forward (the step's loss)
     compile_backend: str = "inductor"  # inductor | eager (dynamo's tracing alone: checks graph breaks fast) | ...
-    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    # reduce-overhead: CUDA graphs
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     sync_bn: bool = True  # under DDP on GPU
     # a collective that waits longer than this (a process died, a node hangs) ends the run with an error
     dist_timeout_min: float = 30.0
@@ -145,7 +146,7 @@ class TrainConfig:
 class LinearEvalConfig:
     """``kinship eval linear``: the fast probe on cached features, or the papers' SGD probe on images."""
 
-    mode: str = "lbfgs"  # lbfgs: full-batch logistic regression on cached features (CIFAR scale) | sgd
+    mode: Literal["lbfgs", "sgd"] = "lbfgs"  # lbfgs: full-batch logistic regression on cached features (CIFAR scale)
     l2_grid: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2])
     val_fraction: float = 0.1  # held-out share of train that picks the l2 coefficient
     max_iter: int = 300  # L-BFGS iterations per fit
@@ -180,8 +181,11 @@ class FinetuneEvalConfig:
     # for 32-96 px images: RRC(0.5, 1) fine-tuned the demo to 63.4% at 10% labels where the
     # ImageNet default RRC(0.08, 1) gave 60.3%; ImageNet presets set (0.08, 1)
     crop_scale: tuple[float, float] = (0.5, 1.0)
-    head_init: str = "probe"  # probe | random (N(0, 0.01))
+    head_init: Literal["probe", "random"] = "probe"  # random: N(0, 0.01)
     seed: int = 0
+
+
+Protocol = Literal["knn", "linear", "finetune", "clustering", "purity", "tsne", "curves", "classifier"]
 
 
 @dataclass
@@ -204,9 +208,7 @@ class EvalConfig:
     clustering_k: int = 0  # clusters of the k-means protocol; 0: the number of classes
     clustering_restarts: int = 10
     tsne_points: int = 2000  # test images in the t-SNE picture
-    protocols: list[str] = field(
-        default_factory=lambda: ["knn", "linear", "finetune", "clustering", "purity", "tsne", "curves", "classifier"]
-    )  # what `kinship eval all` runs
+    protocols: list[Protocol] = field(default_factory=lambda: list(typing.get_args(Protocol)))  # what `kinship eval all` runs
     linear: LinearEvalConfig = field(default_factory=LinearEvalConfig)
     finetune: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
 
@@ -218,7 +220,7 @@ class AugmentConfig:
     crop_size: int = 32
     # resized: RandomResizedCrop(crop_scale, crop_ratio) | pad: FixMatch's weak view, a translation by
     # up to `pad` px (reflect-padded RandomCrop) of the image resized to crop_size
-    crop_mode: str = "resized"
+    crop_mode: Literal["resized", "pad"] = "resized"
     pad: int = 4
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -252,12 +254,6 @@ class MethodConfig:
         the run config) that cannot work; called when the config is parsed, before data is read."""
 
 
-def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    """A :class:`ConfigError` naming ``key`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got '{value}'{_nearest(value, list(choices), hint=False)}")
-
-
 def check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -284,6 +280,12 @@ def _coerce(value: Any, hint: Any, where: str, default: Any = None) -> Any:
     """Check ``value`` against a type hint, converting only where no information is lost. A mapping
     for a dataclass section overrides the keys it names on ``default`` (the section's default)."""
     origin = typing.get_origin(hint)
+    if origin is Literal:  # a choice: the one place its options are written
+        choices = [str(choice) for choice in typing.get_args(hint)]
+        if value not in typing.get_args(hint):
+            nearest = _nearest(str(value), choices, hint=False)
+            raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}{nearest}")
+        return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
@@ -397,7 +399,6 @@ def validate(config: RunConfig) -> None:
     checks = [
         (known_backbone(config.model.backbone), f"unknown model.backbone '{config.model.backbone}' (choose {BACKBONES})"),
         (config.train.epochs >= 1, "train.epochs must be >= 1"),
-        (config.model.norm in ("batch", "none", "split"), f"model.norm must be batch, none or split, got '{config.model.norm}'"),
         (
             config.model.norm != "split"
             or (config.model.bn_splits >= 1 and config.train.batch_size % config.model.bn_splits == 0),
@@ -428,32 +429,12 @@ def validate(config: RunConfig) -> None:
             config.optim.warmup_start_lr >= 0 and config.optim.warmup_epochs >= 0,
             "optim.warmup_start_lr and warmup_epochs must be >= 0",
         ),
-        (config.optim.name in ("sgd", "lars", "adamw"), f"optim.name must be sgd, lars or adamw, got '{config.optim.name}'"),
-        (
-            config.optim.schedule in ("cosine", "fixmatch"),
-            f"optim.schedule must be cosine or fixmatch, got '{config.optim.schedule}'",
-        ),
         (not config.optim.nesterov or config.optim.name == "sgd", "optim.nesterov is for optim.name: sgd"),
-        (
-            config.train.precision in ("auto", "fp32", "bf16"),
-            f"train.precision must be auto, fp32 or bf16, got '{config.train.precision}'",
-        ),
-        (
-            config.train.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-            "train.compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, "
-            f"got '{config.train.compile_mode}'",
-        ),
-        (config.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got '{config.train.device}'"),
         (config.eval.knn_k >= 1, "eval.knn_k must be >= 1"),
         (config.eval.knn_temperature > 0, "eval.knn_temperature must be > 0"),
         (
             sum(map(bool, (config.data.labeled_per_class, config.data.labeled_fraction, config.data.labeled_file))) <= 1,
             "set only one of data.labeled_per_class, data.labeled_fraction and data.labeled_file",
-        ),
-        (config.eval.linear.mode in ("lbfgs", "sgd"), f"eval.linear.mode must be lbfgs or sgd, got '{config.eval.linear.mode}'"),
-        (
-            config.eval.finetune.head_init in ("probe", "random"),
-            f"eval.finetune.head_init must be probe or random, got '{config.eval.finetune.head_init}'",
         ),
         (all(0 < f <= 1 for f in config.eval.finetune.fractions), "eval.finetune.fractions must lie in (0, 1]"),
         (all(n >= 1 for n in config.eval.finetune.per_class), "eval.finetune.per_class must be >= 1"),
@@ -470,7 +451,6 @@ def validate(config: RunConfig) -> None:
         ),
         (not config.data.streaming or config.data.name == "imagefolder", "data.streaming is for data.name: imagefolder"),
         (config.data.workers >= 0 and config.data.prefetch >= 1, "data.workers must be >= 0 and data.prefetch >= 1"),
-        (config.data.decoder in ("pil", "nvjpeg"), f"data.decoder must be pil or nvjpeg, got '{config.data.decoder}'"),
         (
             config.data.decoder == "pil" or config.data.streams,
             "data.decoder nvjpeg is for streamed data (data.name: imagefolder)",

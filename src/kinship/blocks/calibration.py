@@ -14,16 +14,18 @@ it as distribution alignment does, and keeps the per-sample p_s. "literal" (p_b 
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kinship.runtime import all_reduce, world_size
 
-CALIBRATIONS = ("ratio", "literal", "product", "none")
+Calibration = Literal["ratio", "literal", "product", "none"]
 
 
-def calibrate(p_b: torch.Tensor, p_s: torch.Tensor, running: torch.Tensor, mode: str = "ratio") -> torch.Tensor:
+def calibrate(p_b: torch.Tensor, p_s: torch.Tensor, running: torch.Tensor, mode: Calibration = "ratio") -> torch.Tensor:
     """Calibrated pseudo-label distributions (B, C) from the classifier's p_b (B, C), the similarity
     distributions p_s (B, C) and their running mean (C,); rows sum to 1. ``none`` returns p_b itself."""
     if mode == "none":
@@ -35,7 +37,7 @@ def calibrate(p_b: torch.Tensor, p_s: torch.Tensor, running: torch.Tensor, mode:
     elif mode == "product":
         scores = p_b * p_s
     else:
-        raise ValueError(f"unknown calibration '{mode}' (choose from {', '.join(CALIBRATIONS)})")
+        raise ValueError(f"unknown calibration '{mode}' (choose from {', '.join(get_args(Calibration))})")
     return scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-30)
 
 

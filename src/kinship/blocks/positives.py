@@ -11,11 +11,13 @@ remain"), whatever their cluster. A training step then draws one candidate per a
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from kinship.sampling import Shard
 
-SELECTIONS = ("centre", "knn_cluster", "knn", "cluster", "random")
+Selection = Literal["centre", "knn_cluster", "knn", "cluster", "random"]  # CLIM Eq. 2, Table 6
 
 
 @torch.no_grad()
@@ -102,7 +104,7 @@ def select_positives(
         return same_cluster_candidates(assignments, count, generator, neighbours), none
     if selection == "random":
         return random_candidates(len(assignments), count, generator, assignments.device), none
-    raise ValueError(f"unknown selection '{selection}' (one of {', '.join(SELECTIONS)})")
+    raise ValueError(f"unknown selection '{selection}' (one of {', '.join(get_args(Selection))})")
 
 
 def pair_purity(candidates: torch.Tensor, labels: torch.Tensor) -> float:

@@ -305,9 +305,7 @@ def load_split(config: DataConfig, split: str) -> ImageSet:
         n = (config.train_limit or 512) if split == "train" else (config.test_limit or 256)
         images = synthetic(n, size=config.image_size, seed=0 if split == "train" else 1)
     else:
-        raise DataError(
-            f"unknown data.name '{config.name}' (choose cifar10-npz, cifar10, cifar100, stl10, imagefolder, synthetic)"
-        )
+        raise DataError(f"unknown data.name '{config.name}'")  # the config's type lists the choices
     if config.superclasses:  # CIFAR-100-20: train and test on the 20 super-classes
         images = ImageSet(images.images, cifar100_superclasses(images.labels), list(CIFAR100_SUPERCLASS_NAMES), images.aspect)
     keep = seeded_subset(len(images), config.train_limit if split == "train" else config.test_limit, split)

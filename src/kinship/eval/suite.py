@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import json
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +26,7 @@ from kinship.assembly import RunData, build_config, load_pretrained, load_run_da
 from kinship.blocks.features import extract_features
 from kinship.blocks.kmeans import assign, kmeans
 from kinship.blocks.knn import knn_accuracy
-from kinship.config import apply_overrides, to_dict
+from kinship.config import Protocol, apply_overrides, to_dict
 from kinship.data import labeled_subset
 from kinship.data.subsets import save_indices
 from kinship.errors import ConfigError, DataError
@@ -35,7 +36,7 @@ from kinship.eval.linear import Standardizer, linear_probe
 from kinship.eval.metrics import class_cosines, clustering_scores, neighbour_purity
 from kinship.runtime import environment, resolve_device, tune_cpu_allocator, use_bf16
 
-PROTOCOLS = ("knn", "linear", "finetune", "clustering", "purity", "tsne", "curves", "classifier")
+PROTOCOLS = typing.get_args(Protocol)
 
 
 def file_sha256(path: Path) -> str:
@@ -85,9 +86,6 @@ class Evaluation:
         self.path = Path(checkpoint_path)
         state = checkpoint.read_checkpoint(self.path)
         self.config = build_config(apply_overrides(state["config"], list(overrides)))
-        unknown = sorted(set(self.config.eval.protocols) - set(PROTOCOLS))
-        if unknown:
-            raise ConfigError(f"eval.protocols: unknown {unknown}; choose from {', '.join(PROTOCOLS)}")
         self.out_dir = Path(out_dir) if out_dir is not None else self.path.parent
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.progress, self.log = progress, log

@@ -20,6 +20,10 @@ step's schedule values live in tensors that ``begin_step`` fills, its phases in 
   refresh), run by :meth:`refresh` on every process before the step at which it is due, exactly
   once per due position, also across a resume;
 - ``on_epoch_end``: per-epoch metrics for ``metrics.jsonl``.
+
+A method config names its augmentation recipes by role: ``augment`` (one recipe for every view),
+``view1`` / ``view2`` (an asymmetric pair), ``weak`` / ``strong`` (the target or pseudo-label view and
+the online or student view), ``local`` (multi-crop's small crops).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,8 @@ from kinship.augment.mixing import mix
 from kinship.augment.views import make_views
 from kinship.blocks.kmeans import kmeans
 from kinship.blocks.knn import nearest_neighbours
-from kinship.blocks.positives import SELECTIONS, pair_purity, random_candidates, select_positives
-from kinship.config import AugmentConfig, RunConfig, check, check_choice
+from kinship.blocks.positives import Selection, pair_purity, random_candidates, select_positives
+from kinship.config import AugmentConfig, RunConfig, check
 from kinship.losses import info_nce_with_queue, mixed_info_nce
 from kinship.methods.base import Batch, Refresh, StepInfo, TrainData
 from kinship.methods.mocov2 import MoCoV2, MoCoV2Config
@@ -50,8 +51,8 @@ from kinship.runtime import broadcast
 @dataclass
 class CLIMConfig(MoCoV2Config):
     name: str = "clim"
-    selection: str = "centre"  # centre (Eq. 2) | knn_cluster | knn | cluster | random (Table 6)
-    mixing: str = "cutmix"  # cutmix | mixup | none (Table 10; none: the positive is a plain second key)
+    selection: Selection = "centre"  # centre: Eq. 2; the others: Table 6
+    mixing: Literal["cutmix", "mixup", "none"] = "cutmix"  # Table 10; none: the positive is a plain second key
     cutmix_alpha: float = 2.0  # Beta(alpha, alpha) of the box (Table 9)
     mixup_alpha: float = 0.2  # the paper's best mixup alpha
     resolutions: list[int] = field(
@@ -67,8 +68,6 @@ class CLIMConfig(MoCoV2Config):
 
     def validate(self, run: RunConfig) -> None:
         super().validate(run)
-        check_choice("method.selection", self.selection, SELECTIONS)
-        check_choice("method.mixing", self.mixing, ("cutmix", "mixup", "none"))
         check(not self.symmetric, "method.symmetric is not supported by clim (the paper's loss is MoCo v2's asymmetric one)")
         check(self.cutmix_alpha > 0 and self.mixup_alpha > 0, "method.cutmix_alpha and mixup_alpha must be > 0")
         size = self.augment.crop_size

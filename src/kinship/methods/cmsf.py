@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,19 +39,17 @@ from kinship.blocks.knn import masked_topk
 from kinship.blocks.multicrop import forward_crops
 from kinship.blocks.pseudo_labels import PseudoLabeler
 from kinship.blocks.queue import FifoQueue
-from kinship.config import AugmentConfig, ConfigError, MethodConfig, RunConfig, check, check_choice
+from kinship.config import AugmentConfig, ConfigError, MethodConfig, RunConfig, check
 from kinship.losses import mean_shift_loss
 from kinship.methods.base import Batch, Method, StepInfo, TrainData
 from kinship.models.heads import mlp
 from kinship.runtime import all_gather_cat, rank, world_size
 
-CONSTRAINTS = ("none", "self", "supervised", "semi")
-
 
 @dataclass
 class CMSFConfig(MethodConfig):
     name: str = "cmsf"
-    constraint: str = "self"  # none (= MSF) | self | supervised | semi
+    constraint: Literal["none", "self", "supervised", "semi"] = "self"  # none: MSF
     topk: int = 5  # k: self 5, supervised 10, semi 10 (paper, Sec. 3)
     topk_constraint: int = 5  # k' of the self constraint (Table 3: 5 best of 5..80)
     top_all: bool = False  # supervised: S_i = C_i
@@ -64,15 +62,15 @@ class CMSFConfig(MethodConfig):
     classifier_passes: int = 10  # over the labeled cache, batch 256, SGD 0.01 / 0.9 / 1e-4 (official code)
     classifier_lr: float = 0.01
     cache_confident: bool = False  # semi: also train the classifier on confident pseudo-labels (code's --cache_conf_unsup, off)
-    target_view: str = "weak"  # weak: weak -> target, strong -> online (MSF's best "w/s"); strong: s/s
+    target_view: Literal["weak", "strong"] = "weak"  # weak: weak -> target, strong -> online (MSF's best "w/s"); strong: s/s
     # self: w_i from the previous visit ("cached") or from a third augmentation through the current
     # target ("third_aug": similar accuracy, about 30% slower (paper, Sec. 2.1))
-    constraint_view: str = "cached"
+    constraint_view: Literal["cached", "third_aug"] = "cached"
     # self, cached: M'_j for bank slot j. "image": looked up by the slot's image at search time, the
     # previous visit of the image's latest visit (UCDvision/CMSF self_supervised/train_cmsf_self.py, a
     # two-row pool per image), so an image's older slot reads its newer slot's; "slot": stored with
     # the slot at enqueue, the previous visit of that very slot (the paper's Sec. 2.1 as written)
-    previous_lookup: str = "image"
+    previous_lookup: Literal["image", "slot"] = "image"
     # supervised / semi: a query with fewer than k slots of its label completes S_i with other filled
     # slots, all ranked equal (the official train_cmsf_sup.py and pseudo_cmsf.py set their distance to
     # 5.0 and average over k); false: S_i holds only the slots of C_i (S_i within C_i, paper Sec. 2.2)
@@ -92,10 +90,6 @@ class CMSFConfig(MethodConfig):
     )
 
     def validate(self, run: RunConfig) -> None:
-        check_choice("method.constraint", self.constraint, CONSTRAINTS)
-        check_choice("method.target_view", self.target_view, ("weak", "strong"))
-        check_choice("method.constraint_view", self.constraint_view, ("cached", "third_aug"))
-        check_choice("method.previous_lookup", self.previous_lookup, ("image", "slot"))
         check(
             not self.top_all or self.constraint in ("supervised", "semi"),
             "method.top_all is the label-constrained variant: use it with constraint supervised or semi",
@@ -110,7 +104,7 @@ class CMSFConfig(MethodConfig):
 @dataclass
 class MSFConfig(CMSFConfig):
     name: str = "msf"
-    constraint: str = "none"
+    constraint: Literal["none", "self", "supervised", "semi"] = "none"
 
 
 @torch.no_grad()

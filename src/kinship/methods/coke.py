@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ from torch import nn
 from kinship.augment.views import make_views
 from kinship.blocks.assignment import OnlineCentres, constrained_assignment, dual_step, slot_targets, update_label_slots
 from kinship.blocks.multicrop import forward_crops
-from kinship.config import AugmentConfig, MethodConfig, RunConfig, check, check_choice
+from kinship.config import AugmentConfig, MethodConfig, RunConfig, check
 from kinship.losses import soft_cross_entropy
 from kinship.methods.base import Batch, Method, StepInfo, TrainData
 from kinship.models.heads import mlp
@@ -63,12 +64,12 @@ class CoKeConfig(MethodConfig):
     local_crops: int = 0  # multi-crop: small crops that predict the global crops' targets (ImageNet: 6 x 96)
     small_crop_weight: float = 0.5  # loss = (1 - w) global + w local (official code's --coke-beta)
     scan_epochs: int = 1  # epochs that only assign (Sec. 3.3), before the learning-rate schedule
-    loss_labels: str = "previous"  # previous | current: the labels the loss uses (Table 2)
-    loss_centres: str = "previous"  # previous | current: the centres the loss uses (Table 2)
+    loss_labels: Literal["previous", "current"] = "previous"  # the labels the loss uses (Table 2)
+    loss_centres: Literal["previous", "current"] = "previous"  # the centres the loss uses (Table 2)
     # per_batch: the official code's running mean, renormalised after every batch (idstcv/CoKe
     # coke/builder_double_view.py), which produced the paper's numbers; mean: Eq. 13 as printed, the
     # epoch's mean feature per cluster normalised once (running centres 0.04-0.07 apart from the official ones)
-    centre_update: str = "per_batch"
+    centre_update: Literal["per_batch", "mean"] = "per_batch"
     moving_average_after: int = 0  # one view: stage 2 after this many training epochs (Sec. 3.4: 160 of 200); 0: off
     label_slots: int = 5  # L: moving-average labels kept per image (Sec. 3.4)
     label_temperature: float = 0.5  # lambda': smoothing of the moving-average labels (Sec. 3.4)
@@ -111,9 +112,6 @@ class CoKeConfig(MethodConfig):
             self.moving_average_after == 0 or self.views == 1,
             "method.moving_average_after is the one-view stage 2: set method.views: 1",
         )
-        check_choice("method.loss_labels", self.loss_labels, ("previous", "current"))
-        check_choice("method.loss_centres", self.loss_centres, ("previous", "current"))
-        check_choice("method.centre_update", self.centre_update, ("mean", "per_batch"))
 
 
 class ClusteringHead(nn.Module):

@@ -35,17 +35,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kinship.blocks.calibration import CALIBRATIONS, RunningMean, calibrate, class_prototypes, similarity_distribution
+from kinship.blocks.calibration import Calibration, RunningMean, calibrate, class_prototypes, similarity_distribution
 from kinship.blocks.ema import EMATarget
 from kinship.blocks.positives import class_members, sample_members
 from kinship.blocks.queue import FifoQueue
 from kinship.blocks.shuffle_bn import shuffled_forward
-from kinship.config import AugmentConfig, RunConfig, check, check_choice
+from kinship.config import AugmentConfig, RunConfig, check
 from kinship.losses import margin_contrastive_loss, pseudo_label_loss
 from kinship.methods.base import Batch, Refresh, StepInfo, TrainData
 from kinship.methods.fixmatch import FixMatch, FixMatchConfig
@@ -66,11 +67,11 @@ class SsCLConfig(FixMatchConfig):
     self_paced: bool = True  # alpha from the prototype similarity; false: alpha = 1 (Table 6)
     # the prototype alpha measures against: nearest (Sec. 3.2: "the predefined most similar class
     # prototype") | assigned (the prototype of the class c_u whose keys are the positives)
-    alpha_prototype: str = "nearest"
-    calibration: str = "ratio"  # ratio | literal | product | none (see blocks/calibration.py)
+    alpha_prototype: Literal["nearest", "assigned"] = "nearest"
+    calibration: Calibration = "ratio"  # see blocks/calibration.py
     # c_u, whose labeled keys are u's positives: fc, the classifier's argmax p_b (Sec. 3.2: "we assign it to
     # class c if argmax p_b = c") | calibrated: the argmax of p^ (the prototypes then steer the selection)
-    assign: str = "fc"
+    assign: Literal["fc", "calibrated"] = "fc"
     similarity_temperature: float = 0.0  # 1 / gamma_s of p_s; 0: temperature
     window: int = 128  # t: batches in the running mean of p_s (Sec. 3.1)
     refresh_every: int = 5  # S epochs between offline refreshes, the first at epoch S (Sec. 4)
@@ -90,9 +91,6 @@ class SsCLConfig(FixMatchConfig):
 
     def validate(self, run: RunConfig) -> None:
         super().validate(run)
-        check_choice("method.calibration", self.calibration, CALIBRATIONS)
-        check_choice("method.assign", self.assign, ("fc", "calibrated"))
-        check_choice("method.alpha_prototype", self.alpha_prototype, ("nearest", "assigned"))
         check(
             self.contrastive_weight > 0 or (self.pseudo_label_weight > 0 and self.calibration != "none"),
             "method sscl without its contrastive branch and calibration is FixMatch, and without both loss terms the "

@@ -48,7 +48,7 @@ class SwAVConfig(MethodConfig):
     local_crops: int = 0  # ImageNet: 6 x 96
     # colour distortion s = 1: jitter (0.8, 0.8, 0.8, 0.2) p 0.8, gray 0.2; blur p 0.5 on ImageNet, off
     # at 32 px (kinship's choice); global RRC(0.14, 1), local RRC(0.05, 0.14)
-    global_crop: AugmentConfig = field(
+    augment: AugmentConfig = field(
         default_factory=lambda: AugmentConfig(
             crop_scale=(0.14, 1.0), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.0
         )
@@ -80,7 +80,7 @@ class SwAV(Method):
 
     @property
     def eval_recipe(self) -> AugmentConfig:
-        return self.config.global_crop
+        return self.config.augment
 
     @property
     def unused_parameters(self) -> bool:
@@ -91,7 +91,7 @@ class SwAV(Method):
 
     def view_recipes(self, labeled: bool = False) -> list[AugmentConfig]:
         cfg = self.config
-        return [cfg.global_crop] * 2 + [cfg.local] * cfg.local_crops
+        return [cfg.augment] * 2 + [cfg.local] * cfg.local_crops
 
     def views(self, batch: Batch, step: StepInfo) -> list[torch.Tensor]:
         return make_views(batch, self.view_recipes(), step.generator)
