@@ -300,7 +300,7 @@ def test_third_augmentation_constraint_fills_the_previous_bank():
 
 
 def test_rank_of_the_farthest_constrained_neighbour_by_hand():
-    from kinship.methods.cmsf import rank_of_last
+    from kinship.blocks.knn import rank_of_last
 
     # one query, bank similarities in order of slots; the constraint picked slots 0 and 3
     similarity = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5]])

@@ -7,13 +7,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kinship.assembly import build_config, build_method
+from kinship.assembly import build_config, build_method, no_buffer_sync, synchronised_batch_norm
 from kinship.blocks.shuffle_bn import shuffled_forward
 from kinship.data import Batch
 from kinship.methods import METHODS, StepInfo
 from kinship.methods.cmsf import CMSF
 from kinship.methods.mocov2 import MoCoV2
-from kinship.train.trainer import no_buffer_sync, synchronised_batch_norm
 
 from helpers import data_handle, spawn_two
 

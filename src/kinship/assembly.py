@@ -7,11 +7,13 @@ below it (blocks, models, augment, data, methods) imports nothing from here or a
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from kinship.checkpoint import read_checkpoint
 from kinship.config import MethodConfig, RunConfig, parse_config, read_values
@@ -32,10 +34,12 @@ from kinship.data.subsets import corrupt_labels, map_labels, read_labeled_file, 
 from kinship.errors import CheckpointError, DataError
 from kinship.methods import METHODS, Method
 from kinship.models.backbones import build_backbone, remove_batch_norm, split_batch_norm
-from kinship.runtime import rank, use_bf16, world_size
+from kinship.optim import build_optimizer
+from kinship.runtime import compiled, is_distributed, rank, use_bf16, world_size
 
 __all__ = [
     "RunData",
+    "assemble_training",
     "build_config",
     "build_method",
     "load_config",
@@ -100,52 +104,15 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
     outside the labeled subset, if any."""
     dc = config.data
     if dc.streams:
-        streamed = streamed_split(config, "train", device)
-        files, gt, classes = streamed.files, streamed.labels, streamed.classes
-        train = streamed
+        train = streamed_split(config, "train", device)
+        files, gt, classes = train.files, train.labels, train.classes
     else:
         train = load_split(dc, "train")
         files, gt, classes = None, train.labels.clone(), train.classes
-    labels = gt
-    if classes and int(gt.max()) >= len(classes):
-        raise DataError(
-            f"the train split has label {int(gt.max())}, but its data names {len(classes)} classes "
-            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): labels must lie in [0, {len(classes) - 1}]"
-        )
-    num_classes = max(len(classes), int(gt.max()) + 1)
-    if dc.label_map:  # train on coarser labels (each class mapped to its parent)
-        labels = map_labels(gt, Path(dc.label_map).expanduser(), num_classes)
-        num_classes = int(labels.max()) + 1
-    if dc.label_noise > 0:  # the method trains on corrupted labels; k-NN and evaluation use the true ones
-        labels = corrupt_labels(labels, dc.label_noise, num_classes, config.train.seed)
-    if dc.labeled_per_class or dc.labeled_fraction or dc.labeled_file:
-        if dc.labeled_file:
-            if dc.name == "imagefolder" and dc.train_limit:
-                raise DataError("data.labeled_file names images of the whole folder: it cannot be used with data.train_limit")
-            names = (
-                files
-                if files is not None
-                else (list_image_folder(Path(dc.path).expanduser())[0] if dc.name == "imagefolder" else None)
-            )
-            labeled = read_labeled_file(Path(dc.labeled_file).expanduser(), len(gt), names)
-        else:
-            labeled = labeled_subset(gt, dc.labeled_per_class, dc.labeled_fraction, config.train.seed)
-        labels = hide_unlabeled(labels, labeled)
-        if out_dir is not None and rank() == 0:
-            save_indices(labeled, out_dir / "labeled_indices.json")
-    # k-NN bank: the labeled train images (STL-10's unlabeled split is no one's neighbour), or a seeded
-    # subset of them (always a subset when streaming)
-    limit = config.eval.knn_train_limit or (10_000 if dc.streams else 0)
-    candidates = (gt >= 0).nonzero().squeeze(1)
-    keep = None if len(candidates) == len(gt) else candidates
-    if 0 < limit < len(candidates):
-        keep = (
-            candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(config.train.seed))[:limit]]
-            .sort()
-            .values
-        )
+    labels, num_classes = training_labels(config, gt, classes, files, out_dir)
+    keep = knn_bank_rows(config, gt)
     if dc.streams:
-        bank = streamed if keep is None else streamed.subset(keep)
+        bank = train if keep is None else train.subset(keep)
         test = streamed_split(config, "test", device, classes)
         image_size = dc.image_size
     else:
@@ -159,6 +126,49 @@ def load_run_data(config: RunConfig, device: torch.device, out_dir: Path | None)
         info, labels.to(device), gt.to(device), images, files, use_bf16(config.train.precision, device), dc.decode_threads, aspect
     )
     return RunData(handle, bank, test, train)
+
+
+def training_labels(
+    config: RunConfig, gt: torch.Tensor, classes: list[str], files: list | None, out_dir: Path | None
+) -> tuple[torch.Tensor, int]:
+    """The labels a method trains on (mapped to coarser classes, corrupted, hidden outside the
+    labeled subset, as the config asks; the subset saved in ``out_dir``) and the number of classes."""
+    dc = config.data
+    if classes and int(gt.max()) >= len(classes):
+        raise DataError(
+            f"the train split has label {int(gt.max())}, but its data names {len(classes)} classes "
+            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): labels must lie in [0, {len(classes) - 1}]"
+        )
+    labels, num_classes = gt, max(len(classes), int(gt.max()) + 1)
+    if dc.label_map:  # train on coarser labels (each class mapped to its parent)
+        labels = map_labels(gt, Path(dc.label_map).expanduser(), num_classes)
+        num_classes = int(labels.max()) + 1
+    if dc.label_noise > 0:  # the method trains on corrupted labels; k-NN and evaluation use the true ones
+        labels = corrupt_labels(labels, dc.label_noise, num_classes, config.train.seed)
+    if not (dc.labeled_per_class or dc.labeled_fraction or dc.labeled_file):
+        return labels, num_classes
+    if dc.labeled_file:
+        if dc.name == "imagefolder" and dc.train_limit:
+            raise DataError("data.labeled_file names images of the whole folder: it cannot be used with data.train_limit")
+        if files is None and dc.name == "imagefolder":
+            files = list_image_folder(Path(dc.path).expanduser())[0]
+        labeled = read_labeled_file(Path(dc.labeled_file).expanduser(), len(gt), files)
+    else:
+        labeled = labeled_subset(gt, dc.labeled_per_class, dc.labeled_fraction, config.train.seed)
+    if out_dir is not None and rank() == 0:
+        save_indices(labeled, out_dir / "labeled_indices.json")
+    return hide_unlabeled(labels, labeled), num_classes
+
+
+def knn_bank_rows(config: RunConfig, gt: torch.Tensor) -> torch.Tensor | None:
+    """The train rows of the k-NN monitor's bank: the labeled images (STL-10's unlabeled split is no
+    one's neighbour), or a seeded subset of them (always a subset when streaming); None: all."""
+    limit = config.eval.knn_train_limit or (10_000 if config.data.streams else 0)
+    candidates = (gt >= 0).nonzero().squeeze(1)
+    if 0 < limit < len(candidates):
+        order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(config.train.seed))
+        return candidates[order[:limit]].sort().values
+    return None if len(candidates) == len(gt) else candidates
 
 
 def make_loader(
@@ -196,6 +206,41 @@ def build_method(config: RunConfig, data: TrainData) -> Method:
         split_batch_norm(backbone, m.bn_splits)
     method = METHODS[config.method.name](config.method, backbone, data)
     return remove_batch_norm(method) if m.norm == "none" else method
+
+
+def assemble_training(
+    config: RunConfig, data: TrainData, device: torch.device
+) -> tuple[Method, nn.Module, torch.optim.Optimizer]:
+    """The method on ``device`` (channels-last, SyncBN under DDP on GPU unless it keeps per-process BN),
+    the function a step calls (the method, or its DDP and compiled wrappers) and its optimizer: the one
+    way the trainer and the bench put a run together."""
+    t = config.train
+    method = build_method(config, data).to(device)
+    if t.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    if is_distributed() and device.type == "cuda":
+        method = synchronised_batch_norm(method, t.sync_bn)
+    model: nn.Module = method
+    if is_distributed():
+        model = nn.parallel.DistributedDataParallel(method, find_unused_parameters=method.unused_parameters, **no_buffer_sync())
+    step_fn = compiled(model, t.compile, t.compile_backend, t.compile_mode)
+    return method, step_fn, build_optimizer(method, config.optim, t.batch_size)
+
+
+def synchronised_batch_norm(method: Method, sync_bn: bool) -> Method:
+    """The method with SyncBN under DDP (``train.sync_bn``), unless it keeps per-process BN."""
+    if not sync_bn or method.per_process_batch_norm:
+        return method
+    return nn.SyncBatchNorm.convert_sync_batchnorm(method)
+
+
+def no_buffer_sync() -> dict[str, bool]:
+    """DDP must not overwrite buffers from rank 0 at every forward: the queues and banks are kept
+    identical by all-gather, and BN statistics stay per process (or SyncBN). torch >= 2.14 names
+    this ``forward_sync_buffers``; older releases ``broadcast_buffers`` (ranks start identical, so
+    the newer name's one sync at init changes nothing)."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def load_pretrained(path: Path, state: dict, config: RunConfig, info: DataInfo, device: torch.device) -> Method:

@@ -18,16 +18,14 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from kinship.assembly import build_config, build_method
+from kinship.assembly import assemble_training, build_config
 from kinship.augment.views import compiled_views
-from kinship.config import apply_overrides
+from kinship.config import RunConfig, apply_overrides
 from kinship.data import BatchPlan, ImageSet, LabeledPlan, TensorLoader, TrainData, labeled_subset
 from kinship.dispatch import OpLog
 from kinship.methods import StepInfo
 from kinship.methods.base import run_step
-from kinship.optim import build_optimizer
 from kinship.runtime import (
-    compiled,
     deterministic,
     environment,
     resolve_device,
@@ -36,6 +34,98 @@ from kinship.runtime import (
     tune_cuda,
     use_bf16,
 )
+
+
+class StepRunner:
+    """Steps of one method as the trainer runs them (:func:`kinship.methods.base.run_step`), on random
+    uint8 images on the device: fresh batches (``pipeline``) or one batch's views again (``compute_only``)."""
+
+    def __init__(self, config: RunConfig, device: torch.device, images: int, compute_only: bool, autocast: bool) -> None:
+        batch = config.train.batch_size
+        self.n = max(batch * 4, images)  # by default more images than a memory bank holds
+        g = torch.Generator().manual_seed(0)
+        data = ImageSet(
+            torch.randint(0, 256, (self.n, 3, 32, 32), dtype=torch.uint8, generator=g),
+            torch.randint(0, 10, (self.n,), generator=g),
+            [str(i) for i in range(10)],
+        ).to(device)
+        handle, labeled_plan = TrainData.of(data), None
+        if config.train.labeled_batch_size:  # semi-supervised: 25 labels per class, a labeled batch beside each unlabeled one
+            handle = TrainData.of(data, labeled_subset(data.labels, per_class=25))
+            labeled_plan = LabeledPlan(handle.labeled, config.train.labeled_batch_size, seed=0)
+        self.method, self.step_fn, self.optimizer = assemble_training(config, handle, device)
+        self.loader = TensorLoader(data, BatchPlan(self.n, batch, seed=0), handle.labels, labeled_plan)
+        self.device, self.compute_only, self.autocast = device, compute_only, autocast
+        self.steps_per_epoch, self.generator = self.n // batch, torch.Generator(device=device).manual_seed(0)
+        self.batches, self.fixed = iter(()), None
+        self.compiled_graphs: list[int] = []  # the graphs dynamo made in each step (train.compile)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def refresh_all(self, total_steps: int) -> dict[str, float]:
+        """Each of the method's refreshes once, timed (so the timed steps are those after a refresh)."""
+        seconds = {}
+        for refresh in self.method.refreshes():
+            start = time.perf_counter()
+            self.method.refresh(refresh.name, StepInfo(0, 0, total_steps, self.generator, 0, self.steps_per_epoch))
+            self.sync()
+            seconds[refresh.name] = round(time.perf_counter() - start, 2)
+        return seconds
+
+    def step(self, i: int, total_steps: int, logs: dict[str, OpLog] | None = None) -> None:
+        graphs = counters["stats"]["unique_graphs"]
+        phase = (lambda name: logs[name]) if logs else (lambda name: contextlib.nullcontext())
+        info = StepInfo(0, i, total_steps, self.generator, i, self.steps_per_epoch)
+        if self.compute_only and self.fixed is not None:
+            batch, views = self.fixed
+        else:
+            batch, views = next(self.batches, None), None
+            if batch is None:
+                self.batches = self.loader.epoch(i)
+                batch = next(self.batches)
+        device = self.device.type if self.autocast else None
+        _, _, views = run_step(self.method, self.step_fn, self.optimizer, batch, info, device, views, phase)
+        if self.compute_only:
+            self.fixed = (batch, views)
+        self.compiled_graphs.append(counters["stats"]["unique_graphs"] - graphs)
+
+    def time(self, warmup: int, steps: int) -> dict:
+        """The first step, a run of ``steps`` between two synchronisations (the host queues work while
+        the device runs, as in training), then ``steps`` synchronised one by one with the solver timed
+        within (the median is robust to a shared machine's slowdowns), then one step's ops."""
+        total = warmup + 2 * steps + 1
+        refresh_s = self.refresh_all(total)
+        start = time.perf_counter()
+        self.step(0, total)
+        self.sync()
+        first_step_s = time.perf_counter() - start  # with compile: the compilation
+        for i in range(1, warmup):
+            self.step(i, total)
+        self.sync()
+        start = time.perf_counter()
+        for i in range(warmup, warmup + steps):
+            self.step(i, total)
+        self.sync()
+        run_s, times = time.perf_counter() - start, []
+        with timed_sections() as sections:
+            for i in range(warmup + steps, warmup + 2 * steps):
+                start = time.perf_counter()
+                self.step(i, total)
+                self.sync()
+                times.append(time.perf_counter() - start)
+        logs = {name: OpLog() for name in ("views", "step", "after_step")}
+        with torch.compiler.set_stance("force_eager"):  # the ops the code asks for (compiled frames skip a dispatch mode)
+            self.step(warmup + 2 * steps, total, logs)
+        return {
+            "first_step_s": first_step_s,
+            "run_s": run_s,
+            "times": times,
+            "sections": dict(sections),
+            "logs": logs,
+            "refresh_s": refresh_s,
+        }
 
 
 def bench(
@@ -63,115 +153,39 @@ def bench(
     values = {
         "method": {"name": method},
         "model": {"backbone": backbone, "width": width},
-        "train": {"batch_size": batch, "compile": compile},
+        "train": {"batch_size": batch, "compile": compile, "channels_last": channels_last},
     }
     config = build_config(apply_overrides(values, list(overrides)))
-    g = torch.Generator().manual_seed(0)
-    n = max(batch * 4, images)  # by default more images than a memory bank holds
-    data = ImageSet(
-        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-        torch.randint(0, 10, (n,), generator=g),
-        [str(i) for i in range(10)],
-    ).to(dev)
-    handle, labeled_plan = TrainData.of(data), None
-    if config.train.labeled_batch_size:  # semi-supervised: 25 labels per class, a labeled batch beside each unlabeled one
-        handle = TrainData.of(data, labeled_subset(data.labels, per_class=25))
-        labeled_plan = LabeledPlan(handle.labeled, config.train.labeled_batch_size, seed=0)
-    model = build_method(config, handle).to(dev)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config.optim, batch)
-    step_fn = compiled(model, compile, config.train.compile_backend, config.train.compile_mode)
-    autocast = use_bf16(precision, dev)
-    loader = TensorLoader(data, BatchPlan(n, batch, seed=0), handle.labels, labeled_plan)
-    generator = torch.Generator(device=dev).manual_seed(0)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    total_steps = warmup + 2 * steps + 1  # warm-up, the run, the steps synchronised one by one, the counted one
-    batches = iter(())
-    fixed: tuple | None = None
-    refresh_s = {}
-    for refresh in model.refreshes():  # once up front, so the timed steps are those after a refresh
-        start = time.perf_counter()
-        model.refresh(refresh.name, StepInfo(0, 0, total_steps, generator, 0, n // batch))
-        sync()
-        refresh_s[refresh.name] = round(time.perf_counter() - start, 2)
-
-    compiled_graphs: list[int] = []  # the graphs dynamo made in each step (train.compile)
-
-    def one_step(i: int, logs: dict[str, OpLog] | None = None) -> None:
-        nonlocal batches, fixed
-        graphs = counters["stats"]["unique_graphs"]
-        phase = (lambda name: logs[name]) if logs else (lambda name: contextlib.nullcontext())
-        info = StepInfo(0, i, total_steps, generator, i, n // batch)
-        if compute_only and fixed is not None:
-            b, views = fixed
-        else:
-            b, views = next(batches, None), None
-            if b is None:
-                batches = loader.epoch(i)
-                b = next(batches)
-        _, _, views = run_step(model, step_fn, optimizer, b, info, dev.type if autocast else None, views, phase)
-        if compute_only:
-            fixed = (b, views)
-        compiled_graphs.append(counters["stats"]["unique_graphs"] - graphs)
-
+    runner = StepRunner(config, dev, images, compute_only, use_bf16(precision, dev))
     with (
         compiled_views(compile, config.train.compile_backend, config.train.compile_mode),
         deterministic(config.train.deterministic),
     ):
-        start = time.perf_counter()
-        one_step(0)
-        sync()
-        first_step_seconds = time.perf_counter() - start  # with compile: the compilation
-        for i in range(1, warmup):
-            one_step(i)
-        sync()
-        # A run of steps between two synchronisations: the host queues work while the device runs, as in training.
-        start = time.perf_counter()
-        for i in range(warmup, warmup + steps):
-            one_step(i)
-        sync()
-        run_seconds = time.perf_counter() - start
-        # Then each step between two synchronisations, the solver timed within (synchronised, so kept out
-        # of the run above): the median is robust to the transient slowdowns of a shared machine.
-        times = []
-        with timed_sections() as sections:
-            for i in range(warmup + steps, warmup + 2 * steps):
-                start = time.perf_counter()
-                one_step(i)
-                sync()
-                times.append(time.perf_counter() - start)
-        logs = {name: OpLog() for name in ("views", "step", "after_step")}
-        with torch.compiler.set_stance("force_eager"):  # the ops the code asks for (compiled frames skip a dispatch mode)
-            one_step(warmup + 2 * steps, logs)
-        median = statistics.median(times)
-        return {
-            "method": method,
-            "overrides": list(overrides),
-            "backbone": backbone,
-            "device": dev.type,
-            "batch": batch,
-            "mode": "compute_only" if compute_only else "pipeline",
-            "img_per_s": round(batch / median, 1),
-            "img_per_s_mean": round(batch * steps / sum(times), 1),
-            "img_per_s_run": round(batch * steps / run_seconds, 1),
-            "steps": steps,
-            "compile": compile,
-            "first_step_s": round(first_step_seconds, 2),
-            **({"compiled_graphs": compiled_graphs} if compile else {}),
-            "channels_last": channels_last,
-            "deterministic": config.train.deterministic,
-            "autocast_bf16": autocast,
-            "env": environment(),
-            "ops": {name: log.total for name, log in logs.items()},
-            "host_syncs": {name: dict(log.syncs) for name, log in logs.items() if log.syncs},
-            **({"solver_frac": round(sections["solver"] / sum(times), 4)} if "solver" in sections else {}),
-            **({"refresh_s": refresh_s, "images": n} if refresh_s else {}),
-        }
+        timed = runner.time(warmup, steps)
+    times, logs, sections = timed["times"], timed["logs"], timed["sections"]
+    return {
+        "method": method,
+        "overrides": list(overrides),
+        "backbone": backbone,
+        "device": dev.type,
+        "batch": batch,
+        "mode": "compute_only" if compute_only else "pipeline",
+        "img_per_s": round(batch / statistics.median(times), 1),
+        "img_per_s_mean": round(batch * steps / sum(times), 1),
+        "img_per_s_run": round(batch * steps / timed["run_s"], 1),
+        "steps": steps,
+        "compile": compile,
+        "first_step_s": round(timed["first_step_s"], 2),
+        **({"compiled_graphs": runner.compiled_graphs} if compile else {}),
+        "channels_last": channels_last,
+        "deterministic": config.train.deterministic,
+        "autocast_bf16": runner.autocast,
+        "env": environment(),
+        "ops": {name: log.total for name, log in logs.items()},
+        "host_syncs": {name: dict(log.syncs) for name, log in logs.items() if log.syncs},
+        **({"solver_frac": round(sections["solver"] / sum(times), 4)} if "solver" in sections else {}),
+        **({"refresh_s": timed["refresh_s"], "images": runner.n} if timed["refresh_s"] else {}),
+    }
 
 
 def peak_rss_mb() -> float:

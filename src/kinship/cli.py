@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from pathlib import Path
 
 from kinship.errors import ConfigError, DataError, KinshipError
@@ -192,10 +193,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kinship", description="Representation learning from an image's kin.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="pre-train a backbone and monitor it with k-NN")
     p.add_argument("--config", help="YAML config (default with --resume: OUT/config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=10")
@@ -221,12 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(func=cmd_pretrain)
 
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    from kinship.config import Protocol
+
     e = sub.add_parser(
         "eval", help="evaluate a checkpoint: knn, linear, finetune, clustering, purity, tsne, curves, classifier or all"
     )
-    e.add_argument(
-        "protocol", choices=["all", "knn", "linear", "finetune", "clustering", "purity", "tsne", "curves", "classifier"]
-    )
+    e.add_argument("protocol", choices=["all", *typing.get_args(Protocol)])
     e.add_argument("--checkpoint", required=True, help="last.pt of a pretrain run")
     e.add_argument("--data", help="evaluate on other data: cifar10, cifar100, stl10, a .npz file or an ImageFolder root")
     e.add_argument(
@@ -236,12 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
 
+
+def add_export(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser("export", help="write the pre-trained backbone as a plain torchvision state_dict")
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", required=True, help="output file, e.g. backbone.pt")
     x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     x.set_defaults(func=cmd_export)
 
+
+def add_views(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("views", help="save a PNG grid of a config's augmented views")
     v.add_argument("--config", required=True)
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -250,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(func=cmd_views)
 
+
+def add_pack_npz(sub: argparse._SubParsersAction) -> None:
     n = sub.add_parser(
         "pack-npz", help="write the JPEG npz the demo and CPU presets read, from torchvision data or an ImageFolder"
     )
@@ -261,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--out", required=True, help="the .npz to write")
     n.set_defaults(func=cmd_pack_npz)
 
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="training throughput of one method, or of the streaming loader alone, as one JSON line")
     b.add_argument("--method", help="the method to time (not with --loader-only)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -290,11 +298,24 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--decoder", default="pil", choices=["pil", "nvjpeg"], help="--loader-only: as data.decoder")
     b.set_defaults(func=cmd_bench)
 
+
+def add_check_data(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("check-data", help="list every image of a folder that does not decode, before a long run")
     c.add_argument("path", help="an ImageFolder root (PATH/<class>/<image>)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_check_data)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kinship", description="Representation learning from an image's kin.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_pretrain, add_eval, add_export, add_views, add_pack_npz, add_bench, add_check_data):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
         settings = [arg for arg in extra if "=" in arg and not arg.startswith("-")]

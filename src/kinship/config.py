@@ -316,6 +316,11 @@ def _coerce(value: Any, hint: Any, where: str, default: Any = None) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    return _scalar(value, hint, where)
+
+
+def _scalar(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the scalar type ``hint`` (bool, int, float, str or Any)."""
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -394,11 +399,9 @@ def known_backbone(name: str) -> bool:
     )
 
 
-def validate(config: RunConfig) -> None:
-    """Value checks that types alone cannot express."""
-    checks = [
+def _model_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    return [
         (known_backbone(config.model.backbone), f"unknown model.backbone '{config.model.backbone}' (choose {BACKBONES})"),
-        (config.train.epochs >= 1, "train.epochs must be >= 1"),
         (
             config.model.norm != "split"
             or (config.model.bn_splits >= 1 and config.train.batch_size % config.model.bn_splits == 0),
@@ -409,6 +412,12 @@ def validate(config: RunConfig) -> None:
             not config.model.zero_init_residual or config.model.backbone.startswith("resnet"),
             "model.zero_init_residual applies to ResNet backbones only",
         ),
+    ]
+
+
+def _train_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    return [
+        (config.train.epochs >= 1, "train.epochs must be >= 1"),
         (
             min(
                 config.train.checkpoint_every,
@@ -424,24 +433,26 @@ def validate(config: RunConfig) -> None:
         ),
         (config.train.log_every >= 1, "train.log_every must be >= 1"),
         (config.train.batch_size >= 2, "train.batch_size must be >= 2"),
+        (config.train.dist_timeout_min > 0, "train.dist_timeout_min must be > 0"),
+    ]
+
+
+def _optim_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    return [
         (config.optim.lr > 0, "optim.lr must be > 0"),
         (
             config.optim.warmup_start_lr >= 0 and config.optim.warmup_epochs >= 0,
             "optim.warmup_start_lr and warmup_epochs must be >= 0",
         ),
         (not config.optim.nesterov or config.optim.name == "sgd", "optim.nesterov is for optim.name: sgd"),
-        (config.eval.knn_k >= 1, "eval.knn_k must be >= 1"),
-        (config.eval.knn_temperature > 0, "eval.knn_temperature must be > 0"),
+    ]
+
+
+def _data_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    return [
         (
             sum(map(bool, (config.data.labeled_per_class, config.data.labeled_fraction, config.data.labeled_file))) <= 1,
             "set only one of data.labeled_per_class, data.labeled_fraction and data.labeled_file",
-        ),
-        (all(0 < f <= 1 for f in config.eval.finetune.fractions), "eval.finetune.fractions must lie in (0, 1]"),
-        (all(n >= 1 for n in config.eval.finetune.per_class), "eval.finetune.per_class must be >= 1"),
-        (all(k >= 1 and t > 0 for k, t in config.eval.knn_protocols), "eval.knn_protocols: each entry is [k >= 1, T > 0]"),
-        (
-            config.eval.clustering_k >= 0 and config.eval.clustering_restarts >= 1,
-            "eval.clustering_k must be >= 0 and eval.clustering_restarts >= 1",
         ),
         (0.0 <= config.data.labeled_fraction <= 1.0, "data.labeled_fraction must be in [0, 1]"),
         (0.0 <= config.data.label_noise < 1.0, "data.label_noise must be in [0, 1)"),
@@ -457,15 +468,33 @@ def validate(config: RunConfig) -> None:
         ),
         (0.0 <= config.data.max_bad_files < 1.0, "data.max_bad_files (a share of the training images) must be in [0, 1)"),
         (config.data.memory_budget_gb > 0, "data.memory_budget_gb must be > 0"),
-        (config.train.dist_timeout_min > 0, "train.dist_timeout_min must be > 0"),
+    ]
+
+
+def _eval_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    return [
+        (config.eval.knn_k >= 1, "eval.knn_k must be >= 1"),
+        (config.eval.knn_temperature > 0, "eval.knn_temperature must be > 0"),
+        (all(0 < f <= 1 for f in config.eval.finetune.fractions), "eval.finetune.fractions must lie in (0, 1]"),
+        (all(n >= 1 for n in config.eval.finetune.per_class), "eval.finetune.per_class must be >= 1"),
+        (all(k >= 1 and t > 0 for k, t in config.eval.knn_protocols), "eval.knn_protocols: each entry is [k >= 1, T > 0]"),
+        (
+            config.eval.clustering_k >= 0 and config.eval.clustering_restarts >= 1,
+            "eval.clustering_k must be >= 0 and eval.clustering_restarts >= 1",
+        ),
         (
             config.eval.baseline_limit >= 0 and config.eval.knn_train_limit >= 0,
             "eval.baseline_limit and eval.knn_train_limit must be >= 0",
         ),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+
+
+def validate(config: RunConfig) -> None:
+    """Value checks that types alone cannot express, section by section."""
+    for checks in (_model_checks, _train_checks, _optim_checks, _data_checks, _eval_checks):
+        for ok, message in checks(config):
+            if not ok:
+                raise ConfigError(message)
 
 
 def to_dict(config: Any) -> dict:

@@ -223,3 +223,62 @@ def slot_targets(slots: torch.Tensor, weights: torch.Tensor, k: int, temperature
     dense.scatter_add_(1, slots.clamp_min(0), torch.where(weights > 0, weights, torch.zeros_like(weights)))
     exp = torch.where(dense > 0, (dense / temperature).exp(), torch.zeros_like(dense))
     return exp / exp.sum(dim=1, keepdim=True).clamp_min(torch.finfo(exp.dtype).tiny)
+
+
+class ClusteringHead(nn.Module):
+    """One online constrained clustering (CoKe, Sec. 3): centres, duals, the label of every training
+    image, the epoch's count of changed labels and, for the moving-average labels, the label slots.
+    Every process holds the same state: the updates take the global batch's labels."""
+
+    def __init__(self, k: int, dim: int, size: int, slots: int, per_batch: bool) -> None:
+        super().__init__()
+        self.k = k
+        self.centres = OnlineCentres(k, dim, renormalise_per_batch=per_batch)
+        self.register_buffer("duals", torch.zeros(k))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("changed", torch.zeros((), dtype=torch.long))  # labels that changed this epoch
+        self.register_buffer("relabelled", torch.zeros((), dtype=torch.long))  # images that had a label before
+        if slots:
+            self.register_buffer("slots", torch.full((size, slots), -1, dtype=torch.long))
+            self.register_buffer("slot_weights", torch.zeros(size, slots))
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, y: torch.Tensor, bound: float, eta: float, per_batch: bool) -> None:
+        """A dual step (CoKe Eq. 18) and the centres' update (Eq. 13) from this process's features
+        (B, d) and their labels y (B,)."""
+        self.duals.copy_(dual_step(self.duals, y, bound, eta))
+        self.centres.renormalise_per_batch = per_batch
+        self.centres.update(features, y)
+
+    @torch.no_grad()
+    def relabel(self, index: torch.Tensor, y: torch.Tensor, average_weight: torch.Tensor | None = None) -> None:
+        """The global batch's labels y (dataset indices ``index``) into the table, counting the
+        changes; with ``average_weight``, also into the moving-average slots."""
+        before = self.labels[index]
+        self.changed += ((before >= 0) & (before != y)).sum()
+        self.relabelled += (before >= 0).sum()
+        self.labels[index] = y
+        if average_weight is not None:
+            slots, weights = self.slots[index], self.slot_weights[index]
+            update_label_slots(slots, weights, y, average_weight)
+            self.slots[index], self.slot_weights[index] = slots, weights
+
+    @torch.no_grad()
+    def end_epoch(self, bound: float, weight: float) -> dict:
+        """The epoch's smallest and largest cluster against the bound gamma' n / K (CoKe Table 1's
+        columns; n = the images assigned in the epoch) and the share of labels that changed; then the
+        centres' epoch ends (``weight``: of their moving average) and a fresh epoch's counts start."""
+        counts = self.centres.counts
+        row = {
+            "k": self.k,
+            "min": counts.min(),
+            "max": counts.max(),
+            "bound": bound * counts.sum() / self.k,
+            "changed": (self.changed / self.relabelled).item() if self.relabelled > 0 else None,
+            "dual_max": self.duals.max(),
+        }
+        self.centres.end_epoch(weight)
+        self.centres.start_epoch()
+        self.changed.zero_()
+        self.relabelled.zero_()
+        return row

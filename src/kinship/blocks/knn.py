@@ -113,3 +113,28 @@ def nearest_neighbours(features: torch.Tensor, k: int, chunk: int = 1024) -> tor
         nearest = top.values.gather(1, by_index.indices).sort(dim=1, stable=True).indices
         tables.append(by_index.values.gather(1, nearest))
     return torch.cat(tables)
+
+
+@torch.no_grad()
+def selection_purity(
+    slot_images: torch.Tensor, slots: torch.Tensor, selected: torch.Tensor, truth: torch.Tensor, query_index: torch.Tensor
+) -> torch.Tensor:
+    """The share of selected neighbours whose true class is their query's (CMSF Fig. 4's purity):
+    ``slot_images`` (M,) the dataset index in each bank slot (-1: empty), ``slots`` (B, k) and
+    ``selected`` (B, k, 1/0) a selection, ``truth`` (N,) the true labels (-1: unknown), ``query_index``
+    (B,) the queries' dataset indices. Pairs with an unknown label do not count."""
+    bank_index = slot_images[slots]
+    neighbour_truth = torch.where(bank_index >= 0, truth[bank_index.clamp_min(0)], -1)
+    query_truth = truth[query_index].unsqueeze(1)
+    known = selected * ((neighbour_truth >= 0) & (query_truth >= 0)).to(selected.dtype)
+    same = (neighbour_truth == query_truth).to(selected.dtype) * known
+    return same.sum() / known.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def rank_of_last(similarity: torch.Tensor, index: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B,) rank in the whole bank, by similarity to u_i (1 = nearest), of the farthest selected
+    neighbour: how far the constraint reaches past plain top-k (CMSF Fig. 5, "m" is its median)."""
+    last = (selected.sum(1, keepdim=True) - 1).clamp_min(0).long()
+    threshold = similarity.gather(1, index.gather(1, last))  # (B, 1)
+    return 1 + ((similarity > threshold).to(valid.dtype) * valid).sum(1)

@@ -190,67 +190,46 @@ class Evaluation:
 
     def finetune(self) -> dict:
         fc = self.config.eval.finetune
-        labels = self.data.train.labels
         settings = [("fraction", v) for v in fc.fractions] + [("per_class", v) for v in fc.per_class]
-        rows = []
-        for kind, value in settings:
-            tick = time.time()
-            tag = f"{100 * value:g}pct" if kind == "fraction" else f"{value}perclass"
-            subset = labeled_subset(labels, value if kind == "per_class" else 0, value if kind == "fraction" else 0.0, fc.seed)
-            save_indices(subset, self.out_dir / f"finetune_{tag}_indices.json")
-            sub = self.data.train.subset(subset)
-            sub_labels = sub.labels
-            feats = extract_features(self.backbone, sub, self.recipe, self.config.eval.batch_size, self.autocast)
-            test_feats = self.features().test
-            probe, head, standardize = linear_probe(
-                feats,
-                sub_labels,
-                test_feats,
-                self.data.test.labels,
-                self.num_classes,
-                tuple(self.config.eval.linear.l2_grid),
-                self.config.eval.linear.val_fraction,
-                fc.seed,
-                self.config.eval.linear.max_iter,
-            )
-            if fc.head_init == "random":
-                head = random_head(feats.shape[1], self.num_classes, self.device)
-            model = Classifier(
-                copy.deepcopy(self.backbone), standardize, copy.deepcopy(head).requires_grad_(True), train_backbone=True
-            )
-            losses = train_classifier(
-                model,
-                sub,
-                train_recipe(self.recipe, fc.crop_scale),
-                fc.epochs,
-                fc.batch_size,
-                fc.lr_backbone,
-                fc.lr_head,
-                fc.momentum,
-                fc.weight_decay,
-                None,
-                fc.seed,
-                self.autocast,
-                self.progress,
-                f"fine-tune {tag}",
-            )
-            acc = classifier_accuracy(
-                model, self.data.test, self.data.test.labels, self.recipe, self.config.eval.batch_size, self.autocast
-            )
-            rows.append(
-                {
-                    "labels": tag,
-                    "images": len(subset),
-                    "frozen_probe_top1": probe["top1"],
-                    "frozen_probe_top5": probe["top5"],
-                    "top1": acc[1],
-                    "top5": acc[5],
-                    "final_loss": losses[-1],
-                    "seconds": time.time() - tick,
-                }
-            )
-            self.log(f"fine-tune {tag} ({len(subset)} images): top-1 {acc[1]:.2f}% (frozen probe {probe['top1']:.2f}%)")
+        rows = [self.finetune_on(kind, value) for kind, value in settings]
         return {"settings": rows, "epochs": fc.epochs, "head_init": fc.head_init}
+
+    def finetune_on(self, kind: str, value: float) -> dict:
+        """Fine-tune the whole network on a seeded labeled subset (``value``: a fraction of each class
+        or a count per class), its classifier started from the frozen probe fitted on that subset."""
+        fc, ev, tick = self.config.eval.finetune, self.config.eval, time.time()
+        tag = f"{100 * value:g}pct" if kind == "fraction" else f"{value}perclass"
+        subset = labeled_subset(
+            self.data.train.labels, value if kind == "per_class" else 0, value if kind == "fraction" else 0.0, fc.seed
+        )
+        save_indices(subset, self.out_dir / f"finetune_{tag}_indices.json")
+        sub = self.data.train.subset(subset)
+        feats = extract_features(self.backbone, sub, self.recipe, ev.batch_size, self.autocast)
+        lc = ev.linear
+        probe, head, standardize = linear_probe(
+            feats, sub.labels, self.features().test, self.data.test.labels, self.num_classes, tuple(lc.l2_grid),
+            lc.val_fraction, fc.seed, lc.max_iter,
+        )  # fmt: skip
+        if fc.head_init == "random":
+            head = random_head(feats.shape[1], self.num_classes, self.device)
+        head = copy.deepcopy(head).requires_grad_(True)
+        model = Classifier(copy.deepcopy(self.backbone), standardize, head, train_backbone=True)
+        losses = train_classifier(
+            model, sub, train_recipe(self.recipe, fc.crop_scale), fc.epochs, fc.batch_size, fc.lr_backbone, fc.lr_head,
+            fc.momentum, fc.weight_decay, None, fc.seed, self.autocast, self.progress, f"fine-tune {tag}",
+        )  # fmt: skip
+        acc = classifier_accuracy(model, self.data.test, self.data.test.labels, self.recipe, ev.batch_size, self.autocast)
+        self.log(f"fine-tune {tag} ({len(subset)} images): top-1 {acc[1]:.2f}% (frozen probe {probe['top1']:.2f}%)")
+        return {
+            "labels": tag,
+            "images": len(subset),
+            "frozen_probe_top1": probe["top1"],
+            "frozen_probe_top5": probe["top5"],
+            "top1": acc[1],
+            "top5": acc[5],
+            "final_loss": losses[-1],
+            "seconds": time.time() - tick,
+        }
 
     def clustering(self) -> dict:
         """k-means fitted on train features, applied to the test split (SCAN protocol); and the method's head."""
@@ -374,6 +353,123 @@ class Evaluation:
         return report
 
 
+def _knn_markdown(result: dict) -> list[str]:
+    lines = [
+        "## k-NN (cosine, frozen backbone, train split as the bank)",
+        "",
+        "| vote | k | T | top-1 | top-5 |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| weighted | {r['k']} | {r['T']} | {r['top1']:.2f} | {r['top5']:.2f} |" for r in result["weighted"]]
+    lines += [f"| majority | {r['k']} | - | {r['top1']:.2f} | - |" for r in result["plain"]]
+    lines.append("")
+    return lines
+
+
+def _linear_markdown(r: dict) -> list[str]:
+    how = (
+        "full-batch L-BFGS logistic regression on cached, l2-normalised and standardised features, "
+        f"l2 = {r['l2']:g} chosen on 10% of train"
+        if r["mode"] == "lbfgs"
+        else f"SGD on augmented images, {r['epochs']} epochs"
+    )
+    return [
+        "## Linear probe",
+        "",
+        f"{how}.",
+        "",
+        "| top-1 | top-5 |",
+        "|---|---|",
+        f"| {r['top1']:.2f} | {r['top5']:.2f} |",
+        "",
+    ]
+
+
+def _finetune_markdown(r: dict) -> list[str]:
+    lines = [
+        "## Semi-supervised fine-tuning (whole network)",
+        "",
+        f"{r['epochs']} epochs, classifier initialised from: {r['head_init']}.",
+        "",
+        "| labels | images | frozen probe top-1 | fine-tuned top-1 | fine-tuned top-5 |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {s['labels']} | {s['images']:,} | {s['frozen_probe_top1']:.2f} | {s['top1']:.2f} | {s['top5']:.2f} |"
+        for s in r["settings"]
+    ]
+    lines.append("")
+    return lines
+
+
+def _clustering_markdown(result: dict) -> list[str]:
+    lines = [
+        "## Clustering of the test split",
+        "",
+        "| clustering | K (occupied) | ACC | NMI | ARI |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['clustering']} | {r['k']}{' (%d)' % r['occupied'] if 'occupied' in r else ''} | {r['acc']:.2f} | "
+        f"{r['nmi']:.2f} | {r['ari']:.2f} |"
+        for r in result["rows"]
+    ]
+    lines.append("")
+    return lines
+
+
+def _purity_markdown(r: dict) -> list[str]:
+    ks = list(r["purity"])
+    return [
+        "## Neighbour purity (test queries, train bank)",
+        "",
+        "| k | " + " | ".join(ks) + " |",
+        "|---" * (len(ks) + 1) + "|",
+        "| purity (%) | " + " | ".join(f"{r['purity'][k]:.2f}" for k in ks) + " |",
+        "",
+        f"Mean cosine similarity of test pairs: same class {r['intra_class_cosine']:.4f}, "
+        f"different classes {r['inter_class_cosine']:.4f}.",
+        "",
+    ]
+
+
+def _classifier_markdown(result: dict) -> list[str]:
+    lines = [
+        "## The method's own classifiers (test split)",
+        "",
+        "| classifier | top-1 | top-5 | median of the last 20 logged top-1 (count) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['classifier']} | {r['top1']:.2f} | {r['top5']:.2f} | "
+        + (f"{r['median_last_20']:.2f} ({r['logged']})" if r["logged"] else "-")
+        + " |"
+        for r in result["rows"]
+    ]
+    lines.append("")
+    return lines
+
+
+def _tsne_markdown(result: dict) -> list[str]:
+    return ["## t-SNE of test features", "", f"![t-SNE]({result['png']})", ""]
+
+
+def _curves_markdown(result: dict) -> list[str]:
+    return ["## Training curves", "", f"![training curves]({result['png']})", ""]
+
+
+MARKDOWN_SECTIONS = {
+    "knn": _knn_markdown,
+    "linear": _linear_markdown,
+    "finetune": _finetune_markdown,
+    "clustering": _clustering_markdown,
+    "purity": _purity_markdown,
+    "classifier": _classifier_markdown,
+    "tsne": _tsne_markdown,
+    "curves": _curves_markdown,
+}
+
+
 def markdown_report(report: dict) -> str:
     """The report as Markdown: one table per protocol, the pictures, and the time each took."""
     d = report["data"]
@@ -390,94 +486,9 @@ def markdown_report(report: dict) -> str:
         f"torch {env.get('torch')}, {env.get('threads', '?')} threads.",
         "",
     ]
-    if "knn" in p:
-        lines += [
-            "## k-NN (cosine, frozen backbone, train split as the bank)",
-            "",
-            "| vote | k | T | top-1 | top-5 |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [f"| weighted | {r['k']} | {r['T']} | {r['top1']:.2f} | {r['top5']:.2f} |" for r in p["knn"]["weighted"]]
-        lines += [f"| majority | {r['k']} | - | {r['top1']:.2f} | - |" for r in p["knn"]["plain"]]
-        lines.append("")
-    if "linear" in p:
-        r = p["linear"]
-        how = (
-            "full-batch L-BFGS logistic regression on cached, l2-normalised and standardised features, "
-            f"l2 = {r['l2']:g} chosen on 10% of train"
-            if r["mode"] == "lbfgs"
-            else f"SGD on augmented images, {r['epochs']} epochs"
-        )
-        lines += [
-            "## Linear probe",
-            "",
-            f"{how}.",
-            "",
-            "| top-1 | top-5 |",
-            "|---|---|",
-            f"| {r['top1']:.2f} | {r['top5']:.2f} |",
-            "",
-        ]
-    if "finetune" in p:
-        r = p["finetune"]
-        lines += [
-            "## Semi-supervised fine-tuning (whole network)",
-            "",
-            f"{r['epochs']} epochs, classifier initialised from: {r['head_init']}.",
-            "",
-            "| labels | images | frozen probe top-1 | fine-tuned top-1 | fine-tuned top-5 |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {s['labels']} | {s['images']:,} | {s['frozen_probe_top1']:.2f} | {s['top1']:.2f} | {s['top5']:.2f} |"
-            for s in r["settings"]
-        ]
-        lines.append("")
-    if "clustering" in p:
-        lines += [
-            "## Clustering of the test split",
-            "",
-            "| clustering | K (occupied) | ACC | NMI | ARI |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['clustering']} | {r['k']}{' (%d)' % r['occupied'] if 'occupied' in r else ''} | {r['acc']:.2f} | "
-            f"{r['nmi']:.2f} | {r['ari']:.2f} |"
-            for r in p["clustering"]["rows"]
-        ]
-        lines.append("")
-    if "purity" in p:
-        r = p["purity"]
-        ks = list(r["purity"])
-        lines += [
-            "## Neighbour purity (test queries, train bank)",
-            "",
-            "| k | " + " | ".join(ks) + " |",
-            "|---" * (len(ks) + 1) + "|",
-            "| purity (%) | " + " | ".join(f"{r['purity'][k]:.2f}" for k in ks) + " |",
-            "",
-            f"Mean cosine similarity of test pairs: same class {r['intra_class_cosine']:.4f}, "
-            f"different classes {r['inter_class_cosine']:.4f}.",
-            "",
-        ]
-    if "classifier" in p:
-        lines += [
-            "## The method's own classifiers (test split)",
-            "",
-            "| classifier | top-1 | top-5 | median of the last 20 logged top-1 (count) |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['classifier']} | {r['top1']:.2f} | {r['top5']:.2f} | "
-            + (f"{r['median_last_20']:.2f} ({r['logged']})" if r["logged"] else "-")
-            + " |"
-            for r in p["classifier"]["rows"]
-        ]
-        lines.append("")
-    if "tsne" in p:
-        lines += ["## t-SNE of test features", "", f"![t-SNE]({p['tsne']['png']})", ""]
-    if "curves" in p:
-        lines += ["## Training curves", "", f"![training curves]({p['curves']['png']})", ""]
+    for name, section in MARKDOWN_SECTIONS.items():
+        if name in p:
+            lines += section(p[name])
     if skipped:
         lines += ["## Skipped", ""] + [f"- {name}: {why}" for name, why in skipped.items()] + [""]
     feats = report.get("features")

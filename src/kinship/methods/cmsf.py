@@ -35,7 +35,7 @@ from torch import nn
 from kinship.augment.views import make_views
 from kinship.blocks.cache import SampleCache
 from kinship.blocks.ema import EMATarget
-from kinship.blocks.knn import masked_topk
+from kinship.blocks.knn import masked_topk, rank_of_last, selection_purity
 from kinship.blocks.multicrop import forward_crops
 from kinship.blocks.pseudo_labels import PseudoLabeler
 from kinship.blocks.queue import FifoQueue
@@ -45,11 +45,13 @@ from kinship.methods.base import Batch, Method, StepInfo, TrainData
 from kinship.models.heads import mlp
 from kinship.runtime import all_gather_cat, rank, world_size
 
+Constraint = Literal["none", "self", "supervised", "semi"]  # none: MSF
+
 
 @dataclass
 class CMSFConfig(MethodConfig):
     name: str = "cmsf"
-    constraint: Literal["none", "self", "supervised", "semi"] = "self"  # none: MSF
+    constraint: Constraint = "self"
     topk: int = 5  # k: self 5, supervised 10, semi 10 (paper, Sec. 3)
     topk_constraint: int = 5  # k' of the self constraint (Table 3: 5 best of 5..80)
     top_all: bool = False  # supervised: S_i = C_i
@@ -104,16 +106,7 @@ class CMSFConfig(MethodConfig):
 @dataclass
 class MSFConfig(CMSFConfig):
     name: str = "msf"
-    constraint: Literal["none", "self", "supervised", "semi"] = "none"
-
-
-@torch.no_grad()
-def rank_of_last(similarity: torch.Tensor, index: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B,) rank in the whole bank, by similarity to u_i (1 = nearest), of the farthest selected
-    neighbour: how far the constraint reaches past plain top-k (CMSF Fig. 5, "m" is its median)."""
-    last = (selected.sum(1, keepdim=True) - 1).clamp_min(0).long()
-    threshold = similarity.gather(1, index.gather(1, last))  # (B, 1)
-    return 1 + ((similarity > threshold).to(valid.dtype) * valid).sum(1)
+    constraint: Constraint = "none"
 
 
 def crop_mean_loss(predictions: list[torch.Tensor], neighbour_mean: torch.Tensor) -> torch.Tensor:
@@ -272,21 +265,12 @@ class CMSF(Method):
         return (neighbours * selected.unsqueeze(-1)).sum(1) / selected.sum(1, keepdim=True).clamp_min(1)
 
     def purity(self, selection: tuple[torch.Tensor, torch.Tensor], query_index: torch.Tensor, name: str) -> dict:
-        """{name: share of the selected neighbours whose true class is the query's} (Fig. 4's purity).
-
-        Measured with the ground-truth labels, as the official code does, not with the labels stored
-        in the bank: those are the constraint's own (pseudo or noisy) labels, so a supervised or
-        semi-supervised selection would be 100% pure by construction. Empty without true labels."""
+        """{name: Fig. 4's purity of the selection}, by the ground-truth labels as the official code
+        measures it (the bank's labels are the constraint's own, pure by construction); {} without them."""
         truth = self.data.true_labels
         if truth is None:
             return {}
-        slots, selected = selection
-        bank_index = self.bank.column("index")[slots]  # (B, k) dataset index of each slot, -1 if empty
-        neighbour_truth = torch.where(bank_index >= 0, truth[bank_index.clamp_min(0)], -1)
-        query_truth = truth[query_index].unsqueeze(1)
-        known = selected * ((neighbour_truth >= 0) & (query_truth >= 0)).to(selected.dtype)
-        same = (neighbour_truth == query_truth).to(selected.dtype) * known
-        return {name: same.sum() / known.sum().clamp_min(1)}
+        return {name: selection_purity(self.bank.column("index"), *selection, truth, query_index)}
 
     def self_constraint(self, w: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """C_i as slots (B, k') and a 1/0 mask: the k' slots of M' nearest to w_i (Sec. 2.1).

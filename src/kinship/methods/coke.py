@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kinship.augment.views import make_views
-from kinship.blocks.assignment import OnlineCentres, constrained_assignment, dual_step, slot_targets, update_label_slots
+from kinship.blocks.assignment import ClusteringHead, constrained_assignment, slot_targets
 from kinship.blocks.multicrop import forward_crops
 from kinship.config import AugmentConfig, MethodConfig, RunConfig, check
 from kinship.losses import soft_cross_entropy
@@ -112,23 +112,6 @@ class CoKeConfig(MethodConfig):
             self.moving_average_after == 0 or self.views == 1,
             "method.moving_average_after is the one-view stage 2: set method.views: 1",
         )
-
-
-class ClusteringHead(nn.Module):
-    """One online clustering: centres, duals, the label of every training image, the epoch's count
-    of changed labels and, for stage 2, the moving-average label slots."""
-
-    def __init__(self, k: int, dim: int, size: int, slots: int, per_batch: bool) -> None:
-        super().__init__()
-        self.k = k
-        self.centres = OnlineCentres(k, dim, renormalise_per_batch=per_batch)
-        self.register_buffer("duals", torch.zeros(k))
-        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
-        self.register_buffer("changed", torch.zeros((), dtype=torch.long))  # labels that changed this epoch
-        self.register_buffer("relabelled", torch.zeros((), dtype=torch.long))  # images that had a label before
-        if slots:
-            self.register_buffer("slots", torch.full((size, slots), -1, dtype=torch.long))
-            self.register_buffer("slot_weights", torch.zeros(size, slots))
 
 
 class CoKe(Method):
@@ -292,45 +275,15 @@ class CoKe(Method):
     ) -> None:
         """Eq. 18 and Eq. 13 on the global batch, then the new labels (gathered) into every table."""
         cfg = self.config
-        stage2 = self.stage2
         with section("solver"):
             everyone = all_gather_cat(index, sizes)
             for head, y in zip(self.heads, assigned):
-                head.duals.copy_(dual_step(head.duals, y, cfg.gamma, cfg.eta))
-                head.centres.renormalise_per_batch = cfg.centre_update == "per_batch" and not stage2
-                head.centres.update(xbar, y)
-                y = all_gather_cat(y, sizes)
-                before = head.labels[everyone]
-                head.changed += ((before >= 0) & (before != y)).sum()
-                head.relabelled += (before >= 0).sum()
-                head.labels[everyone] = y
-                if stage2:
-                    slots, weights = head.slots[everyone], head.slot_weights[everyone]
-                    update_label_slots(slots, weights, y, self.average_weight)
-                    head.slots[everyone], head.slot_weights[everyone] = slots, weights
+                head.update(xbar, y, cfg.gamma, cfg.eta, per_batch=cfg.centre_update == "per_batch" and not self.stage2)
+                head.relabel(everyone, all_gather_cat(y, sizes), self.average_weight if self.stage2 else None)
 
     @torch.no_grad()
     def on_epoch_end(self, epoch: int) -> dict:
-        """Per head: the smallest and largest cluster of the epoch against the bound gamma' n / K
-        (Table 1's columns; n = the images assigned in the epoch), and the share of labels that
-        changed; then C_prev <- C_run (stage 2: their moving average) and a fresh epoch's counts."""
-        cfg = self.config
-        rows = []
+        """Per head, Table 1's cluster sizes and the share of labels that changed; then C_prev <- C_run
+        (stage 2: their moving average)."""
         weight = self.moving_average_weight(epoch)
-        for head in self.heads:
-            counts = head.centres.counts
-            rows.append(
-                {
-                    "k": head.k,
-                    "min": counts.min(),
-                    "max": counts.max(),
-                    "bound": cfg.gamma * counts.sum() / head.k,
-                    "changed": (head.changed / head.relabelled).item() if head.relabelled > 0 else None,
-                    "dual_max": head.duals.max(),
-                }
-            )
-            head.centres.end_epoch(weight)
-            head.centres.start_epoch()
-            head.changed.zero_()
-            head.relabelled.zero_()
-        return {"clusters": rows}
+        return {"clusters": [head.end_epoch(self.config.gamma, weight) for head in self.heads]}

@@ -16,7 +16,6 @@ the previous checkpoint intact, and ``--resume`` on a folder without one starts 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import time
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kinship import checkpoint
-from kinship.assembly import RunData, build_method, load_run_data, make_loader
+from kinship.assembly import RunData, assemble_training, load_run_data, make_loader
 from kinship.augment.views import compiled_views
 from kinship.blocks.features import extract_features, pixel_features
 from kinship.blocks.knn import knn_accuracy, topk_accuracy
@@ -40,11 +39,10 @@ from kinship.data.stream import FileImages, StreamingLoader
 from kinship.errors import CheckpointError, DataError, NonFiniteLossError, WriteError
 from kinship.methods import Method, StepInfo
 from kinship.methods.base import run_step
-from kinship.optim import LRSchedule, build_optimizer, set_learning_rate
+from kinship.optim import LRSchedule, set_learning_rate
 from kinship.runtime import (
     agree,
     all_reduce,
-    compiled,
     deterministic,
     init_distributed,
     is_distributed,
@@ -56,23 +54,6 @@ from kinship.runtime import (
     use_bf16,
     world_size,
 )
-
-
-def synchronised_batch_norm(method: Method, sync_bn: bool) -> Method:
-    """The method with SyncBN under DDP (``train.sync_bn``), unless it keeps per-process BN."""
-    if not sync_bn or method.per_process_batch_norm:
-        return method
-    return nn.SyncBatchNorm.convert_sync_batchnorm(method)
-
-
-def no_buffer_sync() -> dict[str, bool]:
-    """DDP must not overwrite buffers from rank 0 at every forward: the queues and banks are kept
-    identical by all-gather, and BN statistics stay per process (or SyncBN). torch >= 2.14 names
-    this ``forward_sync_buffers``; older releases ``broadcast_buffers`` (ranks start identical, so
-    the newer name's one sync at init changes nothing)."""
-    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-
 
 # the config keys a resumed run may change: when to stop, save, log or evaluate, how many processes
 # read the files, and where a collective times out; none of them changes what a step computes
@@ -124,6 +105,20 @@ class Schedule:
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+
+@dataclass
+class Run:
+    """What a run has assembled, and where it stands."""
+
+    data: RunData
+    method: Method
+    step_fn: nn.Module  # the method, or its DDP or compiled wrapper
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    lr_at: LRSchedule
+    pos: Position
+    generator: torch.Generator  # each step's augmentation draws, re-seeded per step
 
 
 def plain(value: Any) -> Any:
@@ -308,145 +303,153 @@ class Trainer:
                     self.loader.close()  # its workers end with the run
 
     def run(self) -> dict:
+        run = self.set_up()
+        stopping = False
+        while run.pos.epoch < run.schedule.epochs and not stopping:
+            stopping = self.train_epoch(run)
+            if is_distributed():
+                dist.barrier()
+        self.summary.update(
+            minutes=(time.time() - self.start_time) / 60,
+            epochs_done=run.pos.epoch,
+            steps_done=run.pos.global_step,
+            stopped_early=run.pos.epoch < run.schedule.epochs,
+        )
+        self.write_metrics({"summary": self.summary})
+        return self.summary
+
+    def set_up(self) -> Run:
+        """Data, method, optimizer and schedule; the checkpoint's state restored (read before the
+        data), or a fresh run's config written; the loader started and, fresh, the baselines."""
         config, device = self.config, self.device
         torch.manual_seed(config.train.seed)
         self.start_time = self.last_save = time.time()
         checkpoint.remove_stale_temporaries(self.ckpt_path)
-        state = self.resume_state() if self.resume and self.ckpt_path.is_file() else None  # before the data is read
-        fresh = state is None
+        state = self.resume_state() if self.resume and self.ckpt_path.is_file() else None
         data = load_run_data(config, device, self.out_dir)
-        method = build_method(config, data.handle).to(device)
-        if config.train.channels_last:
-            method = method.to(memory_format=torch.channels_last)
-        if is_distributed() and device.type == "cuda":
-            method = synchronised_batch_norm(method, config.train.sync_bn)
-        model: nn.Module = method
-        if is_distributed():
-            model = nn.parallel.DistributedDataParallel(
-                method, find_unused_parameters=method.unused_parameters, **no_buffer_sync()
-            )
-        step_fn = compiled(model, config.train.compile, config.train.compile_backend, config.train.compile_mode)
+        method, step_fn, optimizer = assemble_training(config, data.handle, device)
         checkpoint.remove_stale_temporaries(self.compile_cache)
         if config.train.compile and checkpoint.load_compile_cache(self.compile_cache):
             self.log(f"compiling from the artifacts in {self.compile_cache}")
-        optimizer = build_optimizer(method, config.optim, config.train.batch_size)
-        plan = BatchPlan(
-            data.handle.size, config.train.batch_size, config.train.seed, rank(), world_size(), config.train.steps_per_epoch
-        )
-        schedule = Schedule(plan.steps_per_epoch, method.scan_epochs, config.train.epochs)
-        lr_at = LRSchedule.of(
-            config.optim, config.train.batch_size, schedule.steps_per_epoch, schedule.scan_steps, schedule.total_steps
-        )
+        t = config.train
+        plan = BatchPlan(data.handle.size, t.batch_size, t.seed, rank(), world_size(), t.steps_per_epoch)
+        schedule = Schedule(plan.steps_per_epoch, method.scan_epochs, t.epochs)
+        lr_at = LRSchedule.of(config.optim, t.batch_size, schedule.steps_per_epoch, schedule.scan_steps, schedule.total_steps)
+        pos = self.start(method, optimizer, state, schedule)
+        del state  # the weights are in the method now
+        self.loader = make_loader(data, config, plan, device, method)
+        if isinstance(self.loader, StreamingLoader):  # its workers start decoding now, before the baselines fill this process
+            self.loader.start(pos.epoch, pos.step_in_epoch)
+        if not self.resumed and config.eval.baselines:
+            self.baselines(method, data)
+        return Run(data, method, step_fn, optimizer, schedule, lr_at, pos, torch.Generator(device=device))
 
-        if not fresh:
-            pos = self.restore(method, optimizer, state)
-            del state  # the weights are in the method now
-            if pos.step_in_epoch >= schedule.steps_per_epoch or pos.epoch > schedule.epochs:
-                raise CheckpointError(
-                    f"{self.ckpt_path} stopped at epoch {pos.epoch + 1}, step {pos.step_in_epoch}, outside this run's plan of "
-                    f"{schedule.epochs} epochs of {schedule.steps_per_epoch} steps (train.epochs can only grow, and the "
-                    "batch and data as written)"
-                )
-            self.log(f"resumed from {self.ckpt_path} at epoch {pos.epoch + 1}, step {pos.global_step}")
-        else:
+    def start(self, method: Method, optimizer: torch.optim.Optimizer, state: dict | None, schedule: Schedule) -> Position:
+        """The position to train from: the checkpoint's, with its state restored, or the start."""
+        self.resumed = state is not None
+        if state is None:
             if self.resume:
                 self.log(f"--resume: no checkpoint in {self.out_dir} yet, starting the run")
-            pos = Position()
             if self.is_main:
                 self.metrics_path.unlink(missing_ok=True)
-                save_config(config, self.out_dir / "config.yaml")
-        self.loader = loader = make_loader(data, config, plan, device, method)
-        if isinstance(loader, StreamingLoader):  # its workers start decoding now, before the baselines fill this process
-            loader.start(pos.epoch, pos.step_in_epoch)
-        if fresh and config.eval.baselines:
-            self.baselines(method, data)
-
-        generator = torch.Generator(device=device)
-        stopping = False
-        while pos.epoch < schedule.epochs and not stopping:
-            bar = progress_bar(
-                total=schedule.steps_per_epoch,
-                initial=pos.step_in_epoch,
-                enabled=self.is_main and config.train.progress,
-                desc=f"epoch {pos.epoch + 1}/{schedule.epochs}",
+                save_config(self.config, self.out_dir / "config.yaml")
+            return Position()
+        pos = self.restore(method, optimizer, state)
+        if pos.step_in_epoch >= schedule.steps_per_epoch or pos.epoch > schedule.epochs:
+            raise CheckpointError(
+                f"{self.ckpt_path} stopped at epoch {pos.epoch + 1}, step {pos.step_in_epoch}, outside this run's plan of "
+                f"{schedule.epochs} epochs of {schedule.steps_per_epoch} steps (train.epochs can only grow, and the "
+                "batch and data as written)"
             )
-            tick, save_at_epoch_end = time.time(), False
-            epoch_tick, epoch_first_step, mean_loss = tick, pos.step_in_epoch, math.nan
-            for batch in loader.epoch(pos.epoch, pos.step_in_epoch):
-                generator.manual_seed(config.train.seed * 7919 * 1_000_003 + pos.global_step)
-                info = StepInfo(
-                    pos.epoch,
-                    pos.global_step,
-                    schedule.total_steps,
-                    generator,
-                    config.train.seed * 1_000_003 + pos.global_step,
-                    schedule.steps_per_epoch,
-                    update=pos.epoch >= schedule.scan_epochs,
-                )
-                self.run_refreshes(method, info)
-                lr = 0.0
-                if info.update:
-                    lr = lr_at(pos.global_step)
-                    set_learning_rate(optimizer, lr)
-                loss, logs = self.step(method, step_fn, optimizer, batch, info)
-                pos.global_step += 1
-                pos.step_in_epoch += 1
-                self.loss_sum += loss.detach().float()
-                self.loss_count += 1
-                bar.update(1)
-                if pos.step_in_epoch % config.train.log_every == 0 or pos.step_in_epoch == schedule.steps_per_epoch:
-                    self.collect_bad_files(pos)
-                    mean_loss = self.log_losses(pos, lr, logs, time.time() - tick, info.update)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}")
-                    tick = time.time()
-                stopping, save_now = self.interruptions(pos)
-                if pos.step_in_epoch == schedule.steps_per_epoch:
-                    save_at_epoch_end = save_now  # after on_epoch_end below
-                    continue
-                if stopping:
-                    self.monitor(method, data, pos)
-                    if method.classifiers():
-                        self.monitor_classifiers(method, data, pos)
-                if save_now or stopping:
-                    self.save(method, optimizer, pos)
-                if stopping:
-                    break
-            bar.close()
-            if bar.disable and self.is_main and config.train.progress:  # no bar (not a terminal): one line per epoch
-                steps = pos.step_in_epoch - epoch_first_step
-                loss_text = (
-                    "" if math.isnan(mean_loss) else f"loss {mean_loss:.4f}, "
-                )  # nan: stopped before this epoch's first log line
-                self.log(
-                    f"epoch {pos.epoch + 1}/{schedule.epochs}: step {pos.step_in_epoch}/{schedule.steps_per_epoch}, "
-                    f"{loss_text}{steps * config.train.batch_size / max(time.time() - epoch_tick, 1e-9):.0f} img/s"
-                )
-            if pos.step_in_epoch == schedule.steps_per_epoch:  # the epoch is complete
-                metrics = method.on_epoch_end(pos.epoch)
-                if metrics:
-                    self.write_metrics({"epoch": pos.epoch + 1, "step": pos.global_step, **metrics})
-                pos.epoch += 1
-                pos.step_in_epoch = 0
-                stopping = stopping or pos.epoch == config.train.stop_after_epochs < schedule.epochs
-                last = pos.epoch == schedule.epochs or stopping
-                if last or pos.epoch % max(1, config.eval.knn_every) == 0:
-                    self.monitor(method, data, pos)
-                if method.classifiers() and (last or pos.epoch % max(1, config.eval.classifier_every) == 0):
-                    self.monitor_classifiers(method, data, pos)
-                if last or save_at_epoch_end or pos.epoch % max(1, config.train.checkpoint_every) == 0:
-                    self.save(method, optimizer, pos)
-            if is_distributed():
-                dist.barrier()
+        self.log(f"resumed from {self.ckpt_path} at epoch {pos.epoch + 1}, step {pos.global_step}")
+        return pos
 
-        self.summary.update(
-            minutes=(time.time() - self.start_time) / 60,
-            epochs_done=pos.epoch,
-            steps_done=pos.global_step,
-            stopped_early=pos.epoch < schedule.epochs,
+    def train_epoch(self, run: Run) -> bool:
+        """The rest of the epoch at ``run.pos``, then its end if it completes; whether to stop."""
+        pos, schedule, t = run.pos, run.schedule, self.config.train
+        bar = progress_bar(
+            total=schedule.steps_per_epoch,
+            initial=pos.step_in_epoch,
+            enabled=self.is_main and t.progress,
+            desc=f"epoch {pos.epoch + 1}/{schedule.epochs}",
         )
-        if self.is_main:
-            self.write_metrics({"summary": self.summary})
-        return self.summary
+        epoch_tick, first_step, stopping, save_at_end = time.time(), pos.step_in_epoch, False, False
+        self.tick, self.mean_loss = epoch_tick, math.nan
+        for batch in self.loader.epoch(pos.epoch, pos.step_in_epoch):
+            stopping, save_now = self.train_step(run, batch, bar)
+            if pos.step_in_epoch == schedule.steps_per_epoch:
+                save_at_end = save_now  # after on_epoch_end below
+                continue
+            if stopping:
+                self.evaluate(run, last=True)
+            if save_now or stopping:
+                self.save(run.method, run.optimizer, pos)
+            if stopping:
+                break
+        bar.close()
+        if bar.disable and self.is_main and t.progress:  # no bar (not a terminal): one line per epoch
+            loss_text = "" if math.isnan(self.mean_loss) else f"loss {self.mean_loss:.4f}, "  # nan: no log line yet
+            speed = (pos.step_in_epoch - first_step) * t.batch_size / max(time.time() - epoch_tick, 1e-9)
+            self.log(
+                f"epoch {pos.epoch + 1}/{schedule.epochs}: step {pos.step_in_epoch}/{schedule.steps_per_epoch}, "
+                f"{loss_text}{speed:.0f} img/s"
+            )
+        if pos.step_in_epoch == schedule.steps_per_epoch:
+            stopping = self.end_epoch(run, stopping, save_at_end)
+        return stopping
+
+    def train_step(self, run: Run, batch, bar) -> tuple[bool, bool]:
+        """The refreshes due, one step at its learning rate, the log line when due; (stop, save) after it."""
+        pos, config = run.pos, self.config
+        run.generator.manual_seed(config.train.seed * 7919 * 1_000_003 + pos.global_step)
+        info = StepInfo(
+            pos.epoch,
+            pos.global_step,
+            run.schedule.total_steps,
+            run.generator,
+            config.train.seed * 1_000_003 + pos.global_step,
+            run.schedule.steps_per_epoch,
+            update=pos.epoch >= run.schedule.scan_epochs,
+        )
+        self.run_refreshes(run.method, info)
+        lr = run.lr_at(pos.global_step) if info.update else 0.0
+        if info.update:
+            set_learning_rate(run.optimizer, lr)
+        loss, logs = self.step(run.method, run.step_fn, run.optimizer, batch, info)
+        pos.global_step += 1
+        pos.step_in_epoch += 1
+        self.loss_sum += loss.detach().float()
+        self.loss_count += 1
+        bar.update(1)
+        if pos.step_in_epoch % config.train.log_every == 0 or pos.step_in_epoch == run.schedule.steps_per_epoch:
+            self.collect_bad_files(pos)
+            self.mean_loss = self.log_losses(pos, lr, logs, time.time() - self.tick, info.update)
+            bar.set_postfix(loss=f"{self.mean_loss:.4f}")
+            self.tick = time.time()
+        return self.interruptions(pos)
+
+    def end_epoch(self, run: Run, stopping: bool, save: bool) -> bool:
+        """The method's epoch metrics, the next epoch's position, the monitors and checkpoint due; whether to stop."""
+        pos, config = run.pos, self.config
+        metrics = run.method.on_epoch_end(pos.epoch)
+        if metrics:
+            self.write_metrics({"epoch": pos.epoch + 1, "step": pos.global_step, **metrics})
+        pos.epoch += 1
+        pos.step_in_epoch = 0
+        stopping = stopping or pos.epoch == config.train.stop_after_epochs < run.schedule.epochs
+        last = pos.epoch == run.schedule.epochs or stopping
+        self.evaluate(run, last)
+        if last or save or pos.epoch % max(1, config.train.checkpoint_every) == 0:
+            self.save(run.method, run.optimizer, pos)
+        return stopping
+
+    def evaluate(self, run: Run, last: bool) -> None:
+        """The k-NN monitor and the method's classifiers, when due (always at the ``last`` position)."""
+        epoch, e = run.pos.epoch, self.config.eval
+        if last or epoch % max(1, e.knn_every) == 0:
+            self.monitor(run.method, run.data, run.pos)
+        if run.method.classifiers() and (last or epoch % max(1, e.classifier_every) == 0):
+            self.monitor_classifiers(run.method, run.data, run.pos)
 
     def step(self, method: Method, step_fn: nn.Module, optimizer: torch.optim.Optimizer, batch, info: StepInfo):
         """One step (:func:`kinship.methods.base.run_step`): the loss and the logs."""
