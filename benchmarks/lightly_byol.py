@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.npz"
+from kinship.config import DataConfig
+
+NPZ = (Path(__file__).resolve().parents[1] / DataConfig().path).resolve()  # kinship's default, from the repository root
 
 
 class JpegDataset(torch.utils.data.Dataset):

@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from kinship.config import DataConfig
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-SHARED_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.npz"
+SHARED_NPZ = (Path(__file__).resolve().parents[1] / DataConfig().path).resolve()  # the default, from the repository root
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,6 @@ from kinship.augment.views import compiled_views, make_views
 from kinship.config import AugmentConfig
 from kinship.data import Batch
 from kinship.errors import ConfigError
-from kinship.runtime import compiled
 from kinship.train.trainer import Trainer
 
 from helpers import assert_resumed_exactly, losses, resume_values, small_bench
@@ -117,5 +116,7 @@ def test_the_compile_cache_serves_a_fresh_machine(tmp_path):
 
 
 def test_a_backend_that_does_not_exist_is_a_config_error():
-    with pytest.raises(ConfigError, match="train.compile_backend 'inductr'.*did you mean: 'inductor'"):
-        compiled(torch.nn.Linear(2, 2), True, backend="inductr")
+    with pytest.raises(
+        ConfigError, match="train.compile_backend 'inductr' is not a torch.compile backend .did you mean 'inductor'"
+    ):
+        build_config({"method": {"name": "byol"}, "train": {"compile": True, "compile_backend": "inductr"}})

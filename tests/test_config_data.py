@@ -132,6 +132,71 @@ def test_every_preset_loads_and_builds_its_method(path):
         assert method.eval_backbone(torch.zeros(2, 3, 32, 32)).shape == (2, method.backbone.feature_dim)
 
 
+IDENTITY = {("data", "name"), ("model", "backbone"), ("train", "epochs"), ("train", "batch_size")}
+
+
+def leaf_keys(values: dict, prefix: tuple = ()) -> list[tuple]:
+    return [
+        key
+        for name, value in values.items()
+        for key in (leaf_keys(value, (*prefix, name)) if isinstance(value, dict) else [(*prefix, name)])
+    ]
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_states_only_what_differs_from_its_defaults(path, tmp_path):
+    """Each key a preset writes (but those saying what the run is) changes the parsed config."""
+    import copy
+
+    import yaml
+
+    from kinship.config import to_dict
+
+    raw = yaml.safe_load(path.read_text())
+    parsed = to_dict(load_config(path))
+    restated = []
+    for key in leaf_keys({k: v for k, v in raw.items() if k != "extends"}):
+        if key in IDENTITY or key == ("method", "name"):
+            continue
+        trial = copy.deepcopy(raw)
+        node = trial
+        for part in key[:-1]:
+            node = node[part]
+        del node[key[-1]]
+        if "extends" in trial:
+            trial["extends"] = str(path.parent / trial["extends"])
+        (tmp_path / "trial.yaml").write_text(yaml.safe_dump(trial))
+        try:
+            unchanged = to_dict(load_config(tmp_path / "trial.yaml")) == parsed
+        except ConfigError:  # the key is needed (another check reads it)
+            unchanged = False
+        if unchanged:
+            restated.append(".".join(key))
+    assert not restated, f"{path.name} restates defaults: {', '.join(restated)}"
+
+
+def test_a_preset_extends_another_section_by_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("method: {name: mocov2, momentum: 0.9}\ntrain: {epochs: 3, batch_size: 64}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("extends: ../base.yaml\ntrain: {epochs: 5}\n")
+    config = load_config(tmp_path / "sub" / "child.yaml", ["optim.lr=0.1"])
+    assert config.method.momentum == 0.9 and config.train.epochs == 5 and config.train.batch_size == 64
+    assert config.optim.lr == 0.1
+    (tmp_path / "base.yaml").write_text("extends: sub/child.yaml\nmethod: {name: byol}\n")
+    with pytest.raises(ConfigError, match="extends it back"):
+        load_config(tmp_path / "sub" / "child.yaml")
+    (tmp_path / "sub" / "child.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml.*extended by"):
+        load_config(tmp_path / "sub" / "child.yaml")
+
+
+def test_a_choice_names_its_options_and_the_nearest():
+    with pytest.raises(
+        ConfigError, match="method.constraint must be one of none, self, supervised, semi, got 'sefl' .did you mean 'self'"
+    ):
+        build_config({"method": {"name": "cmsf", "constraint": "sefl"}})
+
+
 def test_image_folder_images_are_stored_whole_with_their_aspect_ratio(tmp_path):
     """Random-resized crops must be able to reach the borders: the store keeps the whole image."""
     pixels = np.zeros((40, 80, 3), dtype=np.uint8)

@@ -415,8 +415,20 @@ def _model_checks(config: RunConfig) -> list[tuple[bool, str]]:
     ]
 
 
+def compile_backends() -> list[str]:
+    """The names ``torch.compile`` accepts as a backend (dynamo imported only when asked)."""
+    import torch._dynamo
+
+    return torch._dynamo.list_backends(exclude_tags=())
+
+
 def _train_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    backend = config.train.compile_backend
     return [
+        (
+            not config.train.compile or backend in compile_backends(),
+            f"train.compile_backend '{backend}' is not a torch.compile backend{_nearest(backend, compile_backends())}",
+        ),
         (config.train.epochs >= 1, "train.epochs must be >= 1"),
         (
             min(

@@ -92,17 +92,9 @@ def compiled(fn: Callable, enabled: bool, backend: str = "inductor", mode: str =
     ``compile_backend``, ``compile_mode``; ``mode`` applies to the inductor backend only), else ``fn``."""
     if not enabled:
         return fn
-    try:
-        return torch.compile(
-            fn, fullgraph=fullgraph, backend=backend, mode=None if mode == "default" or backend != "inductor" else mode
-        )
-    except Exception as exc:  # dynamo's InvalidBackend and friends: a config value that cannot work
-        if backend in torch._dynamo.list_backends(exclude_tags=()):
-            raise
-        raise ConfigError(
-            f"train.compile_backend '{backend}' is not a torch.compile backend "
-            f"(eager, {', '.join(torch._dynamo.list_backends())}, ...): {str(exc).splitlines()[0]}"
-        ) from None
+    return torch.compile(
+        fn, fullgraph=fullgraph, backend=backend, mode=None if mode == "default" or backend != "inductor" else mode
+    )
 
 
 def resolve_device(name: str) -> torch.device:
