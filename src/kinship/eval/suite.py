@@ -353,17 +353,24 @@ class Evaluation:
         return report
 
 
-def _knn_markdown(result: dict) -> list[str]:
-    lines = [
-        "## k-NN (cosine, frozen backbone, train split as the bank)",
+def _table(title: str, columns: list[str], rows: list[list], before: str = "", after: str = "") -> list[str]:
+    """A Markdown section: its title, a sentence before and after, and a table of ``rows``."""
+    return [
+        f"## {title}",
         "",
-        "| vote | k | T | top-1 | top-5 |",
-        "|---|---|---|---|---|",
+        *([before, ""] if before else []),
+        "| " + " | ".join(columns) + " |",
+        "|---" * len(columns) + "|",
+        *("| " + " | ".join(map(str, row)) + " |" for row in rows),
+        "",
+        *([after, ""] if after else []),
     ]
-    lines += [f"| weighted | {r['k']} | {r['T']} | {r['top1']:.2f} | {r['top5']:.2f} |" for r in result["weighted"]]
-    lines += [f"| majority | {r['k']} | - | {r['top1']:.2f} | - |" for r in result["plain"]]
-    lines.append("")
-    return lines
+
+
+def _knn_markdown(r: dict) -> list[str]:
+    rows = [["weighted", s["k"], s["T"], f"{s['top1']:.2f}", f"{s['top5']:.2f}"] for s in r["weighted"]]
+    rows += [["majority", s["k"], "-", f"{s['top1']:.2f}", "-"] for s in r["plain"]]
+    return _table("k-NN (cosine, frozen backbone, train split as the bank)", ["vote", "k", "T", "top-1", "top-5"], rows)
 
 
 def _linear_markdown(r: dict) -> list[str]:
@@ -373,89 +380,58 @@ def _linear_markdown(r: dict) -> list[str]:
         if r["mode"] == "lbfgs"
         else f"SGD on augmented images, {r['epochs']} epochs"
     )
-    return [
-        "## Linear probe",
-        "",
-        f"{how}.",
-        "",
-        "| top-1 | top-5 |",
-        "|---|---|",
-        f"| {r['top1']:.2f} | {r['top5']:.2f} |",
-        "",
-    ]
+    return _table("Linear probe", ["top-1", "top-5"], [[f"{r['top1']:.2f}", f"{r['top5']:.2f}"]], before=f"{how}.")
 
 
 def _finetune_markdown(r: dict) -> list[str]:
-    lines = [
-        "## Semi-supervised fine-tuning (whole network)",
-        "",
-        f"{r['epochs']} epochs, classifier initialised from: {r['head_init']}.",
-        "",
-        "| labels | images | frozen probe top-1 | fine-tuned top-1 | fine-tuned top-5 |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {s['labels']} | {s['images']:,} | {s['frozen_probe_top1']:.2f} | {s['top1']:.2f} | {s['top5']:.2f} |"
+    columns = ["labels", "images", "frozen probe top-1", "fine-tuned top-1", "fine-tuned top-5"]
+    rows = [
+        [s["labels"], f"{s['images']:,}", f"{s['frozen_probe_top1']:.2f}", f"{s['top1']:.2f}", f"{s['top5']:.2f}"]
         for s in r["settings"]
     ]
-    lines.append("")
-    return lines
+    before = f"{r['epochs']} epochs, classifier initialised from: {r['head_init']}."
+    return _table("Semi-supervised fine-tuning (whole network)", columns, rows, before=before)
 
 
-def _clustering_markdown(result: dict) -> list[str]:
-    lines = [
-        "## Clustering of the test split",
-        "",
-        "| clustering | K (occupied) | ACC | NMI | ARI |",
-        "|---|---|---|---|---|",
+def _clustering_markdown(r: dict) -> list[str]:
+    rows = [
+        [s["clustering"], f"{s['k']}{' (%d)' % s['occupied'] if 'occupied' in s else ''}", f"{s['acc']:.2f}", f"{s['nmi']:.2f}"]
+        + [f"{s['ari']:.2f}"]
+        for s in r["rows"]
     ]
-    lines += [
-        f"| {r['clustering']} | {r['k']}{' (%d)' % r['occupied'] if 'occupied' in r else ''} | {r['acc']:.2f} | "
-        f"{r['nmi']:.2f} | {r['ari']:.2f} |"
-        for r in result["rows"]
-    ]
-    lines.append("")
-    return lines
+    return _table("Clustering of the test split", ["clustering", "K (occupied)", "ACC", "NMI", "ARI"], rows)
 
 
 def _purity_markdown(r: dict) -> list[str]:
     ks = list(r["purity"])
-    return [
-        "## Neighbour purity (test queries, train bank)",
-        "",
-        "| k | " + " | ".join(ks) + " |",
-        "|---" * (len(ks) + 1) + "|",
-        "| purity (%) | " + " | ".join(f"{r['purity'][k]:.2f}" for k in ks) + " |",
-        "",
+    after = (
         f"Mean cosine similarity of test pairs: same class {r['intra_class_cosine']:.4f}, "
-        f"different classes {r['inter_class_cosine']:.4f}.",
-        "",
+        f"different classes {r['inter_class_cosine']:.4f}."
+    )
+    rows = [["purity (%)", *(f"{r['purity'][k]:.2f}" for k in ks)]]
+    return _table("Neighbour purity (test queries, train bank)", ["k", *ks], rows, after=after)
+
+
+def _classifier_markdown(r: dict) -> list[str]:
+    columns = ["classifier", "top-1", "top-5", "median of the last 20 logged top-1 (count)"]
+    rows = [
+        [
+            s["classifier"],
+            f"{s['top1']:.2f}",
+            f"{s['top5']:.2f}",
+            f"{s['median_last_20']:.2f} ({s['logged']})" if s["logged"] else "-",
+        ]
+        for s in r["rows"]
     ]
+    return _table("The method's own classifiers (test split)", columns, rows)
 
 
-def _classifier_markdown(result: dict) -> list[str]:
-    lines = [
-        "## The method's own classifiers (test split)",
-        "",
-        "| classifier | top-1 | top-5 | median of the last 20 logged top-1 (count) |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['classifier']} | {r['top1']:.2f} | {r['top5']:.2f} | "
-        + (f"{r['median_last_20']:.2f} ({r['logged']})" if r["logged"] else "-")
-        + " |"
-        for r in result["rows"]
-    ]
-    lines.append("")
-    return lines
+def _tsne_markdown(r: dict) -> list[str]:
+    return ["## t-SNE of test features", "", f"![t-SNE]({r['png']})", ""]
 
 
-def _tsne_markdown(result: dict) -> list[str]:
-    return ["## t-SNE of test features", "", f"![t-SNE]({result['png']})", ""]
-
-
-def _curves_markdown(result: dict) -> list[str]:
-    return ["## Training curves", "", f"![training curves]({result['png']})", ""]
+def _curves_markdown(r: dict) -> list[str]:
+    return ["## Training curves", "", f"![training curves]({r['png']})", ""]
 
 
 MARKDOWN_SECTIONS = {
