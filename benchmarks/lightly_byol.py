@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kinship.config import DataConfig
+from kinship.data.home import data_home
 
-NPZ = (Path(__file__).resolve().parents[1] / DataConfig().path).resolve()  # kinship's default, from the repository root
+NPZ = data_home() / "cifar10-jpeg.npz"  # kinship's default: the data folder's CIFAR-10
 
 
 class JpegDataset(torch.utils.data.Dataset):

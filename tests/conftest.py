@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kinship.config import DataConfig
+from kinship.data.home import OFFLINE_ENV, data_home
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ[OFFLINE_ENV] = "1"  # nothing downloads at test time (spawned processes inherit it)
 
-SHARED_NPZ = (Path(__file__).resolve().parents[1] / DataConfig().path).resolve()  # the default, from the repository root
+SHARED_NPZ = data_home() / "cifar10-jpeg.npz"  # CI points KINSHIP_DATA at the shared data folder
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +20,7 @@ def cifar_npz() -> Path:
     KINSHIP_REQUIRE_DATA=1 (CI, where the file is always there: a skip would hide a broken path)."""
     path = Path(os.environ.get("KINSHIP_CIFAR_NPZ", SHARED_NPZ))
     if not path.is_file():
-        message = f"shared CIFAR-10 npz not found at {path}"
+        message = f"CIFAR-10 npz not found at {path} (set KINSHIP_DATA to the folder that holds cifar10-jpeg.npz)"
         if os.environ.get("KINSHIP_REQUIRE_DATA") == "1":
             pytest.fail(message + " (KINSHIP_REQUIRE_DATA=1)")
         pytest.skip(message)

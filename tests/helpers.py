@@ -209,6 +209,9 @@ def assert_resumed_exactly(tmp_path, values, first_stop: dict) -> None:
     for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert losses(tmp_path / "a" / "metrics.jsonl") == losses(tmp_path / "b" / "metrics.jsonl")
+    if "online_probe" in a:  # the online linear probe continues exactly too
+        for key, value in a["online_probe"]["module"].items():
+            assert torch.equal(value, b["online_probe"]["module"][key]), key
     assert straight["knn_top1"] == resumed["knn_top1"]
     assert resumed["knn_pixel_top1"] == straight["knn_pixel_top1"]
 

@@ -1,6 +1,12 @@
 """The command line: every user error is `kinship: error: ...` with exit status 2, no traceback;
 the resume command serves the first start too; and the views picture."""
 
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -10,6 +16,8 @@ from kinship import checkpoint
 from kinship.cli import main
 
 from helpers import fails, tiny_run_config
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def write_config(tmp_path, values=None, name="c.yaml"):
@@ -32,9 +40,37 @@ def test_missing_dataset_exits_2(tmp_path, capsys):
     fails(
         capsys,
         ["pretrain", "--config", write_config(tmp_path, values), "--out", str(tmp_path / "r")],
-        "dataset file not found",
-        f"kinship pack-npz cifar10 --root data/torchvision --download --out {tmp_path / 'nope.npz'}",
+        f"dataset file not found: {tmp_path / 'nope.npz'}; build one with kinship pack-npz",
     )
+
+
+def quickstart(tmp_path, environment: dict, *extra: str) -> subprocess.CompletedProcess:
+    """The Quickstart's first command (with ``extra`` settings), in a fresh process whose home is a
+    temporary folder and whose KINSHIP_DATA / KINSHIP_OFFLINE are those of ``environment``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KINSHIP_DATA", "KINSHIP_OFFLINE")}
+    env.update(HOME=str(tmp_path / "home"), **environment)
+    command = [sys.executable, "-m", "kinship.cli", "pretrain", "--config", str(DEMO), "--out", str(tmp_path / "run"), *extra]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def test_quickstart_without_data_or_network_stops_at_once_naming_the_file(tmp_path):
+    """No KINSHIP_DATA, no network (KINSHIP_OFFLINE stands for it): one line naming the data folder's file."""
+    done = quickstart(tmp_path, {"KINSHIP_OFFLINE": "1"})
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    expected = tmp_path / "home" / ".cache" / "kinship" / "cifar10-jpeg.npz"
+    assert len(lines) == 1 and str(expected) in lines[0] and "put cifar10-jpeg.npz there" in lines[0], done.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_with_kinship_data_runs(tmp_path, cifar_npz):
+    settings = ["data.train_limit=1024", "data.test_limit=256", "train.stop_after_steps=2", "eval.baselines=false"]
+    done = quickstart(
+        tmp_path, {"KINSHIP_DATA": str(cifar_npz.parent), "KINSHIP_OFFLINE": "1"}, *(f"--set={s}" for s in settings)
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "run" / "last.pt").is_file() and "k-NN top-1" in done.stdout
 
 
 def test_pack_npz_from_an_image_folder_is_read_back_like_the_shared_file(tmp_path, capsys):
@@ -289,3 +325,16 @@ def test_bench_loader_only_prints_images_per_second_and_peak_memory(tmp_path, ca
     assert result["img_per_s"] > 0 and result["peak_rss_mb"] > 0 and result["images"] == 16
     fails(capsys, ["bench", "--loader-only"], "--data FOLDER")
     fails(capsys, ["bench"], "--method NAME")
+
+
+def test_every_flag_has_help_text_every_command_takes_no_progress_and_version_prints(capsys):
+    from kinship.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, (name, action.dest)
+        assert any(action.dest == "no_progress" for action in command._actions), name
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("kinship ")

@@ -23,7 +23,7 @@ from kinship.augment.views import compiled_views
 from kinship.config import RunConfig, apply_overrides
 from kinship.data import BatchPlan, ImageSet, LabeledPlan, TensorLoader, TrainData, labeled_subset
 from kinship.dispatch import OpLog
-from kinship.methods import StepInfo
+from kinship.methods import METHODS, StepInfo
 from kinship.methods.base import run_step
 from kinship.runtime import (
     deterministic,
@@ -155,6 +155,8 @@ def bench(
         "model": {"backbone": backbone, "width": width},
         "train": {"batch_size": batch, "compile": compile, "channels_last": channels_last},
     }
+    if method in METHODS and METHODS[method].Config.needs_labeled_batch:  # FixMatch's mu = 4: 64 beside 256
+        values["train"]["labeled_batch_size"] = max(2, batch // 4)
     config = build_config(apply_overrides(values, list(overrides)))
     runner = StepRunner(config, dev, images, compute_only, use_bf16(precision, dev))
     with (

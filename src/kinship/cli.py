@@ -26,7 +26,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                 f"--resume without --config: {args.out} has no config.yaml (and so no run to continue); "
                 "give --config for the first start: the same command then serves every restart"
             )
-    config = load_config(config_path, args.set)
+    config = load_config(config_path, [*args.set, *(["train.progress=false"] if args.no_progress else [])])
     log = print if rank() == 0 else (lambda *_: None)
     summary = Trainer(
         config, Path(args.out), resume=args.resume, log=log, compile_cache=args.compile_cache, allow_changes=args.allow_changes
@@ -54,7 +54,7 @@ def data_overrides(spec: str | None) -> list[str]:
         if (path / "train").is_dir() and test is not None:
             return ["data.name=imagefolder", f"data.path={path / 'train'}", f"data.test_path={test}"]
         raise DataError(f"--data {spec}: an ImageFolder root needs train/ and val/ (or test/) folders of class folders")
-    return [f"data.name={spec}"]
+    return [f"data.name={spec}", "data.path=''"]  # the data folder's copy
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -115,17 +115,18 @@ def cmd_views(args: argparse.Namespace) -> int:
 
 def cmd_pack_npz(args: argparse.Namespace) -> int:
     """The JPEG npz the CPU presets and the demo read, from a torchvision dataset or an ImageFolder."""
-    from kinship.config import DataConfig
+    from kinship.config import DataConfig, parse_override
+    from kinship.data.home import data_home
     from kinship.data.store import load_split, pack_npz
 
     overrides = data_overrides(args.source)
-    values = dict(item.split("=", 1) for item in overrides)
+    values = {".".join(key): value for key, value in map(parse_override, overrides)}
     name = values.get("data.name", args.source)
     if name == "cifar10-npz":
         raise ConfigError("pack-npz reads cifar10, cifar100, stl10 or an ImageFolder root, not an npz")
     config = DataConfig(
         name=name,
-        path=values.get("data.path", args.root),
+        path=values.get("data.path") or args.root or str(data_home() / "torchvision"),
         test_path=values.get("data.test_path", ""),
         download=args.download,
         image_size=args.image_size,
@@ -217,6 +218,7 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
         help="with train.compile: load compiled artifacts from FILE and save them there; torch runs the code "
         "such a file holds, so name only a file you trust (default: this user's ~/.cache/kinship)",
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (as train.progress=false)")
     p.set_defaults(func=cmd_pretrain)
 
 
@@ -226,32 +228,34 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "eval", help="evaluate a checkpoint: knn, linear, finetune, clustering, purity, tsne, curves, classifier or all"
     )
-    e.add_argument("protocol", choices=["all", *typing.get_args(Protocol)])
+    e.add_argument("protocol", choices=["all", *typing.get_args(Protocol)], help="the protocol to run, or all of them")
     e.add_argument("--checkpoint", required=True, help="last.pt of a pretrain run")
     e.add_argument("--data", help="evaluate on other data: cifar10, cifar100, stl10, a .npz file or an ImageFolder root")
     e.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. eval.finetune.epochs=5"
     )
     e.add_argument("--out", help="where the report, figures and feature cache go (default: the checkpoint's folder)")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser("export", help="write the pre-trained backbone as a plain torchvision state_dict")
-    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--checkpoint", required=True, help="last.pt of a pretrain run")
     x.add_argument("--out", required=True, help="output file, e.g. backbone.pt")
-    x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    x.add_argument("--no-progress", action="store_true", help="accepted for symmetry: export shows no progress bar")
     x.set_defaults(func=cmd_export)
 
 
 def add_views(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("views", help="save a PNG grid of a config's augmented views")
-    v.add_argument("--config", required=True)
-    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    v.add_argument("--out", default="views.png")
-    v.add_argument("--images", type=int, default=8)
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--config", required=True, help="YAML config whose method's view recipes are drawn")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    v.add_argument("--out", default="views.png", help="the PNG to write (default: views.png)")
+    v.add_argument("--images", type=int, default=8, help="training images, one row each (default: 8)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the images and of the augmentation draws")
+    v.add_argument("--no-progress", action="store_true", help="accepted for symmetry: views shows no progress bar")
     v.set_defaults(func=cmd_views)
 
 
@@ -260,25 +264,28 @@ def add_pack_npz(sub: argparse._SubParsersAction) -> None:
         "pack-npz", help="write the JPEG npz the demo and CPU presets read, from torchvision data or an ImageFolder"
     )
     n.add_argument("source", help="cifar10, cifar100, stl10, or an ImageFolder root with train/ and val/ (or test/)")
-    n.add_argument("--root", default="data/torchvision", help="torchvision datasets: where they are (or go, with --download)")
+    n.add_argument(
+        "--root", help="torchvision datasets: where they are (or go, with --download); default: the data folder's torchvision/"
+    )
     n.add_argument("--download", action="store_true", help="torchvision datasets: download when missing")
     n.add_argument("--image-size", type=int, default=32, help="STL-10 and ImageFolder: stored side length")
     n.add_argument("--quality", type=int, default=75, help="JPEG quality (75: the shared CIFAR-10 file's, same size per image)")
     n.add_argument("--out", required=True, help="the .npz to write")
+    n.add_argument("--no-progress", action="store_true", help="accepted for symmetry: torchvision draws its download bar")
     n.set_defaults(func=cmd_pack_npz)
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="training throughput of one method, or of the streaming loader alone, as one JSON line")
     b.add_argument("--method", help="the method to time (not with --loader-only)")
-    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    b.add_argument("--backbone", default="resnet18", help="resnet18 (CIFAR stem), resnet50 or convnet")
-    b.add_argument("--width", type=int, default=32, help="convnet width")
-    b.add_argument("--batch", type=int, default=256)
-    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the step runs (default: cpu)")
+    b.add_argument("--backbone", default="convnet", help="convnet (default, the CPU presets'), resnet18 (CIFAR stem) or resnet50")
+    b.add_argument("--width", type=int, default=32, help="convnet width (default: 32)")
+    b.add_argument("--batch", type=int, default=256, help="global batch (default: 256)")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per measure (default: 10)")
     b.add_argument("--compute-only", action="store_true", help="fixed augmented views: model step only")
-    b.add_argument("--compile", action="store_true")
-    b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    b.add_argument("--compile", action="store_true", help="torch.compile the step (train.compile)")
+    b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as train.precision")
     b.add_argument(
         "--no-tune-allocator", action="store_true", help="keep glibc's default malloc thresholds (to measure the tuning)"
     )
@@ -286,6 +293,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. method.symmetric=false"
     )
+    b.add_argument("--no-progress", action="store_true", help="accepted for symmetry: bench shows no progress bar")
     b.add_argument(
         "--loader-only",
         action="store_true",
@@ -302,13 +310,20 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 def add_check_data(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("check-data", help="list every image of a folder that does not decode, before a long run")
     c.add_argument("path", help="an ImageFolder root (PATH/<class>/<image>)")
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_check_data)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
     parser = argparse.ArgumentParser(prog="kinship", description="Representation learning from an image's kin.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    try:
+        installed = version("kinship")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        installed = "unknown (not installed)"
+    parser.add_argument("--version", action="version", version=f"kinship {installed}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_pretrain, add_eval, add_export, add_views, add_pack_npz, add_bench, add_check_data):
         add(sub)
     return parser

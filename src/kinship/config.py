@@ -29,7 +29,9 @@ __all__ = ["ConfigError", "RunConfig", "parse_config", "read_values", "to_dict",
 @dataclass
 class DataConfig:
     name: Literal["cifar10-npz", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic"] = "cifar10-npz"
-    path: str = "../shared/data/cifar10-jpeg.npz"  # npz file, torchvision root, or ImageFolder root
+    # npz file, torchvision root or ImageFolder root; empty: the data folder's copy of data.name
+    # ($KINSHIP_DATA, else ~/.cache/kinship; cifar10-npz, cifar10, cifar100, stl10), built there on first use
+    path: str = ""
     test_path: str = ""  # ImageFolder only: the evaluation split's root
     download: bool = False  # torchvision datasets: download when missing (only when asked)
     image_size: int = (
@@ -140,6 +142,13 @@ class TrainConfig:
     allow_resharding: bool = False
     log_every: int = 20  # steps between metrics lines
     progress: bool = True
+    # where the records go: jsonl (metrics.jsonl, always: resume and `kinship eval` read it), csv
+    # (metrics.csv), tensorboard (tensorboard/; pip install tensorboard), wandb (offline unless
+    # WANDB_MODE says otherwise; pip install wandb)
+    loggers: list[Literal["jsonl", "csv", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
+    # a linear classifier on the detached features of each step's first view, trained beside the
+    # method (its accuracy before each update, per epoch: online_probe_top1); off under train.compile
+    online_probe: bool = True
 
 
 @dataclass
@@ -248,6 +257,7 @@ class MethodConfig:
     """Base of every method's own config dataclass (registered in :mod:`kinship.methods`)."""
 
     name: str = ""
+    needs_labeled_batch: typing.ClassVar[bool] = False  # a labeled batch beside every unlabeled one (semi-supervised)
 
     def validate(self, run: "RunConfig") -> None:
         """Raise :class:`ConfigError` for values of this section (or combinations with the rest of
@@ -444,6 +454,7 @@ def _train_checks(config: RunConfig) -> list[tuple[bool, str]]:
             "train.checkpoint_every*, stop_after_*, time_limit_min, labeled_batch_size and steps_per_epoch must be >= 0",
         ),
         (config.train.log_every >= 1, "train.log_every must be >= 1"),
+        ("jsonl" in config.train.loggers, "train.loggers must keep jsonl: resume and kinship eval read metrics.jsonl"),
         (config.train.batch_size >= 2, "train.batch_size must be >= 2"),
         (config.train.dist_timeout_min > 0, "train.dist_timeout_min must be > 0"),
     ]

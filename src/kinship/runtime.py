@@ -117,6 +117,12 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def barrier() -> None:
+    """Wait for every process (no-op in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def init_distributed(device: torch.device, timeout_min: float = 30.0) -> None:
     """Join the process group that ``torchrun`` describes in the environment (no-op without it), on
     one node or several; a collective that waits over ``timeout_min`` minutes raises instead of hanging."""

@@ -1,7 +1,8 @@
 """Datasets as decoded uint8 tensors: images (N, 3, H, W) and labels (N,), decoded once, kept on device.
 
 Sources: kinship's JPEG npz (``docs/data.md``; ``kinship pack-npz`` writes one), torchvision
-CIFAR-10/100 and STL-10 (downloaded only when ``download`` is set), any ImageFolder (each image whole,
+CIFAR-10/100 and STL-10 (downloaded into the data folder on first use, :mod:`kinship.data.home`, or
+where ``data.path`` points when ``download`` is set), any ImageFolder (each image whole,
 resized to a square, with its original aspect ratio), and a small synthetic set for tests. Label -1
 marks an unlabeled image (STL-10's unlabeled split).
 """
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from kinship.config import DataConfig
+from kinship.data.home import dataset_path, downloads_allowed, ensure_packed, managed
 from kinship.data.subsets import CIFAR100_SUPERCLASS_NAMES, cifar100_superclasses
 from kinship.errors import DataError
 
@@ -99,17 +101,11 @@ def decode_jpeg_buffers(buffers: np.ndarray, offsets: np.ndarray, threads: int, 
     return torch.stack(parts)
 
 
-PACK_HINT = (
-    "build it from torchvision's CIFAR-10 (a 170 MB download): "
-    "kinship pack-npz cifar10 --root data/torchvision --download --out {path}"
-)
-
-
 def load_npz(path: Path, split: str, threads: int) -> ImageSet:
     if not path.is_file():
         raise DataError(
-            f"dataset file not found: {path}; {PACK_HINT.format(path=path)} "
-            "(or set data.path to another copy; the format: docs/data.md)"
+            f"dataset file not found: {path}; build one with kinship pack-npz (docs/data.md), or leave data.path "
+            "empty to use the data folder's copy (built there on first use)"
         )
     try:
         data = np.load(path, allow_pickle=False)
@@ -165,8 +161,8 @@ def load_torchvision(name: str, root: Path, split: str, download: bool, image_si
         raise DataError(f"{name} not found under {root}: {exc}{hint}") from None
     except OSError as exc:  # the download itself failed (no network, a proxy, a full disk)
         raise DataError(
-            f"cannot download {name} into {root}: {exc}; download it where there is a network and point the root there"
-        ) from None
+            f"cannot download {name} into {root}: {exc}; download it where there is a network and put it there"
+        ) from exc
     raise DataError(f"unknown torchvision dataset '{name}'")
 
 
@@ -291,15 +287,15 @@ def synthetic(n: int, classes: int = 4, size: int = 16, seed: int = 0) -> ImageS
 def load_split(config: DataConfig, split: str) -> ImageSet:
     """Decode one split ("train" or "test") of the configured dataset into memory (CPU)."""
     threads = _threads(config.decode_threads)
-    path = Path(config.path).expanduser()
     if config.name == "cifar10-npz":
-        images = load_npz(path, split, threads)
+        images = load_npz(ensure_packed(config), split, threads)
     elif config.name in ("cifar10", "cifar100", "stl10"):
-        images = load_torchvision(config.name, path, split, config.download, config.image_size)
+        download = config.download or (managed(config) and downloads_allowed())
+        images = load_torchvision(config.name, dataset_path(config), split, download, config.image_size)
     elif config.name == "imagefolder":
         if split == "test" and not config.test_path:
             raise DataError("data.test_path (the evaluation split's ImageFolder root) is required for imagefolder")
-        root = Path(config.test_path).expanduser() if split == "test" else path
+        root = Path(config.test_path).expanduser() if split == "test" else dataset_path(config)
         images = load_image_folder(root, config.image_size, threads, config.memory_budget_gb)
     elif config.name == "synthetic":
         n = (config.train_limit or 512) if split == "train" else (config.test_limit or 256)

@@ -58,7 +58,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def curves_png(metrics_path: Path, path: Path, title: str) -> dict:
-    """Training loss (and learning rate) by step, and k-NN top-1 by epoch with its baselines."""
+    """Training loss (and learning rate) by step, and k-NN top-1 by epoch with its baselines, the
+    method's own classifiers and the online linear probe."""
     records = read_metrics(metrics_path)
     steps = [r for r in records if "loss" in r]
     knn = [r for r in records if "knn_top1" in r]
@@ -83,12 +84,21 @@ def curves_png(metrics_path: Path, path: Path, title: str) -> dict:
     for key in classifiers:  # a method's own classifiers (semi-supervised methods)
         series = [(r["epoch"], r[key]) for r in records if key in r]
         ax_knn.plot(*zip(*series), lw=1.2, label=key.removeprefix("classifier_").replace("_top1", " classifier"))
+    probe = [(r["epoch"], r["online_probe_top1"]) for r in records if "online_probe_top1" in r]
+    if probe:  # the online linear probe, on training views before each update
+        ax_knn.plot(*zip(*probe), lw=1.2, ls="-.", color="tab:green", label="online linear probe")
     ax_knn.xaxis.get_major_locator().set_params(integer=True)
     ax_knn.set_xlabel("epoch")
-    ax_knn.set_ylabel("top-1 (%)" if classifiers else "k-NN top-1 (%)")
+    ax_knn.set_ylabel("top-1 (%)" if classifiers or probe else "k-NN top-1 (%)")
     ax_knn.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return {"png": path.name, "steps_logged": len(steps), "knn_points": len(knn), "classifiers": classifiers}
+    return {
+        "png": path.name,
+        "steps_logged": len(steps),
+        "knn_points": len(knn),
+        "classifiers": classifiers,
+        "online_probe_points": len(probe),
+    }

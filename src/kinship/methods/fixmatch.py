@@ -15,6 +15,7 @@ and computed: the supervised-only baseline of SsCL's Tables 2 and 3 ("Supervised
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ def weak_view() -> AugmentConfig:
 @dataclass
 class FixMatchConfig(MethodConfig):
     name: str = "fixmatch"
+    needs_labeled_batch: ClassVar[bool] = True
     pseudo_label_weight: float = 1.0  # lambda_u; 0: the supervised-only baseline
     threshold: float = 0.95  # tau; strict: max p > tau
     momentum: float = 0.999  # the evaluated EMA

@@ -54,6 +54,8 @@ from kinship.runtime import (
     use_bf16,
     world_size,
 )
+from kinship.train.loggers import RunLog, check_loggers
+from kinship.train.online_probe import OnlineProbe
 
 # the config keys a resumed run may change: when to stop, save, log or evaluate, how many processes
 # read the files, and where a collective times out; none of them changes what a step computes
@@ -68,6 +70,8 @@ FREE_ON_RESUME = frozenset(
         "train.checkpoint_every_min",
         "train.log_every",
         "train.progress",
+        "train.loggers",
+        "train.online_probe",
         "train.dist_timeout_min",
         "train.allow_resharding",
         "eval.knn_every",
@@ -119,17 +123,6 @@ class Run:
     lr_at: LRSchedule
     pos: Position
     generator: torch.Generator  # each step's augmentation draws, re-seeded per step
-
-
-def plain(value: Any) -> Any:
-    """Metrics as JSON values: tensors become numbers or lists."""
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
 
 
 def features(
@@ -196,7 +189,8 @@ class Trainer:
         self.out_dir = Path(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.autocast = use_bf16(self.config.train.precision, self.device)
-        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.run_log = RunLog(self.out_dir, self.config.train.loggers, to_dict(self.config), self.is_main)
+        self.probe: OnlineProbe | None = None
         self.ckpt_path = self.out_dir / "last.pt"
         self.compile_cache = Path(self.compile_cache or checkpoint.compile_cache_path(to_dict(self.config), self.device))
         self.refreshes: dict[str, dict[str, int]] = {}  # name -> {"count", "step" of the last run}
@@ -207,12 +201,7 @@ class Trainer:
 
     # -- bookkeeping -------------------------------------------------------------------------
     def write_metrics(self, record: dict) -> None:
-        if self.is_main:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(plain(record)) + "\n")
-
-    def metrics_lines(self) -> int:
-        return len(self.metrics_path.read_text().splitlines()) if self.metrics_path.exists() else 0
+        self.run_log.write(record)
 
     def save(self, method: Method, optimizer: torch.optim.Optimizer, pos: Position) -> None:
         """Called on every process: the partial loss sum is the global one (all-reduced)."""
@@ -234,7 +223,8 @@ class Trainer:
             "position": [pos.epoch, pos.step_in_epoch, pos.global_step],
             "refreshes": self.refreshes,
             "loss_accumulator": [loss_sum.cpu(), self.loss_count],
-            "metrics_lines": self.metrics_lines(),
+            "metrics_lines": self.run_log.lines(),
+            **({"online_probe": self.probe.state()} if self.probe is not None else {}),
             "torch_rng": torch.get_rng_state(),
             "world_size": world_size(),
             "data_info": dataclasses.asdict(method.data_info),
@@ -283,13 +273,15 @@ class Trainer:
         self.bad_files = dict(state.get("bad_files", {}))
         loss_sum, self.loss_count = state.get("loss_accumulator", [torch.zeros(()), 0])
         self.loss_sum = (loss_sum if self.is_main else torch.zeros(())).to(self.device)  # summed over processes at the next log
-        if self.is_main and self.metrics_path.exists():  # drop lines written after the checkpoint
-            lines = self.metrics_path.read_text().splitlines()[: state["metrics_lines"]]
-            checkpoint.write_text_atomic("".join(line + "\n" for line in lines), self.metrics_path)
-            for line in lines:  # baselines, k-NN and classifier figures logged before the checkpoint
+        if self.probe is not None and "online_probe" in state:
+            self.probe.load(state["online_probe"])
+        pos = Position(*state["position"])
+        self.run_log.start(fresh=False, lines=state["metrics_lines"], step=pos.global_step)  # records after it dropped
+        if self.is_main and self.run_log.jsonl.exists():
+            for line in self.run_log.jsonl.read_text().splitlines():  # baselines, k-NN and classifier figures so far
                 record = json.loads(line)
                 self.summary.update({k: v for k, v in record.items() if k.startswith(("knn_", "classifier_"))})
-        return Position(*state["position"])
+        return pos
 
     # -- the run -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -301,6 +293,7 @@ class Trainer:
             finally:
                 if isinstance(self.loader, StreamingLoader):
                     self.loader.close()  # its workers end with the run
+                self.run_log.close()
 
     def run(self) -> dict:
         run = self.set_up()
@@ -326,8 +319,11 @@ class Trainer:
         self.start_time = self.last_save = time.time()
         checkpoint.remove_stale_temporaries(self.ckpt_path)
         state = self.resume_state() if self.resume and self.ckpt_path.is_file() else None
+        check_loggers(config.train.loggers)
         data = load_run_data(config, device, self.out_dir)
         method, step_fn, optimizer = assemble_training(config, data.handle, device)
+        if config.train.online_probe and not config.train.compile and data.handle.true_labels is not None:
+            self.probe = OnlineProbe(method.backbone, data.handle.info.num_classes).to(device)
         checkpoint.remove_stale_temporaries(self.compile_cache)
         if config.train.compile and checkpoint.load_compile_cache(self.compile_cache):
             self.log(f"compiling from the artifacts in {self.compile_cache}")
@@ -350,8 +346,8 @@ class Trainer:
         if state is None:
             if self.resume:
                 self.log(f"--resume: no checkpoint in {self.out_dir} yet, starting the run")
+            self.run_log.start(fresh=True, lines=None, step=0)
             if self.is_main:
-                self.metrics_path.unlink(missing_ok=True)
                 save_config(self.config, self.out_dir / "config.yaml")
             return Position()
         pos = self.restore(method, optimizer, state)
@@ -415,7 +411,11 @@ class Trainer:
         lr = run.lr_at(pos.global_step) if info.update else 0.0
         if info.update:
             set_learning_rate(run.optimizer, lr)
+        if self.probe is not None:
+            self.probe.expect(len(batch.index))
         loss, logs = self.step(run.method, run.step_fn, run.optimizer, batch, info)
+        if self.probe is not None:
+            self.probe.update(run.method.data.true_labels[batch.index])
         pos.global_step += 1
         pos.step_in_epoch += 1
         self.loss_sum += loss.detach().float()
@@ -431,7 +431,8 @@ class Trainer:
     def end_epoch(self, run: Run, stopping: bool, save: bool) -> bool:
         """The method's epoch metrics, the next epoch's position, the monitors and checkpoint due; whether to stop."""
         pos, config = run.pos, self.config
-        metrics = run.method.on_epoch_end(pos.epoch)
+        probe = self.probe.end_epoch() if self.probe is not None else {}
+        metrics = {**(run.method.on_epoch_end(pos.epoch) or {}), **probe}
         if metrics:
             self.write_metrics({"epoch": pos.epoch + 1, "step": pos.global_step, **metrics})
         pos.epoch += 1
