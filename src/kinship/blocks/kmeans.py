@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kinship.blocks import faiss_search
+
 
 @dataclass
 class KMeansResult:
@@ -23,6 +25,9 @@ class KMeansResult:
 @torch.no_grad()
 def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of each row of ``x`` (N, d): indices (N,) and squared distances (N,)."""
+    if faiss_search.available(x):
+        distance, index = faiss_search.search(x, centroids, 1)
+        return index[:, 0], distance[:, 0].clamp_min(0).to(x.dtype)
     c_sq = (centroids * centroids).sum(1)
     idx, dist = [], []
     for start in range(0, x.shape[0], chunk):

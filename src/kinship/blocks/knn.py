@@ -9,11 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kinship.blocks import faiss_search
+
 
 @torch.no_grad()
 def topk_neighbors(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine top-k: (Q, d) queries and (N, d) bank, both l2-normalised -> similarities and indices (Q, k)."""
     k = min(k, bank.shape[0])
+    if faiss_search.available(bank):
+        return faiss_search.search(queries, bank, k, metric="ip")
     sims, idx = [], []
     for start in range(0, queries.shape[0], chunk):
         s = queries[start : start + chunk].float() @ bank.float().T
@@ -100,6 +104,8 @@ def nearest_neighbours(features: torch.Tensor, k: int, chunk: int = 1024) -> tor
     n = features.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"nearest_neighbours needs 1 <= k < N, got k={k} for N={n}")
+    if faiss_search.available(features):
+        return _faiss_neighbours(features, k)
     x = features.float()
     squared = (x * x).sum(1)
     tables = []
@@ -113,6 +119,17 @@ def nearest_neighbours(features: torch.Tensor, k: int, chunk: int = 1024) -> tor
         nearest = top.values.gather(1, by_index.indices).sort(dim=1, stable=True).indices
         tables.append(by_index.values.gather(1, nearest))
     return torch.cat(tables)
+
+
+def _faiss_neighbours(features: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`nearest_neighbours` by faiss: k + 1 found, the row itself dropped by index (else the
+    farthest), equal distances ordered by index as the torch search orders them."""
+    distance, index = faiss_search.search(features, features, k + 1)
+    own = index == torch.arange(len(index)).unsqueeze(1)
+    own[:, -1] |= ~own.any(1)  # a row whose duplicates crowd it out: drop the farthest instead
+    distance, index = distance[~own].view(-1, k), index[~own].view(-1, k)
+    by_index = index.sort(dim=1)
+    return by_index.values.gather(1, distance.gather(1, by_index.indices).sort(dim=1, stable=True).indices)
 
 
 @torch.no_grad()

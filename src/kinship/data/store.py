@@ -22,9 +22,10 @@ import torch
 from PIL import Image
 
 from kinship.config import DataConfig
-from kinship.data.home import dataset_path, downloads_allowed, ensure_packed, managed
+from kinship.data.home import DATA_ENV, OFFLINE_ENV, PACKED, data_home, dataset_path, downloads_allowed, managed
 from kinship.data.subsets import CIFAR100_SUPERCLASS_NAMES, cifar100_superclasses
 from kinship.errors import DataError
+from kinship.runtime import barrier, rank
 
 # torchvision 0.29 deprecates its image decoders in favour of torchcodec; they still work, and are
 # the fastest batched JPEG decoder on torch 2.11 (the GPU machines) through 2.14.
@@ -99,6 +100,38 @@ def decode_jpeg_buffers(buffers: np.ndarray, offsets: np.ndarray, threads: int, 
     if len(shapes) != 1:
         raise DataError(f"images of {where} differ in size: {sorted(shapes)[:3]}")
     return torch.stack(parts)
+
+
+def ensure_packed(config: DataConfig) -> Path:
+    """The packed file of a managed ``data.name``, built first where it is missing (by the first
+    process; the others wait for it)."""
+    path = dataset_path(config)
+    if managed(config) and config.name in PACKED and not path.is_file():
+        if rank() == 0:
+            build_packed(config.name, path)
+        barrier()
+    return path
+
+
+def build_packed(name: str, path: Path) -> None:
+    """Download ``name``'s torchvision source into the data folder and pack it at ``path``, or a
+    DataError naming the file to place there."""
+    source = PACKED[name][0]
+    root = data_home() / "torchvision"
+    try:
+        if not downloads_allowed():
+            raise DataError(f"{OFFLINE_ENV} is set")
+        print(f"kinship: building {path} from torchvision's {source} in {root} (first use only)", flush=True)
+        train, test = (load_torchvision(source, root, split, True, 32) for split in ("train", "test"))
+    except DataError as exc:
+        reason = exc.__cause__ or exc
+        raise DataError(
+            f"{path} is missing and {source} cannot be downloaded here ({reason}): put {path.name} there "
+            f"(kinship pack-npz {source} --download --out FILE builds it where there is a network), or set "
+            f"{DATA_ENV} to the folder that holds it"
+        ) from None
+    pack_npz(train, test, path)
+    print(f"kinship: wrote {path}", flush=True)
 
 
 def load_npz(path: Path, split: str, threads: int) -> ImageSet:
