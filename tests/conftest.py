@@ -45,7 +45,6 @@ def short_demo(tmp_path_factory, cifar_npz) -> tuple[Path, dict]:
             "data.test_limit=2000",
             "train.epochs=3",
             "train.progress=false",
-            "train.time_limit_min=0",  # the demo's time guard off
         ],
     )
     summary = Trainer(config, out, log=lambda *_: None).fit()
