@@ -50,6 +50,10 @@ def test_online_probe_is_logged_each_epoch_and_leaves_the_run_unchanged(tmp_path
     probe = [r["online_probe_top1"] for r in records if "online_probe_top1" in r]
     assert len(probe) == 3 and all(0 <= p <= 100 for p in probe)
     assert not any("online_probe_top1" in line for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
+    from kinship.eval.suite import Evaluation
+
+    report = Evaluation(tmp_path / "a" / "last.pt", tmp_path / "eval", progress=False, log=lambda *_: None).run_all(["curves"])
+    assert report["protocols"]["curves"]["online_probe_points"] == 3  # the report's curves draw it
 
 
 def test_online_probe_learns_separable_features_from_zero_and_counts_before_updating():
