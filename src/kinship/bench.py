@@ -150,13 +150,10 @@ def bench(
         tune_cpu_allocator()
     dev = resolve_device(device)
     tune_cuda(dev)
-    values = {
-        "method": {"name": method},
-        "model": {"backbone": backbone, "width": width},
-        "train": {"batch_size": batch, "compile": compile, "channels_last": channels_last},
-    }
+    train = {"batch_size": batch, "compile": compile, "channels_last": channels_last}
     if method in METHODS and METHODS[method].Config.needs_labeled_batch:  # FixMatch's mu = 4: 64 beside 256
-        values["train"]["labeled_batch_size"] = max(2, batch // 4)
+        train["labeled_batch_size"] = max(2, batch // 4)
+    values = {"method": {"name": method}, "model": {"backbone": backbone, "width": width}, "train": train}
     config = build_config(apply_overrides(values, list(overrides)))
     runner = StepRunner(config, dev, images, compute_only, use_bf16(precision, dev))
     with (
