@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,9 @@ class RunLog:
         global ``step``); then the loggers open."""
         if not self.is_main:
             return
-        if fresh:
+        if fresh:  # a new run in an old folder: the old run's records go
             self.jsonl.unlink(missing_ok=True)
+            shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
         elif self.jsonl.exists() and lines is not None:
             kept = self.jsonl.read_text().splitlines()[:lines]
             write_text_atomic("".join(line + "\n" for line in kept), self.jsonl)
