@@ -434,10 +434,11 @@ def compile_backends() -> list[str]:
 
 def _train_checks(config: RunConfig) -> list[tuple[bool, str]]:
     backend = config.train.compile_backend
+    backends = compile_backends() if config.train.compile else [backend]  # dynamo only for a compiled run
     return [
         (
-            not config.train.compile or backend in compile_backends(),
-            f"train.compile_backend '{backend}' is not a torch.compile backend{_nearest(backend, compile_backends())}",
+            backend in backends,
+            f"train.compile_backend '{backend}' is not a torch.compile backend{_nearest(backend, backends)}",
         ),
         (config.train.epochs >= 1, "train.epochs must be >= 1"),
         (

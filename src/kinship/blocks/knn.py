@@ -114,22 +114,24 @@ def nearest_neighbours(features: torch.Tensor, k: int, chunk: int = 1024) -> tor
         distance = squared[rows, None] - 2 * x[rows] @ x.T + squared[None, :]
         distance[torch.arange(len(rows), device=x.device), rows] = float("inf")
         top = distance.topk(k, dim=1, largest=False)
-        # (distance, index) order: sort by index, then a stable sort by distance
-        by_index = top.indices.sort(dim=1)
-        nearest = top.values.gather(1, by_index.indices).sort(dim=1, stable=True).indices
-        tables.append(by_index.values.gather(1, nearest))
+        tables.append(_by_distance_then_index(top.values, top.indices))
     return torch.cat(tables)
+
+
+def _by_distance_then_index(distance: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows of ``index`` (n, k) ordered by (distance, index): sorted by index, then stably by
+    distance, so that equal distances do not depend on how the search was cut."""
+    by_index = index.sort(dim=1)
+    return by_index.values.gather(1, distance.gather(1, by_index.indices).sort(dim=1, stable=True).indices)
 
 
 def _faiss_neighbours(features: torch.Tensor, k: int) -> torch.Tensor:
     """:func:`nearest_neighbours` by faiss: k + 1 found, the row itself dropped by index (else the
-    farthest), equal distances ordered by index as the torch search orders them."""
+    farthest), in the torch search's order."""
     distance, index = faiss_search.search(features, features, k + 1)
     own = index == torch.arange(len(index)).unsqueeze(1)
     own[:, -1] |= ~own.any(1)  # a row whose duplicates crowd it out: drop the farthest instead
-    distance, index = distance[~own].view(-1, k), index[~own].view(-1, k)
-    by_index = index.sort(dim=1)
-    return by_index.values.gather(1, distance.gather(1, by_index.indices).sort(dim=1, stable=True).indices)
+    return _by_distance_then_index(distance[~own].view(-1, k), index[~own].view(-1, k))
 
 
 @torch.no_grad()
